@@ -1,0 +1,3 @@
+from surgeon.cli.main import main
+
+main()

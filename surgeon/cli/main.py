@@ -1,0 +1,85 @@
+"""The `surgeon` command group: lazy command loading and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from surgeon import __version__
+from surgeon.cli.common import State, global_options
+from surgeon.errors import SurgeonError
+
+# command name -> module exposing `command`. Modules load only when used.
+COMMANDS: dict[str, str] = {
+    "inspect": "surgeon.cli.inspect",
+    "merge": "surgeon.cli.merge",
+    "diff": "surgeon.cli.diff",
+    "apply": "surgeon.cli.apply",
+    "extract-lora": "surgeon.cli.extract_lora",
+    "spectrum": "surgeon.cli.spectrum",
+    "intruders": "surgeon.cli.intruders",
+    "scale-intruders": "surgeon.cli.scale_intruders",
+    "push": "surgeon.cli.push",
+    "finetune": "surgeon.cli.finetune",
+    "eval": "surgeon.cli.eval",
+    "demo": "surgeon.cli.demo",
+}
+
+
+def _load(name: str) -> click.Command | None:
+    module_name = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # command not built (yet); anything else is a real error
+            return None
+        raise
+    return module.command
+
+
+class SurgeonGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if _load(name) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return _load(cmd_name) if cmd_name in COMMANDS else None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SurgeonError as exc:
+            if State.debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if State.debug:
+                raise
+            click.echo("Interrupted; nothing was written.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="surgeon")
+@global_options
+def cli() -> None:
+    """Model surgery on safetensors checkpoints, tensor by tensor.
+
+    Merge PEFT adapters, diff fine-tunes into task vectors, look at weight
+    spectra, find and rescale intruder dimensions, and publish the result.
+
+    \b
+    Example:
+      surgeon inspect ./my-model
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="surgeon")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+"""The one exception hierarchy of surgeon.
+
+Every error a user can cause is a :class:`SurgeonError`. Its message is one
+line that names the file or tensor, says what was expected and what was
+found, and ends with what to do. The CLI prints it as ``Error: <message>``
+and exits 1; library users can catch the subclasses by meaning.
+"""
+
+from __future__ import annotations
+
+
+class SurgeonError(Exception):
+    """Base class of every error surgeon raises on bad input or state."""
+
+    exit_code = 1
+
+
+class CheckpointNotFoundError(SurgeonError):
+    """A checkpoint path does not exist or holds no weights."""
+
+
+class CheckpointFormatError(SurgeonError):
+    """A safetensors file or index is malformed, truncated or inconsistent."""
+
+
+class IncompleteDownloadError(CheckpointFormatError):
+    """A weights file is a Git LFS pointer or an HTML page, not safetensors."""
+
+
+class PickleRefusedError(SurgeonError):
+    """Weights stored as pickle (.bin/.pt/.pth/.ckpt): surgeon never unpickles."""
+
+
+class OutputError(SurgeonError):
+    """The output location is unusable (non-empty, on the input, ...)."""
+
+
+class AdapterError(SurgeonError):
+    """An adapter folder is malformed or does not fit the base."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """An adapter type or configuration surgeon refuses to merge."""
+
+
+class ShapeMismatchError(SurgeonError):
+    """Two tensors that must line up do not."""
+
+
+class NumericalError(SurgeonError):
+    """A computation produced non-finite values or did not converge."""
+
+
+class HubError(SurgeonError):
+    """A Hugging Face Hub operation failed."""
+
+
+class DataError(SurgeonError):
+    """A training or evaluation data file is unusable."""

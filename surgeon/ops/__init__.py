@@ -1,0 +1,1 @@
+"""Pure tensor math: tensors in, tensors out. Imports only torch and numpy."""

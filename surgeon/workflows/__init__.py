@@ -1,0 +1,1 @@
+"""Workflows: read -> compute -> write, each returning a report object."""
