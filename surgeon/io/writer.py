@@ -109,8 +109,9 @@ def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
             raise OutputError(f"{out}: output folder is not empty; choose another or pass --overwrite to replace it.")
         if target.is_file() and not overwrite:
             raise OutputError(f"{out}: output file exists; choose another or pass --overwrite to replace it.")
-    if not target.parent.is_dir():
-        raise OutputError(f"{out}: parent folder {target.parent} does not exist; create it first.")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise OutputError(f"{out}: {target.parent} is a file, not a folder; choose another output path.")
+    target.parent.mkdir(parents=True, exist_ok=True)
 
 
 def clean_stale_staging(parent: Path) -> None:
