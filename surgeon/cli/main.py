@@ -15,6 +15,7 @@ from surgeon.errors import SurgeonError
 # command name -> module exposing `command`. Modules load only when used.
 COMMANDS: dict[str, str] = {
     "inspect": "surgeon.cli.inspect",
+    "convert": "surgeon.cli.convert",
     "merge": "surgeon.cli.merge",
     "diff": "surgeon.cli.diff",
     "apply": "surgeon.cli.apply",
