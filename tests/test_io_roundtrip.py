@@ -211,3 +211,28 @@ def test_progress_hidden_when_not_a_tty(tiny_llama, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0
     assert "\r" not in result.stderr and "it/s" not in result.stderr
+
+
+def test_fallback_without_o_tmpfile(tiny_llama, tmp_path, monkeypatch):
+    """Filesystems without O_TMPFILE stage shards in a hidden folder; the result is the same."""
+    monkeypatch.delattr(os, "O_TMPFILE")
+    out = tmp_path / "out"
+    convert_checkpoint(tiny_llama, out, max_shard_size="20KB")
+    with Checkpoint.open(tiny_llama) as a, Checkpoint.open(out) as b:
+        assert all(a.read_raw(k) == b.read_raw(k) for k in a.keys())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "o2", [TensorSpec("a", "F32", (4,)), TensorSpec("b", "F32", (4,))]) as w:
+            w.write("a", torch.ones(4))
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_single_file_output(tiny_llama, tmp_path):
+    out = tmp_path / "weights.safetensors"
+    report = convert_checkpoint(tiny_llama, out)
+    assert report.shards == ["weights.safetensors"] and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+    with Checkpoint.open(tiny_llama) as a, Checkpoint.open(out) as b:
+        assert all(a.read_raw(k) == b.read_raw(k) for k in a.keys())
+        assert b.metadata["surgeon_command"] == "convert"
