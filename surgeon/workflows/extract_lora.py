@@ -1,0 +1,255 @@
+"""`surgeon extract-lora`: a PEFT LoRA adapter from τ = θ_tuned − θ_base by truncated SVD.
+
+Every *changed* tensor (see :mod:`surgeon.ops.task_vector`; identical and
+rounding-only tensors are left alone) is handled in one streamed pass:
+
+* the weight of a Linear, GPT-2 Conv1D or Embedding module matching ``targets``
+  becomes LoRA factors: B = U_k·√S_k, A = √S_k·V_kᵀ with alpha = k (scaling 1),
+  k fixed (``rank``) or the smallest holding ``energy`` of ‖τ‖²; Conv1D (in × out)
+  and Embedding (num × dim) factor τᵀ, as peft applies their ΔW transposed;
+* any other changed tensor's module goes whole into ``modules_to_save`` (copied
+  byte for byte from the tuned model), or is listed as dropped when that is off,
+  when the module is itself a LoRA target (its bias), or when it is not a module.
+
+Module types come from the model class named in config.json, built on the meta
+device (no weights); without one they are guessed from tensor names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import SurgeonError
+from surgeon.io.adapter_writer import AdapterWritten, SavedTensor, write_lora_adapter
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.resolve import resolve_path
+from surgeon.ops.lora_extract import LoraFactors, factorize
+from surgeon.ops.task_vector import CHANGED, classify, is_float_dtype, task_vector
+from surgeon.progress import progress
+from surgeon.provenance import provenance
+from surgeon.workflows.convert import parse_dtype
+from surgeon.workflows.diff import pair_tensors, pick_device
+
+LORA_KINDS = ("linear", "conv1d", "embedding")
+_EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+@dataclass(frozen=True)
+class MatrixFactor:
+    """One LoRA module: τ's shape as stored, the rank kept and how well B·A reproduces τ."""
+
+    module: str
+    kind: str
+    shape: list[int]
+    rank: int
+    relative_error: float  # ‖τ − ΔW_lora‖_F / ‖τ‖_F
+    energy: float  # share of ‖τ‖² kept
+
+
+@dataclass(frozen=True)
+class Dropped:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExtractReport:
+    tuned: str
+    base: str
+    output: str
+    rank: int | None
+    energy: float | None
+    module_types: str  # "transformers" (from the model class) or "names" (guessed)
+    modules: list[MatrixFactor]
+    modules_to_save: list[str]
+    dropped: list[Dropped]
+    max_relative_error: float
+    adapter: AdapterWritten
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def module_kinds(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
+    """({module name: linear|conv1d|embedding|other}, source) for the checkpoint's model class."""
+    config = ckpt.config()
+    arch = ((config or {}).get("architectures") or [None])[0]
+    if not arch:
+        return {}, "names"
+    try:
+        import transformers
+
+        cls = getattr(transformers, arch)
+        cfg = transformers.AutoConfig.from_pretrained(ckpt.folder, local_files_only=True)
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception:  # unknown or remote-code architecture, odd config: fall back to names
+        return {}, "names"
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif isinstance(module, torch.nn.Linear):
+            kinds[name] = "linear"
+        elif type(module).__name__ == "Conv1D":
+            kinds[name] = "conv1d"
+        else:
+            kinds[name] = "other"
+    return kinds, "transformers"
+
+
+def guess_kind(module: str, model_type: str | None) -> str:
+    """Module type from its name alone (no usable model class)."""
+    leaf = module.rsplit(".", 1)[-1]
+    if _EMBEDDING_NAMES.search(leaf):
+        return "embedding"
+    if model_type in _CONV1D_MODEL_TYPES and leaf in ("c_attn", "c_proj", "c_fc"):
+        return "conv1d"
+    return "linear"
+
+
+def _validate(rank: int | None, energy: float | None, max_rank: int | None, targets: str | None) -> re.Pattern[str] | None:
+    if (rank is None) == (energy is None):
+        raise SurgeonError("give exactly one of -r/--rank R or --energy F (e.g. -r 16 or --energy 0.99).")
+    if rank is not None and rank < 1:
+        raise SurgeonError(f"-r/--rank must be at least 1, got {rank}.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise SurgeonError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99% of ‖τ‖².")
+    if max_rank is not None and max_rank < 1:
+        raise SurgeonError(f"--max-rank must be at least 1, got {max_rank}.")
+    if targets is None:
+        return None
+    try:
+        return re.compile(targets)
+    except re.error as exc:
+        raise SurgeonError(f"--targets {targets!r} is not a valid regular expression ({exc}).") from None
+
+
+@dataclass
+class _State:
+    factors: dict[str, tuple[str, LoraFactors, list[int]]]
+    leftovers: dict[str, list[str]]
+    dropped: list[Dropped]
+
+
+def _lora_candidates(tuned: Checkpoint, base: Checkpoint, names: list[str], kinds: dict[str, str], source: str,
+                     pattern: re.Pattern[str] | None) -> dict[str, tuple[str, str]]:
+    """{tensor name: (module, kind)} for weights that may become LoRA factors."""
+    model_type = (tuned.config() or {}).get("model_type")
+    out = {}
+    for name in names:
+        info = tuned.info(name)
+        if not name.endswith(".weight") or len(info.shape) != 2 or not is_float_dtype(info.torch_dtype):
+            continue
+        if not is_float_dtype(base.info(name).torch_dtype):
+            continue
+        module = name[: -len(".weight")]
+        kind = kinds.get(module, "other") if source == "transformers" else guess_kind(module, model_type)
+        if kind in LORA_KINDS and (pattern is None or pattern.search(module)):
+            out[name] = (module, kind)
+    return out
+
+
+def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dict[str, tuple[str, str]],
+          rank: int | None, energy: float | None, max_rank: int | None, device: str) -> _State:
+    state = _State({}, {}, [])
+    for name in progress(names, total=len(names), desc="extract-lora"):
+        t = tuned.get(name)
+        b = base.get(name)
+        delta = task_vector(t, b)
+        status, _ = classify(delta, b, t.dtype)
+        if status != CHANGED:
+            continue
+        if name in candidates:
+            module, kind = candidates[name]
+            matrix = delta if kind == "linear" else delta.T  # peft applies Conv1D/Embedding deltas transposed
+            f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device)
+            state.factors[module] = (kind, f, list(delta.shape))
+        else:
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            state.leftovers.setdefault(module, []).append(name)
+    return state
+
+
+def _saved_modules(tuned: Checkpoint, state: _State, kinds: dict[str, str], source: str,
+                   keep: bool) -> dict[str, dict[str, SavedTensor]]:
+    """Modules stored whole; what cannot be stored goes to ``state.dropped``."""
+    saved: dict[str, dict[str, SavedTensor]] = {}
+    for module, names in state.leftovers.items():
+        if module in state.factors:
+            reason = "belongs to a LoRA target module; LoRA carries no bias delta"
+        elif not keep:
+            reason = "modules_to_save is off"
+        elif not module or (source == "transformers" and module not in kinds):
+            reason = "not a parameter of a module"
+        else:
+            params = [n for n in tuned.keys() if n.startswith(module + ".") and "." not in n[len(module) + 1:]]
+            saved[module] = {n[len(module) + 1:]: (tuned, n) for n in params}
+            continue
+        state.dropped.extend(Dropped(n, reason) for n in names)
+    return saved
+
+
+def extract_lora(
+    tuned: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    targets: str | None = None,
+    modules_to_save: bool = True,
+    dtype: str | None = "fp32",
+    device: str | None = "auto",
+    overwrite: bool = False,
+) -> ExtractReport:
+    """Write a PEFT LoRA adapter for ``base`` that reproduces ``tuned`` (see module docstring).
+
+    ``targets`` is a regular expression searched in module names (anchor it with ^…$);
+    by default every Linear / Conv1D / Embedding weight that changed is factored.
+    """
+    pattern = _validate(rank, energy, max_rank, targets)
+    st = parse_dtype(dtype) or "F32"
+    tuned_path, base_path = resolve_path(tuned), resolve_path(base)
+    with ExitStack() as stack:
+        t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
+        b_ckpt = stack.enter_context(Checkpoint.open(base_path))
+        pairs = pair_tensors(t_ckpt, b_ckpt)
+        names = [n for n in pairs.common
+                 if is_float_dtype(t_ckpt.info(n).torch_dtype) and is_float_dtype(b_ckpt.info(n).torch_dtype)]
+        kinds, source = module_kinds(t_ckpt)
+        candidates = _lora_candidates(t_ckpt, b_ckpt, names, kinds, source, pattern)
+        state = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank, pick_device(device))
+        saved = _saved_modules(t_ckpt, state, kinds, source, modules_to_save)
+        factors = {m: (f.A, f.B) for m, (_, f, _) in state.factors.items() if f.rank > 0}
+        if not factors and not saved:
+            raise SurgeonError(
+                f"{tuned}: no tensor changed beyond rounding against {base}, so there is nothing to extract; "
+                "check that TUNED and BASE are not the same model."
+            )
+        matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy)
+                    for m, (kind, f, shape) in state.factors.items()]
+        record = provenance("extract-lora", {"rank": rank, "energy": energy, "max_rank": max_rank, "targets": targets,
+                                             "modules_to_save": modules_to_save, "dtype": st},
+                            inputs={"tuned": str(tuned), "base": str(base)})
+        summary = {"modules": [asdict(m) for m in matrices], "dropped": [asdict(d) for d in state.dropped]}
+        written = write_lora_adapter(
+            out, factors, base_model_name_or_path=str(base),
+            embedding_modules=[m for m, (kind, _, _) in state.factors.items() if kind == "embedding"],
+            modules_to_save=saved, fan_in_fan_out=any(k == "conv1d" for k, _, _ in state.factors.values()),
+            dtype=st, record=record, report=summary, inputs=[tuned_path, base_path], overwrite=overwrite,
+        )
+    return ExtractReport(
+        tuned=str(tuned), base=str(base), output=str(Path(out)), rank=rank, energy=energy, module_types=source,
+        modules=matrices, modules_to_save=sorted(saved), dropped=state.dropped,
+        max_relative_error=max((m.relative_error for m in matrices), default=0.0), adapter=written,
+    )
