@@ -86,8 +86,8 @@ def full_finetune(base: Path, out: Path, *, steps: int = 3, lr: float = 1e-2, se
     return _save(model.to(dtype), base, out)
 
 
-def lora_delta(adapter: Path, module: str) -> torch.Tensor:
-    """s·B·A (out × in, float32) of one Linear module, from the adapter files."""
+def lora_factors(adapter: Path, module: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(s, A (r × in), B (out × r)) of one Linear module, float64, from the adapter files."""
     import json
 
     from safetensors.torch import load_file
@@ -96,5 +96,18 @@ def lora_delta(adapter: Path, module: str) -> torch.Tensor:
     t = load_file(adapter / "adapter_model.safetensors")
     a = t[f"base_model.model.{module}.lora_A.weight"].double()
     b = t[f"base_model.model.{module}.lora_B.weight"].double()
-    scale = cfg["lora_alpha"] / cfg["r"]
-    return (scale * b @ a).float()
+    return cfg["lora_alpha"] / cfg["r"], a, b
+
+
+def lora_delta(adapter: Path, module: str) -> torch.Tensor:
+    """s·B·A (out × in, float32, computed in float64) of one Linear module."""
+    s, a, b = lora_factors(adapter, module)
+    return (s * b @ a).float()
+
+
+def float32_merge_bound(adapter: Path, module: str, base: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |τ − s·B·A| for a float32 merge W + s·B·A: the textbook error of an
+    r-term dot product plus one addition, (r + 2)·eps·(|W| + s·|B|·|A|)."""
+    s, a, b = lora_factors(adapter, module)
+    eps = torch.finfo(torch.float32).eps
+    return ((a.shape[0] + 2) * eps * (base.double().abs() + s * b.abs() @ a.abs())).float()

@@ -26,20 +26,20 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import pytest
 import yaml
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".model")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+WRITE_TOKEN = "hf_test_write_token_0123456789"  # user "tester", may write
+READ_TOKEN = "hf_test_read_token_0123456789"  # user "tester", read only
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -116,10 +116,7 @@ class FakeHub:
 
     def __init__(self, *, upload_mode: str = "auto", tokens: dict[str, tuple[str, str]] | None = None) -> None:
         self.upload_mode = upload_mode  # "auto" (Hub rules), "regular" (all inline) or "lfs" (all LFS but empty files)
-        self.tokens = tokens if tokens is not None else {
-            "hf_test_write_token_0123456789": ("tester", "write"),
-            "hf_test_read_token_0123456789": ("tester", "read"),
-        }
+        self.tokens = tokens if tokens is not None else {WRITE_TOKEN: ("tester", "write"), READ_TOKEN: ("tester", "read")}
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.log: list[Request] = []
@@ -556,53 +553,4 @@ def _validate_yaml(payload: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
     return 200, {"errors": [], "warnings": []}, {}
 
 
-# -- pytest fixture ----------------------------------------------------------------------------
-
-WRITE_TOKEN = "hf_test_write_token_0123456789"
-READ_TOKEN = "hf_test_read_token_0123456789"
-
-
-@pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """A running FakeHub with HF_ENDPOINT, HF_HOME and the HF cache pointed at it and at tmp_path.
-
-    huggingface_hub reads some settings at import time, so its constants are
-    patched too: any request built from defaults lands on the fake server,
-    never on the real network. Xet is disabled; no token is set.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils._http import close_session
-
-    import surgeon.io.hub as surgeon_hub
-
-    hub = FakeHub().start()
-    home = tmp_path / "hf_home"
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(surgeon_hub, "RETRY_BASE_SECONDS", 0.01)
-    surgeon_hub.set_hub_defaults()
-    yield hub
-    hub.stop()
-    close_session()
-    assert not hub.unhandled, f"requests the fake Hub does not implement: {hub.unhandled}"
-
-
-def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-
-__all__ = ["Blob", "FakeHub", "READ_TOKEN", "WRITE_TOKEN", "fake_hub", "git_blob_oid", "go_offline", "quote"]
+__all__ = ["Blob", "FakeHub", "READ_TOKEN", "WRITE_TOKEN", "git_blob_oid"]

@@ -180,7 +180,7 @@ def _snapshot(repo_id: str, revision: str, patterns: list[str], token: str | Non
               top_level_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
-    with _hf_progress_bars():
+    with hf_progress_bars():
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir(), endpoint=endpoint(), token=token or False,
             allow_patterns=patterns, ignore_patterns=NEVER_FETCHED + (["*/*"] if top_level_only else []),
@@ -236,7 +236,8 @@ def _shards_needed(repo_id: str, folder: Path, names: list[str] | None) -> list[
 
 
 @contextmanager
-def _hf_progress_bars() -> Iterator[None]:
+def hf_progress_bars() -> Iterator[None]:
+    """huggingface_hub's own bars follow surgeon's: hidden with -q or when stderr is not a terminal."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if progress_enabled() or are_progress_bars_disabled():

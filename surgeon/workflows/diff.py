@@ -25,7 +25,7 @@ from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.ops.task_vector import (
-    CHANGED, IDENTICAL, ROUNDING_ONLY, RankStats, classify, delta_norms, is_float_dtype, rank_stats, task_vector,
+    CHANGED, IDENTICAL, ROUNDING_ONLY, RankStats, RoundingCheck, classify, delta_norms, is_float_dtype, rank_stats, task_vector,
 )
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
@@ -178,15 +178,30 @@ class _Options:
     device: str
 
 
+def load_pair(tuned: Checkpoint, base: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(tuned, base) as stored, and whether their bytes are equal (same dtype only: a memcmp)."""
+    t_info, b_info = tuned.info(name), base.info(name)
+    t_raw, b_raw = tuned.read_raw(name), base.read_raw(name)
+    same = t_info.dtype == b_info.dtype and t_raw == b_raw
+    tensors = []
+    for raw, info in ((t_raw, t_info), (b_raw, b_info)):
+        t = torch.frombuffer(raw, dtype=info.torch_dtype) if info.numel else torch.empty(0, dtype=info.torch_dtype)
+        tensors.append(t.reshape(info.shape))
+    return tensors[0], tensors[1], same
+
+
 def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Options) -> tuple[TensorDiff, torch.Tensor]:
     """(measurements, τ float32) for one tensor present in both with the same shape."""
     t_info, b_info = tuned.info(name), base.info(name)
-    t = tuned.get(name)
-    b = base.get(name)
-    delta = task_vector(t, b)
+    t, b, same_bytes = load_pair(tuned, base, name)
     rounding = opts.rounding_dtype or t_info.dtype
-    floats = is_float_dtype(t.dtype) and is_float_dtype(b.dtype)
-    status, check = classify(delta, b, torch_dtype(rounding) if floats else torch.int64)
+    if same_bytes:  # identical without arithmetic
+        delta = torch.zeros(t.shape, dtype=torch.float32)
+        status, check = IDENTICAL, RoundingCheck(0.0, 0)
+    else:
+        delta = task_vector(t, b)
+        floats = is_float_dtype(t.dtype) and is_float_dtype(b.dtype)
+        status, check = classify(delta, b, torch_dtype(rounding) if floats else torch.int64)
     norms = delta_norms(delta, b)
     rank = None
     if opts.ranks and status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:

@@ -35,7 +35,7 @@ from surgeon.ops.task_vector import CHANGED, classify, is_float_dtype, task_vect
 from surgeon.progress import progress
 from surgeon.provenance import provenance
 from surgeon.workflows.convert import parse_dtype
-from surgeon.workflows.diff import pair_tensors, pick_device
+from surgeon.workflows.diff import load_pair, pair_tensors, pick_device
 
 LORA_KINDS = ("linear", "conv1d", "embedding")
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
@@ -162,8 +162,9 @@ def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dic
           rank: int | None, energy: float | None, max_rank: int | None, device: str) -> _State:
     state = _State({}, {}, [])
     for name in progress(names, total=len(names), desc="extract-lora"):
-        t = tuned.get(name)
-        b = base.get(name)
+        t, b, same = load_pair(tuned, base, name)
+        if same:
+            continue
         delta = task_vector(t, b)
         status, _ = classify(delta, b, t.dtype)
         if status != CHANGED:

@@ -1,10 +1,10 @@
 """`surgeon merge`: PEFT adapters merged into a base, streamed tensor by tensor.
 
-First a :class:`MergePlan` is built from headers and configs alone: which adapter
-tensors act on which base tensor, with which scaling (formulas in DESIGN.md).
-Executing it reads one base tensor at a time, computes W' in float32 on the chosen
-device (:func:`merged_float32`), rounds once to the output dtype and streams it
-out; tensors no adapter touches are copied byte for byte.
+First a :class:`MergePlan` is built from headers and configs alone
+(:func:`plan_adapter_merge`, in ``merge_plan``). Executing it reads one base tensor at
+a time, computes W' in float32 on the chosen device (:func:`merged_float32`), rounds
+once to the output dtype, measures what the rounding kept of ΔW, and streams it out.
+Tensors no adapter touches are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
-from surgeon.errors import AdapterError, NumericalError, SurgeonError
-from surgeon.io.adapter import Adapter, AdapterModule, BaseNames, adapter_layout, check_mergeable, pattern_value
+from surgeon.errors import NumericalError, SurgeonError
+from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.format import torch_dtype
+from surgeon.io.format import DTYPES, torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.ops import lora, lycoris
@@ -31,292 +31,321 @@ from surgeon.ops.merge_rounding import RoundingStats, round_merged
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
+from surgeon.workflows.merge_plan import MergeOp, MergePlan, plan_adapter_merge
 
-# Architectures whose projections are transformers' Conv1D (weight stored in × out).
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
-_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
-                     "tok_embeddings.weight", "shared.weight")
+__all__ = ["MergeOp", "MergePlan", "MergeReport", "TensorMerge", "merge", "merged_float32", "parse_adapter_arg",
+           "plan_adapter_merge"]
+
 LOST_WARNING = 0.5  # warn when more than half of ‖ΔW‖ is lost to output rounding
+AdapterArg = Union[str, os.PathLike, tuple[Union[str, os.PathLike], float]]
+
+
+# -- executing one tensor ---------------------------------------------------------------------
+def _factor(plan: MergePlan, op: MergeOp, role: str, device: torch.device) -> torch.Tensor:
+    return plan.adapters[op.adapter].weights.get(op.tensors[role], dtype=torch.float32, device=device)
+
+
+def _vera_shared(plan: MergePlan, op: MergeOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if "vera_A" in op.tensors:
+        return _factor(plan, op, "vera_A", device), _factor(plan, op, "vera_B", device)
+    key = ("vera", op.adapter, str(device))
+    if key not in plan._cache:
+        vera_A, vera_B = lora.vera_projection(*plan.vera_projections[op.adapter])
+        plan._cache[key] = (vera_A.to(device), vera_B.to(device))
+    return plan._cache[key]
+
+
+def _additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """ΔW of the additive kinds (W' = W + ΔW), float32 in the base's layout."""
+    f = lambda role: _factor(plan, op, role, device)  # noqa: E731
+    k = op.kind
+    if k == "lora":
+        return lora.lora_delta(f("lora_A"), f("lora_B"), op.scaling, fan_in_fan_out=op.fan_in_fan_out)
+    if k == "lora_embedding":
+        return lora.lora_embedding_delta(f("lora_embedding_A"), f("lora_embedding_B"), op.scaling)
+    if k == "lora_bias":
+        return f("lora_B_bias") * op.scaling
+    if k == "adalora":
+        return lora.adalora_delta(f("lora_A"), f("lora_B"), f("lora_E"), op.scaling, op.ranknum,
+                                  fan_in_fan_out=op.fan_in_fan_out)
+    if k == "loha":
+        return lycoris.loha_delta(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), op.scaling, tuple(shape))
+    if k == "lokr":
+        w1 = f("lokr_w1") if "lokr_w1" in op.tensors else f("lokr_w1_a") @ f("lokr_w1_b")
+        w2 = f("lokr_w2") if "lokr_w2" in op.tensors else f("lokr_w2_a") @ f("lokr_w2_b")
+        return lycoris.lokr_delta(w1, w2, op.scaling, tuple(shape))
+    if k == "vera":
+        vera_A, vera_B = _vera_shared(plan, op, device)
+        delta = lora.vera_delta(vera_A, vera_B, f("vera_lambda_b"), f("vera_lambda_d"), out_features=op.features[0],
+                                in_features=op.features[1], fan_in_fan_out=op.fan_in_fan_out)
+        return delta if op.weight == 1.0 else delta * op.weight
+    raise SurgeonError(f"internal: unknown merge operation {k!r}")
+
+
+def _apply(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch.Tensor,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One operation: (W merged so far, unmerged W₀) -> (new W, new W₀)."""
+    f = lambda role: _factor(plan, op, role, device)  # noqa: E731
+    k = op.kind
+    if k in ("base_layer", "replace"):
+        new = f("tensor")
+        if k == "replace" and op.weight != 1.0:  # a weighted modules_to_save moves part of the way
+            new = weight + op.weight * (new - weight)
+        return new, new
+    if k in ("ia3", "ia3_bias"):
+        vec = lora.ia3_vector(f("ia3_l"), op.weight)
+        if k == "ia3_bias":
+            return lora.ia3_bias(weight, vec), unmerged
+        return lora.ia3_merge(weight, vec, fan_in_fan_out=op.fan_in_fan_out), unmerged
+    if k in ("dora", "dora_embedding"):
+        emb = k == "dora_embedding"
+        delta = (lora.lora_embedding_delta(f("lora_embedding_A"), f("lora_embedding_B"), op.scaling) if emb
+                 else lora.lora_delta(f("lora_A"), f("lora_B"), op.scaling, fan_in_fan_out=op.fan_in_fan_out))
+        return lora.dora_merge(weight, unmerged, delta, f("magnitude"), fan_in_fan_out=op.fan_in_fan_out,
+                               embedding=emb), unmerged
+    if k in ("hira", "hira_embedding"):
+        emb = k == "hira_embedding"
+        roles = ("hira_embedding_A", "hira_embedding_B") if emb else ("hira_A", "hira_B")
+        delta = lora.hira_delta(f(roles[0]), f(roles[1]), fan_in_fan_out=op.fan_in_fan_out, embedding=emb)
+        return lora.hira_merge(weight, unmerged, delta if op.weight == 1.0 else delta * op.weight), unmerged
+    return weight + _additive_delta(plan, op, weight.shape, device), unmerged
+
+
+def _merge_one(base: Checkpoint, plan: MergePlan, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W' float32, W as stored) for one base tensor, both on ``device``."""
+    stored = base.get(name, device=device)
+    weight = stored.float()
+    unmerged = weight
+    for op in plan.targets.get(name, ()):
+        weight, unmerged = _apply(plan, op, weight, unmerged, device)
+    return weight, stored
+
+
+def merged_float32(base: Checkpoint, plan: MergePlan, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The merged tensor W' for base tensor ``name``: float32, the base tensor's shape, on ``device``.
+
+    Adapters apply in plan order; a tensor no adapter touches comes back as the base, upcast.
+    """
+    return _merge_one(base, plan, name, torch.device(device))[0]
+
+
+# -- the merge workflow -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMerge:
+    """One output tensor the merge wrote other than by copying.
+
+    ``action``: "merged", "replaced" (modules_to_save / saved copies) or "cast only".
+    ``changed``: elements whose output differs from the base in the output dtype;
+    ``lost_fraction``: ‖round(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖.
+    """
+
+    name: str
+    action: str
+    operations: str
+    dtype: str
+    numel: int
+    changed: int
+    delta_nonzero: int
+    delta_norm: float
+    lost_fraction: float
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
-class MergeOp:
-    """One adapter module acting on one base tensor.
+class MergeReport:
+    base: str
+    adapters: list[dict[str, Any]]
+    output: str
+    dtype: str
+    device: str
+    tensors: int
+    merged: int
+    replaced: int
+    cast_only: int
+    copied: int
+    bytes_written: int
+    shards: list[str]
+    seconds: float
+    warnings: list[str]
+    entries: list[TensorMerge]
+    precision_report: str | None = None
 
-    ``kind``: lora, lora_embedding, dora, dora_embedding, lora_bias, adalora, vera, ia3,
-    ia3_bias, loha, lokr, hira, hira_embedding, replace (modules_to_save, trained biases) or
-    base_layer (a saved copy of the frozen base tensor). ``tensors`` maps roles to adapter
-    tensor names; ``scaling`` already includes the adapter's weight.
-    """
-
-    kind: str
-    adapter: int
-    module: str
-    tensors: dict[str, str]
-    scaling: float = 1.0
-    weight: float = 1.0
-    fan_in_fan_out: bool = False
-    ranknum: float = 0.0
-    features: tuple[int, int] = (0, 0)  # (out, in) of the module, for VeRA's shared projections
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """What acts on which base tensor; built from headers only.
-
-    ``targets`` maps every base tensor the adapters change (modules_to_save replacements
-    included) to its operations in application order.
-    """
-
-    adapters: tuple[Adapter, ...]
-    weights: tuple[float, ...]
-    targets: dict[str, tuple[MergeOp, ...]]
-    vera_projections: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # idx -> key, r, in, out
-    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def describe(self, name: str) -> str:
-        """'lora(a0)+dora(a1)' for a target, for reports."""
-        return "+".join(f"{op.kind}(a{op.adapter})" for op in self.targets.get(name, ()))
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-# -- planning ---------------------------------------------------------------------------------
-class _Planner:
-    """Plans one adapter against the base: resolves names, checks shapes, computes scalings."""
+def parse_adapter_arg(arg: AdapterArg) -> tuple[Path, float]:
+    """'path', 'path:0.5' or (path, 0.5) -> (local path, weight). An existing path wins over a ':'."""
+    if isinstance(arg, tuple):
+        return resolve_path(arg[0]), float(arg[1])
+    text = os.fspath(arg)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not Path(text).exists():
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = None
+        if weight is not None:
+            if not math.isfinite(weight):
+                raise SurgeonError(f"{text}: adapter weight {tail!r} is not a finite number; write e.g. {head}:0.5.")
+            return resolve_path(head), weight
+    return resolve_path(text), 1.0
 
-    def __init__(self, base: Checkpoint, names: BaseNames, adapter: Adapter, idx: int, weight: float) -> None:
-        self.base, self.names, self.adapter, self.idx, self.weight = base, names, adapter, idx, weight
-        self.cfg = adapter.config.raw
-        self.base_config = base.config() or {}
-        conv1d_model = self.base_config.get("model_type") in CONV1D_MODEL_TYPES
-        self.default_fifo = bool(self.cfg.get("fan_in_fan_out")) or conv1d_model
-        self.where = str(adapter.folder)
-        self.vera_dims: list[tuple[int, int]] = []
 
-    def shape(self, role_name: str) -> tuple[int, ...]:
-        return self.adapter.weights.info(role_name).shape
+def pick_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    text = str(device).lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SurgeonError(f"--device {device}: no CUDA device is available to torch here; use --device cpu (or auto).")
+        return torch.device(text)
+    if text == "cpu":
+        return torch.device("cpu")
+    raise SurgeonError(f"--device {device!r} is not a device surgeon merges on; use auto, cpu or cuda.")
 
-    def fail_shape(self, tensor: str, got: Sequence[int], target: str) -> AdapterError:
-        return AdapterError(
-            f"{self.where}: adapter tensor {tensor!r} gives a change of shape {list(got)} for base tensor {target!r}, "
-            f"which is {list(self.base.info(target).shape)}; the adapter was trained on a different model "
-            f"(its config names {self.adapter.config.base_model!r}). Merge it onto the model it was trained on."
+
+def _output_dtypes(base: Checkpoint, plan: MergePlan, target: str | None) -> dict[str, str]:
+    """Per tensor: the requested dtype for floating tensors, else (auto) the base's own dtype."""
+    out = {}
+    for name, info in base.tensors.items():
+        out[name] = target if (target and info.dtype in FLOAT_DTYPES) else info.dtype
+    return out
+
+
+def _tensor_entry(name: str, plan: MergePlan, dtype: str, stats: RoundingStats) -> TensorMerge:
+    ops = plan.targets[name]
+    action = "replaced" if all(op.kind in ("replace", "base_layer") for op in ops) else "merged"
+    warning = None
+    if dtype != "F32" and stats.delta_nonzero and stats.lost_fraction > LOST_WARNING:
+        warning = (f"{name}: {stats.lost_fraction:.0%} of the adapter's change is lost rounding to {dtype} "
+                   f"(only {stats.changed:,} of {stats.delta_nonzero:,} changed elements survive); "
+                   "merge with --dtype fp32 to keep it.")
+    return TensorMerge(name, action, plan.describe(name), dtype, stats.numel, stats.changed, stats.delta_nonzero,
+                       stats.delta_norm, stats.lost_fraction, warning)
+
+
+def _merge_tensor(base: Checkpoint, plan: MergePlan, name: str, dtype: str, device: torch.device) -> tuple[torch.Tensor, TensorMerge]:
+    merged, stored = _merge_one(base, plan, name, device)
+    out, stats = round_merged(merged, stored, torch_dtype(dtype))
+    if stats.nonfinite:
+        raise NumericalError(
+            f"{name}: the merge ({plan.describe(name)}) produced {stats.nonfinite:,} non-finite values in {dtype}; "
+            "the adapter is broken or its scale overflows the dtype. Check it with `surgeon inspect`, lower its "
+            "weight, or merge with --dtype fp32."
         )
-
-    def target(self, module: AdapterModule, param: str = "weight") -> str:
-        name = f"{module.path}.{param}"
-        found = self.names.resolve(name, what=self.where)
-        if found is None and param == "weight" and module.path.split(".")[-1] == "lm_head" and \
-                self.base_config.get("tie_word_embeddings", True):
-            for suffix in _INPUT_EMBEDDINGS:  # lm_head is tied to (stored as) the input embedding
-                found = self.names.resolve(suffix, what=self.where) if suffix in self.names.keys or \
-                    any(k.endswith("." + suffix) for k in self.names.keys) else None
-                if found:
-                    break
-        if found is None:
-            first = next(iter(module.tensors.values()))
-            raise AdapterError(
-                f"{self.where}: adapter tensor {first!r} targets {name!r}, which the base {self.base.root} does not have; "
-                f"the adapter was trained on a different model (its config names {self.adapter.config.base_model!r}). "
-                "Merge it onto the model it was trained on."
-            )
-        info = self.base.info(found)
-        if info.dtype not in FLOAT_DTYPES:
-            raise AdapterError(
-                f"{self.base.root}: base tensor {found!r} is stored as {info.dtype}, not floating point (a quantized "
-                "base?); merge into the unquantized base model (bf16/fp16/fp32) instead."
-            )
-        return found
-
-    def orientation(self, target: str, out_in: tuple[int, int], tensor: str) -> bool:
-        """True when the base stores the module transposed (Conv1D): decided by shape, else by config."""
-        stored = self.base.info(target).shape
-        linear, conv1d = stored == out_in, stored == out_in[::-1]
-        if not (linear or conv1d):
-            raise self.fail_shape(tensor, out_in, target)
-        return conv1d if linear != conv1d else self.default_fifo
-
-    def need(self, module: AdapterModule, *roles: str) -> list[str]:
-        missing = [r for r in roles if r not in module.tensors]
-        if missing:
-            raise AdapterError(
-                f"{self.where}: module {module.path!r} has {', '.join(sorted(module.tensors))} but lacks {missing[0]}; "
-                f"the adapter file is incomplete for a {self.adapter.config.peft_type} adapter. Re-save it."
-            )
-        return [module.tensors[r] for r in roles]
-
-    def rank_alpha(self, module: AdapterModule, rows_of: str) -> tuple[int, float]:
-        cfg = self.adapter.config
-        r = int(pattern_value(self.cfg.get("rank_pattern"), module.path, cfg.r))
-        alpha = float(pattern_value(self.cfg.get("alpha_pattern"), module.path, cfg.alpha if cfg.alpha is not None else r))
-        rows = self.shape(rows_of)[0]
-        if rows != r:
-            raise AdapterError(
-                f"{self.where}: adapter_config.json gives module {module.path!r} rank {r} (r/rank_pattern) but "
-                f"{rows_of!r} has {rows} rows; the config does not belong to these weights. Re-save the adapter."
-            )
-        return r, alpha
-
-    def op(self, kind: str, module: AdapterModule, roles: Sequence[str], **kw: Any) -> MergeOp:
-        return MergeOp(kind, self.idx, module.path, {r: module.tensors[r] for r in roles}, weight=self.weight, **kw)
-
-    # -- per peft type ---------------------------------------------------------------------------
-    def plan_module(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        kind = self.adapter.config.peft_type
-        allowed = _ROLES[kind]
-        extra = sorted(set(module.tensors) - allowed)
-        if extra:
-            raise AdapterError(
-                f"{self.where}: tensor {module.tensors[extra[0]]!r} is not part of a {kind} adapter; "
-                "adapter_config.json's peft_type does not match the weights. Re-save the adapter."
-            )
-        return getattr(self, f"_plan_{kind.lower()}")(module)
-
-    def _plan_lora(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        rslora = bool(self.cfg.get("use_rslora"))
-        if "lora_embedding_A" in module.tensors:
-            a, b = self.need(module, "lora_embedding_A", "lora_embedding_B")
-            r, alpha = self.rank_alpha(module, a)
-            target = self.target(module)
-            got = (self.shape(a)[1], self.shape(b)[0])
-            if self.base.info(target).shape != got:
-                raise self.fail_shape(a, got, target)
-            scaling = self.weight * alpha / (math.sqrt(r) if rslora else r)
-            dora = "magnitude" in module.tensors
-            roles = ["lora_embedding_A", "lora_embedding_B"] + (["magnitude"] if dora else [])
-            return [(target, self.op("dora_embedding" if dora else "lora_embedding", module, roles, scaling=scaling))]
-        a, b = self.need(module, "lora_A", "lora_B")
-        r, alpha = self.rank_alpha(module, a)
-        target = self.target(module)
-        fifo = self.orientation(target, (self.shape(b)[0], self.shape(a)[1]), a)
-        scaling = self.weight * alpha / (math.sqrt(r) if rslora else r)
-        dora = "magnitude" in module.tensors
-        roles = ["lora_A", "lora_B"] + (["magnitude"] if dora else [])
-        plan = [(target, self.op("dora" if dora else "lora", module, roles, scaling=scaling, fan_in_fan_out=fifo))]
-        if "lora_B_bias" in module.tensors:
-            bias = self.names.resolve(f"{module.path}.bias", what=self.where) if target.endswith(".weight") else None
-            if bias is None or bias != target[: -len("weight")] + "bias":
-                raise AdapterError(
-                    f"{self.where}: module {module.path!r} has a trained lora_B bias (lora_bias=true) but the base "
-                    f"has no {module.path}.bias to add it to; peft cannot merge this either. Use the adapter unmerged."
-                )
-            plan.append((bias, self.op("lora_bias", module, ["lora_B_bias"], scaling=scaling)))
-        return plan
-
-    def _plan_adalora(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        a, b, _ = self.need(module, "lora_A", "lora_B", "lora_E")
-        rank = self.shape(a)[0]
-        if rank == 0:  # every singular value pruned: nothing to add
-            return []
-        init_r = float(self.cfg.get("init_r") or self.adapter.config.r or rank)
-        alpha = float(self.cfg.get("lora_alpha") or 0)
-        # peft: scaling = lora_alpha if > 0 else r, where r is the kept rank once rank_pattern resized the module
-        scaling = self.weight * (alpha if alpha > 0 else float(rank if self.cfg.get("rank_pattern") else init_r))
-        target = self.target(module)
-        fifo = self.orientation(target, (self.shape(b)[0], self.shape(a)[1]), a)
-        return [(target, self.op("adalora", module, ["lora_A", "lora_B", "lora_E"], scaling=scaling,
-                                 fan_in_fan_out=fifo, ranknum=init_r))]
-
-    def _plan_vera(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        lb, _ = self.need(module, "vera_lambda_b", "vera_lambda_d")
-        target = self.target(module)
-        stored = self.base.info(target).shape
-        out = self.shape(lb)[0]
-        if len(stored) != 2 or out not in stored:
-            raise self.fail_shape(lb, (out, -1), target)
-        inn = stored[1] if stored[0] == out else stored[0]
-        fifo = self.orientation(target, (out, inn), lb)
-        self.vera_dims.append((out, inn))
-        return [(target, self.op("vera", module, ["vera_lambda_b", "vera_lambda_d"], fan_in_fan_out=fifo,
-                                 features=(out, inn)))]
-
-    def _plan_ia3(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        (l_name,) = self.need(module, "ia3_l")
-        rows, cols = self.shape(l_name)
-        target = self.target(module)
-        stored = self.base.info(target).shape
-        feedforward = rows == 1 and cols != 1 or (rows == cols == 1 and stored[-1] == 1 and stored[0] != 1)
-        other = stored[1] if (stored[0] == max(rows, cols)) else stored[0]
-        out_in = (other, cols) if feedforward else (rows, other)
-        fifo = self.orientation(target, out_in, l_name)
-        plan = [(target, self.op("ia3", module, ["ia3_l"], fan_in_fan_out=fifo))]
-        bias = self.names.resolve(f"{module.path}.bias", what=self.where)
-        if not feedforward and bias is not None and target.endswith(".weight") and bias == target[:-6] + "bias":
-            plan.append((bias, self.op("ia3_bias", module, ["ia3_l"])))
-        return plan
-
-    def _plan_loha(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        self._no_conv(module, "hada_t1", "hada_t2")
-        w1a, w1b, _, _ = self.need(module, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        r, alpha = self.rank_alpha(module, w1b)
-        target = self.target(module)
-        got = (self.shape(w1a)[0], self.shape(w1b)[1])
-        if self.base.info(target).shape != got:
-            raise self.fail_shape(w1a, got, target)
-        return [(target, self.op("loha", module, ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
-                                 scaling=self.weight * alpha / r))]
-
-    def _plan_lokr(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        self._no_conv(module, "lokr_t2")
-        t = module.tensors
-        w1 = ["lokr_w1"] if "lokr_w1" in t else ["lokr_w1_a", "lokr_w1_b"]
-        w2 = ["lokr_w2"] if "lokr_w2" in t else ["lokr_w2_a", "lokr_w2_b"]
-        names = self.need(module, *w1, *w2)
-        r = int(pattern_value(self.cfg.get("rank_pattern"), module.path, self.adapter.config.r))
-        alpha = float(pattern_value(self.cfg.get("alpha_pattern"), module.path, self.adapter.config.alpha))
-        s1 = self.shape(names[0]) if len(w1) == 1 else (self.shape(names[0])[0], self.shape(names[1])[1])
-        s2 = self.shape(names[-1]) if len(w2) == 1 else (self.shape(names[-2])[0], self.shape(names[-1])[1])
-        target = self.target(module)
-        got = (s1[0] * s2[0], s1[1] * s2[1])
-        if self.base.info(target).shape != got:
-            raise self.fail_shape(names[0], got, target)
-        return [(target, self.op("lokr", module, w1 + w2, scaling=self.weight * alpha / r))]
-
-    def _plan_hira(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        embedding = "hira_embedding_A" in module.tensors
-        roles = ["hira_embedding_A", "hira_embedding_B"] if embedding else ["hira_A", "hira_B"]
-        a, b = self.need(module, *roles)
-        target = self.target(module)
-        out_in = (self.shape(b)[0], self.shape(a)[1])
-        if embedding:
-            if self.base.info(target).shape != out_in[::-1]:
-                raise self.fail_shape(a, out_in[::-1], target)
-            return [(target, self.op("hira_embedding", module, roles))]
-        fifo = self.orientation(target, out_in, a)
-        return [(target, self.op("hira", module, roles, fan_in_fan_out=fifo))]
-
-    def _no_conv(self, module: AdapterModule, *roles: str) -> None:
-        for role in roles:
-            if role in module.tensors:
-                raise AdapterError(
-                    f"{self.where}: module {module.path!r} has {role} (a convolution decomposition); surgeon merges "
-                    "linear and embedding layers only. Merge this adapter with peft's merge_and_unload()."
-                )
-
-    def plan_full(self) -> list[tuple[str, MergeOp]]:
-        """Whole-tensor replacements: modules_to_save, trained biases, saved base_layer copies."""
-        plan = []
-        for full in adapter_layout(self.adapter.weights).full:
-            target = self.names.resolve(full.name, what=self.where)
-            if target is None:
-                raise AdapterError(
-                    f"{self.where}: adapter tensor {full.source!r} replaces {full.name!r}, which the base {self.base.root} "
-                    f"does not have; the adapter was trained on a different model (its config names "
-                    f"{self.adapter.config.base_model!r}), or with resized or untied embeddings. Merge it onto that model."
-                )
-            got = self.shape(full.source)
-            if got != self.base.info(target).shape:
-                raise self.fail_shape(full.source, got, target)
-            kind = "base_layer" if full.base_layer_copy else "replace"
-            plan.append((target, MergeOp(kind, self.idx, full.name, {"tensor": full.source}, weight=self.weight)))
-        return plan
+    return out.to("cpu"), _tensor_entry(name, plan, dtype, stats)
 
 
-_ROLES: dict[str, set[str]] = {
-    "LORA": {"lora_A", "lora_B", "lora_B_bias", "magnitude", "lora_embedding_A", "lora_embedding_B"},
-    "ADALORA": {"lora_A", "lora_B", "lora_E"},
-    "VERA": {"vera_lambda_b", "vera_lambda_d"},
-    "IA3": {"ia3_l"},
-    "LOHA": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
-    "LOKR": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
-    "HIRA": {"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"},
-}
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _config_texts(base: Checkpoint, target: str | None) -> tuple[list[Path], dict[str, str]]:
+    """Side files to copy, with config.json's dtype rewritten when the output dtype was changed."""
+    files = base.extra_files()
+    config = base.config()
+    if target is None or config is None:
+        return files, {}
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    if all(config.get(k) == _TORCH_NAMES[target] for k in keys):
+        return files, {}
+    config.update({k: _TORCH_NAMES[target] for k in keys})
+    return [f for f in files if f.name != "config.json"], {"config.json": json.dumps(config, indent=2) + "\n"}
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: Sequence[AdapterArg],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = "auto",
+    device: str | torch.device = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    precision_report: str | os.PathLike[str] | None = None,
+) -> MergeReport:
+    """Merge PEFT ``adapters`` (``path``, ``path:weight`` or ``(path, weight)``, applied in order) into
+    ``base`` and write a complete model folder (or one ``.safetensors`` file) to ``out``.
+
+    ``dtype``: auto (each tensor keeps the base's dtype) or fp32/fp16/bf16 for the whole output.
+    Untouched tensors are copied byte for byte unless that changes their dtype ("cast only").
+    """
+    started = time.perf_counter()
+    target = parse_dtype(dtype)
+    dev = pick_device(device)
+    base_path = resolve_path(base)
+    parsed = [parse_adapter_arg(a) for a in adapters]
+    if not parsed:
+        raise SurgeonError("no adapter given; name at least one adapter folder after the base.")
+    with Checkpoint.open(base_path) as ckpt:
+        opened = [Adapter.open(path) for path, _ in parsed]
+        try:
+            return _execute(ckpt, opened, parsed, out, target=target, dtype_arg=str(dtype or "auto"), device=dev,
+                            max_shard_size=max_shard_size, overwrite=overwrite,
+                            precision_report=precision_report, started=started, base_arg=str(base))
+        finally:
+            for adapter in opened:
+                adapter.close()
+
+
+def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, float]], out: str | os.PathLike[str], *,
+             target: str | None, dtype_arg: str, device: torch.device, max_shard_size: int | str, overwrite: bool,
+             precision_report: str | os.PathLike[str] | None, started: float, base_arg: str) -> MergeReport:
+    plan = plan_adapter_merge(ckpt, [(a, w) for a, (_, w) in zip(opened, parsed)])
+    dtypes = _output_dtypes(ckpt, plan, target)
+    specs = [TensorSpec(n, dtypes[n], ckpt.info(n).shape) for n in ckpt.keys()]
+    adapters_info = [{"path": str(p), "peft_type": a.config.peft_type, "weight": w} for a, (p, w) in zip(opened, parsed)]
+    record = provenance("merge", {"adapters": adapters_info, "dtype": dtype_arg, "device": str(device),
+                                  "max_shard_size": str(max_shard_size)},
+                        inputs={"base": base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(parsed)}})
+    extra_files, extra_texts = _config_texts(ckpt, target)
+    entries: list[TensorMerge] = []
+    with CheckpointWriter(out, specs, inputs=[ckpt.root, *(p for p, _ in parsed)], max_shard_size=max_shard_size,
+                          metadata=safetensors_metadata(record), extra_files=extra_files,
+                          extra_texts={**extra_texts, PROVENANCE_FILE: provenance_file_text(record)},
+                          overwrite=overwrite) as writer:
+        for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
+            info = ckpt.info(name)
+            if name in plan.targets:
+                tensor, entry = _merge_tensor(ckpt, plan, name, dtypes[name], device)
+                writer.write(name, tensor)
+                entries.append(entry)
+            elif dtypes[name] != info.dtype:
+                writer.write(name, ckpt.get(name).to(torch_dtype(dtypes[name])))
+                entries.append(TensorMerge(name, "cast only", "", dtypes[name], info.numel, 0, 0, 0.0, 0.0))
+            else:
+                writer.copy_from(ckpt, name)
+        report = _report(ckpt, plan, adapters_info, out, dtype_arg, device, entries, specs, writer, started,
+                         precision_report)
+        writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary(report))
+    if precision_report is not None:
+        Path(precision_report).write_text(json.dumps(_precision_payload(report), indent=2) + "\n", "utf-8")
+    return report
+
+
+def _report(ckpt: Checkpoint, plan: MergePlan, adapters_info: list[dict[str, Any]], out: str | os.PathLike[str],
+            dtype_arg: str, device: torch.device, entries: list[TensorMerge], specs: list[TensorSpec],
+            writer: CheckpointWriter, started: float, precision_report: str | os.PathLike[str] | None) -> MergeReport:
+    count = lambda action: sum(1 for e in entries if e.action == action)  # noqa: E731
+    return MergeReport(
+        base=str(ckpt.root), adapters=adapters_info, output=str(out), dtype=dtype_arg, device=str(device),
+        tensors=len(specs), merged=count("merged"), replaced=count("replaced"), cast_only=count("cast only"),
+        copied=len(specs) - len(entries), bytes_written=sum(s.nbytes for s in specs), shards=writer.shard_files,
+        seconds=time.perf_counter() - started, warnings=[e.warning for e in entries if e.warning],
+        entries=entries, precision_report=str(precision_report) if precision_report is not None else None,
+    )
+
+
+def _summary(report: MergeReport) -> dict[str, Any]:
+    keys = ("adapters", "dtype", "device", "tensors", "merged", "replaced", "cast_only", "copied", "warnings")
+    return {k: getattr(report, k) for k in keys}
+
+
+def _precision_payload(report: MergeReport) -> dict[str, Any]:
+    rows = [asdict(e) for e in report.entries if e.action != "cast only"]
+    return {"base": report.base, "adapters": report.adapters, "output": report.output, "dtype": report.dtype,
+            "columns": {"lost_fraction": "||round(W+dW) - (W+dW)|| / ||dW||",
+                        "changed": "elements whose stored value differs from the base's"},
+            "tensors": rows, "cast_only": [e.name for e in report.entries if e.action == "cast only"],
+            "warnings": report.warnings}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ from surgeon.workflows.convert import FLOAT_DTYPES
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                      "tok_embeddings.weight", "shared.weight")
-LOST_WARNING = 0.5  # warn when more than half of ‖ΔW‖ is lost to output rounding
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class MergePlan:
     weights: tuple[float, ...]
     targets: dict[str, tuple[MergeOp, ...]]
     vera_projections: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # idx -> key, r, in, out
-    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self, name: str) -> str:
         """'lora(a0)+dora(a1)' for a target, for reports."""
@@ -89,16 +88,20 @@ class _Planner:
             f"(its config names {self.adapter.config.base_model!r}). Merge it onto the model it was trained on."
         )
 
-    def target(self, module: AdapterModule, param: str = "weight") -> str:
-        name = f"{module.path}.{param}"
+    def resolve(self, name: str) -> str | None:
+        """The base tensor for a model-side name; a tied ``lm_head.weight`` is stored as the input embedding."""
         found = self.names.resolve(name, what=self.where)
-        if found is None and param == "weight" and module.path.split(".")[-1] == "lm_head" and \
+        if found is None and name.split(".")[-2:] == ["lm_head", "weight"] and \
                 self.base_config.get("tie_word_embeddings", True):
-            for suffix in _INPUT_EMBEDDINGS:  # lm_head is tied to (stored as) the input embedding
-                found = self.names.resolve(suffix, what=self.where) if suffix in self.names.keys or \
-                    any(k.endswith("." + suffix) for k in self.names.keys) else None
+            for suffix in _INPUT_EMBEDDINGS:
+                found = self.names.resolve(suffix, what=self.where)
                 if found:
                     break
+        return found
+
+    def target(self, module: AdapterModule, param: str = "weight") -> str:
+        name = f"{module.path}.{param}"
+        found = self.resolve(name)
         if found is None:
             first = next(iter(module.tensors.values()))
             raise AdapterError(
@@ -221,9 +224,13 @@ class _Planner:
         rows, cols = self.shape(l_name)
         target = self.target(module)
         stored = self.base.info(target).shape
-        feedforward = rows == 1 and cols != 1 or (rows == cols == 1 and stored[-1] == 1 and stored[0] != 1)
-        other = stored[1] if (stored[0] == max(rows, cols)) else stored[0]
-        out_in = (other, cols) if feedforward else (rows, other)
+        feedforward = rows == 1 and cols != 1  # (1 × in) scales inputs, (out × 1) scales outputs
+        known = cols if feedforward else rows
+        if len(stored) != 2 or known not in stored:
+            raise self.fail_shape(l_name, (rows, cols), target)
+        linear_pos = 1 if feedforward else 0  # where a Linear (out × in) stores the known dimension
+        other = stored[1 - linear_pos] if stored[linear_pos] == known else stored[linear_pos]
+        out_in = (other, known) if feedforward else (known, other)
         fifo = self.orientation(target, out_in, l_name)
         plan = [(target, self.op("ia3", module, ["ia3_l"], fan_in_fan_out=fifo))]
         bias = self.names.resolve(f"{module.path}.bias", what=self.where)
@@ -271,6 +278,23 @@ class _Planner:
         fifo = self.orientation(target, out_in, a)
         return [(target, self.op("hira", module, roles, fan_in_fan_out=fifo))]
 
+    def vera_shared(self, planned: list[tuple[str, MergeOp]], shared: dict[str, str]
+                    ) -> tuple[list[tuple[str, MergeOp]], tuple[int, int, int, int] | None]:
+        """Attach VeRA's shared projections: saved ones (checked), else the seed to regenerate them."""
+        r = int(self.adapter.config.r or 0)
+        out = max(o for o, _ in self.vera_dims)
+        inn = max(i for _, i in self.vera_dims)
+        if "vera_A" in shared and "vera_B" in shared:
+            a_shape, b_shape = self.shape(shared["vera_A"]), self.shape(shared["vera_B"])
+            if a_shape[0] != r or a_shape[1] < inn or b_shape[0] < out or b_shape[1] != r:
+                raise AdapterError(
+                    f"{self.where}: shared projections vera_A {list(a_shape)} / vera_B {list(b_shape)} do not cover rank "
+                    f"{r} and the targeted modules (up to {out} x {inn}); the adapter belongs to a different model."
+                )
+            extra = {"vera_A": shared["vera_A"], "vera_B": shared["vera_B"]}
+            return [(t, replace(op, tensors={**op.tensors, **extra})) for t, op in planned], None
+        return planned, (int(self.cfg.get("projection_prng_key", 0)), r, inn, out)
+
     def _no_conv(self, module: AdapterModule, *roles: str) -> None:
         for role in roles:
             if role in module.tensors:
@@ -283,7 +307,7 @@ class _Planner:
         """Whole-tensor replacements: modules_to_save, trained biases, saved base_layer copies."""
         plan = []
         for full in adapter_layout(self.adapter.weights).full:
-            target = self.names.resolve(full.name, what=self.where)
+            target = self.resolve(full.name)
             if target is None:
                 raise AdapterError(
                     f"{self.where}: adapter tensor {full.source!r} replaces {full.name!r}, which the base {self.base.root} "
@@ -307,3 +331,52 @@ _ROLES: dict[str, set[str]] = {
     "LOKR": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
     "HIRA": {"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"},
 }
+
+
+def refuse_quantized_base(base: Checkpoint) -> None:
+    """Merging into quantized codes would lose the adapter: ask for the unquantized base."""
+    quant = (base.config() or {}).get("quantization_config")
+    four_bit = any(k.endswith((".absmax", ".quant_map", "bitsandbytes__nf4", "bitsandbytes__fp4")) for k in base.keys())
+    if four_bit or (isinstance(quant, dict) and (quant.get("load_in_4bit") or quant.get("bnb_4bit_quant_type"))):
+        raise AdapterError(
+            f"{base.root}: the base is stored quantized to 4 bits (bitsandbytes); a float ΔW cannot be added to 4-bit "
+            "codes without re-quantizing away most of it. Merge into the unquantized model the 4-bit one was made from "
+            "(bf16/fp16/fp32), e.g. the base_model_name_or_path of a QLoRA adapter."
+        )
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise AdapterError(
+            f"{base.root}: the base is stored quantized (quant_method {method!r}); merging into quantized weights is not "
+            "supported. Merge into the unquantized model (bf16/fp16/fp32) instead."
+        )
+
+
+def plan_adapter_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter, float]]) -> MergePlan:
+    """Plan merging ``adapters`` (each with its weight, applied in order) into ``base``; headers only."""
+    refuse_quantized_base(base)
+    names = BaseNames(base.keys())
+    steps: dict[str, list[MergeOp]] = {}
+    vera: dict[int, tuple[int, int, int, int]] = {}
+    for idx, (adapter, weight) in enumerate(adapters):
+        check_mergeable(adapter)
+        if not math.isfinite(weight):
+            raise SurgeonError(f"{adapter.folder}: adapter weight {weight} is not a finite number; give e.g. ADAPTER:0.5.")
+        planner = _Planner(base, names, adapter, idx, float(weight))
+        layout = adapter_layout(adapter.weights)
+        planned = planner.plan_full()  # base_layer copies first: later ops act on the saved base
+        planned.sort(key=lambda step: step[1].kind != "base_layer")
+        for module in layout.modules.values():
+            planned += planner.plan_module(module)
+        if adapter.config.peft_type == "VERA" and planner.vera_dims:
+            planned, spec = planner.vera_shared(planned, layout.shared)
+            if spec is not None:
+                vera[idx] = spec
+        if not planned and not layout.modules:
+            raise AdapterError(
+                f"{adapter.folder}: the adapter holds no tensor surgeon recognizes as a {adapter.config.peft_type} "
+                "factor or a saved module; it is empty or not a PEFT adapter."
+            )
+        for target, op in planned:
+            steps.setdefault(target, []).append(op)
+    targets = {name: tuple(steps[name]) for name in base.keys() if name in steps}
+    return MergePlan(tuple(a for a, _ in adapters), tuple(float(w) for _, w in adapters), targets, vera)

@@ -166,8 +166,9 @@ def push_folder(
     local = validate_folder(folder)
     root, branch = Path(folder), revision or "main"
     try:
-        return _push(root, local, repo_id, private=private, branch=branch, create_pr=create_pr,
-                     message=commit_message, token=tok)
+        with hub.hf_progress_bars():
+            return _push(root, local, repo_id, private=private, branch=branch, create_pr=create_pr,
+                         message=commit_message, token=tok)
     except SurgeonError as exc:
         raise type(exc)(hub.redact(str(exc), tok)) from None
     except Exception as exc:
@@ -179,7 +180,6 @@ def _push(root: Path, local: list[LocalFile], repo_id: str, *, private: bool, br
     from huggingface_hub import CommitOperationAdd
 
     api = hub.api(token)
-    hub.with_retries(lambda: api.whoami(token=token))
     created = _ensure_repo(api, repo_id, private)
     parent, remote_files = _ensure_branch(api, repo_id, branch)
     card = render_card(root, repo_id=repo_id, existing=_existing_card(api, repo_id, parent, local, remote_files))

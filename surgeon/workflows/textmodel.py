@@ -29,8 +29,11 @@ IGNORE_INDEX = -100
 
 def quiet_transformers() -> None:
     """Silence transformers/peft load reports and their own progress bars (surgeon shows its own)."""
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -184,9 +187,11 @@ class Encoded:
     token_type_ids: bool
 
 
-def encode_classification(tokenizer: Any, texts: Sequence[str], label_ids: Sequence[int], max_length: int) -> Encoded:
+def encode_texts(tokenizer: Any, texts: Sequence[str], label_ids: Sequence[int], max_length: int, *,
+                 token_types: bool) -> Encoded:
+    """Texts with the tokenizer's special tokens; ``label_ids`` one class index per text (or empty)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    return Encoded(list(enc["input_ids"]), list(label_ids), "token_type_ids" in enc)
+    return Encoded(list(enc["input_ids"]), list(label_ids), token_types)
 
 
 def encode_causal(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Encoded:
@@ -285,3 +290,23 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    """The surgeon_provenance.json of an output folder ({} when absent or unreadable)."""
+    from surgeon.provenance import PROVENANCE_FILE
+
+    path = folder / PROVENANCE_FILE
+    try:
+        body = json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def accepts_token_types(model: Any) -> bool:
+    """Whether the underlying transformers model's forward takes token_type_ids (BERT does, Llama does not)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "token_type_ids" in inspect.signature(inner.forward).parameters

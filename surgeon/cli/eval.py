@@ -1,0 +1,54 @@
+"""`surgeon eval MODEL --data FILE --task T`."""
+
+from __future__ import annotations
+
+import click
+
+from surgeon.cli.common import emit_json, global_options, json_option
+from surgeon.workflows.evaluate import EvalReport, evaluate
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--adapter", help="A PEFT adapter to apply to MODEL (MODEL may also be the adapter folder itself).")
+@click.option("--data", required=True, help=".jsonl or .csv: text + label (classification), text or prompt/completion.")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]),
+              help="classification: accuracy with the trained head; causal-lm: token loss and perplexity "
+                   "(masked-LM loss for encoders with an MLM head).")
+@click.option("--drift-from", "drift_from", help="Base model: mean cosine of MODEL's sentence embeddings to the base's.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masked-LM token choice.")
+@json_option
+@global_options
+def command(model: str, as_json: bool, **kwargs: object) -> None:
+    """Measure task skill (accuracy, loss, perplexity) and forgetting (embedding drift).
+
+    \b
+    Example:
+      surgeon eval ./minilm-full --data eval.jsonl --task classification
+      surgeon eval ./all-MiniLM-L6-v2 --adapter ./minilm-lora-r16 --data eval.jsonl --task classification
+      surgeon eval ./minilm-full --data texts.jsonl --drift-from ./all-MiniLM-L6-v2 --json
+    """
+    report = evaluate(model, **kwargs)  # type: ignore[arg-type]
+    if as_json:
+        emit_json("eval", report.to_dict())
+        return
+    render(report)
+
+
+def render(r: EvalReport) -> None:
+    target = r.model + (f" + {r.adapter}" if r.adapter else "")
+    click.echo(f"{target} on {r.data} ({r.device}, {r.wall_time_s:.1f} s)")
+    m = r.metrics
+    if m is not None and m.kind == "classification":
+        click.echo(f"  accuracy:    {100 * (m.accuracy or 0):.2f}% of {m.examples} examples")
+        click.echo(f"  loss:        {m.loss:.4f} (mean cross-entropy)")
+    elif m is not None:
+        name = "masked-LM loss" if m.kind == "masked-lm" else "token loss"
+        click.echo(f"  {name}:  {m.loss:.4f} over {m.tokens} tokens ({m.examples} examples)")
+        click.echo(f"  perplexity:  {m.perplexity:.3f}" + (" (pseudo-perplexity of masked tokens)" if m.kind == "masked-lm" else ""))
+    if r.drift is not None:
+        d = r.drift
+        click.echo(f"  drift from {d.base}: mean cosine {d.mean_cosine:.4f} (min {d.min_cosine:.4f}) over {d.texts} texts")

@@ -1,0 +1,314 @@
+"""`surgeon eval`: task skill and forgetting of a model or base + adapter.
+
+- classification: accuracy and mean cross-entropy with the trained head;
+- causal-lm: mean token loss and perplexity exp(loss) over completion tokens
+  (decoders), or masked-LM loss over a fixed 15% of tokens (encoders with an
+  MLM head);
+- drift: mean cosine between the model's and the base's sentence embeddings
+  (mean-pooled last hidden states) on the same texts, a forgetting measure for
+  encoders without an LM head.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surgeon.errors import AdapterError, CheckpointFormatError, SurgeonError
+from surgeon.io.adapter import Adapter, is_adapter_folder
+from surgeon.io.data import TaskData, load_task_data
+from surgeon.io.resolve import resolve_path
+from surgeon.progress import progress
+from surgeon.workflows.textmodel import (
+    IGNORE_INDEX, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
+    load_task_model, load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance,
+)
+
+MASK_FRACTION = 0.15
+_HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """kind: classification | causal-lm | masked-lm. loss: mean cross-entropy (per example or per token)."""
+
+    kind: str
+    examples: int
+    loss: float
+    accuracy: float | None = None
+    perplexity: float | None = None
+    tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Cosine between the model's and the base's mean-pooled embeddings of each text (1.0 = unchanged)."""
+
+    base: str
+    texts: int
+    mean_cosine: float
+    min_cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    model: str
+    adapter: str | None
+    data: str
+    task: str | None
+    device: str
+    metrics: TaskMetrics | None
+    drift: DriftReport | None
+    labels: list[str] | None
+    wall_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- metrics on a loaded model (shared with finetune) ---------------------------------------------
+
+@torch.no_grad()
+def classification_metrics(model: Any, tokenizer: Any, data: TaskData, labels: list[str], *, batch_size: int,
+                           max_length: int, device: torch.device) -> TaskMetrics:
+    """Accuracy and mean cross-entropy of the argmax over the head's logits (labels indexed as ``labels``)."""
+    enc = encode_texts(tokenizer, data.texts, data.label_ids(labels), max_length, token_types=accepts_token_types(model))
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for batch in progress(batches(enc, range(len(data)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                  device=device), total=math.ceil(len(data) / batch_size), desc="eval", unit="batch"):
+        target = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+    return TaskMetrics("classification", len(data), loss_sum / len(data), accuracy=correct / len(data))
+
+
+@torch.no_grad()
+def causal_metrics(model: Any, tokenizer: Any, data: TaskData, *, batch_size: int, max_length: int,
+                   device: torch.device) -> TaskMetrics:
+    """Mean next-token cross-entropy over completion (or all text) tokens, and its perplexity."""
+    enc = encode_causal(tokenizer, data.examples, max_length)
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in progress(batches(enc, range(len(data)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                  device=device), total=math.ceil(len(data) / batch_size), desc="eval", unit="batch"):
+        target = batch.pop("labels")[:, 1:]
+        logits = model(**batch).logits[:, :-1].float()
+        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          ignore_index=IGNORE_INDEX, reduction="sum"))
+        tokens += int((target != IGNORE_INDEX).sum())
+    return _lm_result("causal-lm", len(data), loss_sum, tokens)
+
+
+def _lm_result(kind: str, examples: int, loss_sum: float, tokens: int) -> TaskMetrics:
+    if tokens == 0:
+        raise SurgeonError("the evaluation data has no tokens to predict after truncation; raise --max-length.")
+    loss = loss_sum / tokens
+    return TaskMetrics(kind, examples, loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens)
+
+
+def mask_tokens(ids: list[int], special: set[int], mask_id: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Mask round(15%) (at least one) of the non-special positions: (masked ids, labels)."""
+    candidates = [i for i, t in enumerate(ids) if t not in special]
+    labels = [IGNORE_INDEX] * len(ids)
+    if not candidates:
+        return list(ids), labels
+    count = max(1, round(MASK_FRACTION * len(candidates)))
+    chosen = torch.randperm(len(candidates), generator=generator)[:count].tolist()
+    masked = list(ids)
+    for c in chosen:
+        pos = candidates[c]
+        labels[pos], masked[pos] = ids[pos], mask_id
+    return masked, labels
+
+
+@torch.no_grad()
+def masked_lm_metrics(model: Any, tokenizer: Any, data: TaskData, *, batch_size: int, max_length: int,
+                      device: torch.device, seed: int = 0) -> TaskMetrics:
+    """Masked-LM cross-entropy over a fixed (seeded) 15% of each text's tokens."""
+    if tokenizer.mask_token_id is None:
+        raise CheckpointFormatError("the tokenizer has no mask token, so masked-LM loss cannot be measured.")
+    enc = encode_texts(tokenizer, data.texts, [], max_length, token_types=accepts_token_types(model))
+    special = set(tokenizer.all_special_ids)
+    generator = torch.Generator().manual_seed(seed)
+    pairs = [mask_tokens(ids, special, tokenizer.mask_token_id, generator) for ids in enc.input_ids]
+    enc = type(enc)([p[0] for p in pairs], [p[1] for p in pairs], enc.token_type_ids)
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in progress(batches(enc, range(len(data)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                  device=device), total=math.ceil(len(data) / batch_size), desc="eval", unit="batch"):
+        target = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          ignore_index=IGNORE_INDEX, reduction="sum"))
+        tokens += int((target != IGNORE_INDEX).sum())
+    return _lm_result("masked-lm", len(data), loss_sum, tokens)
+
+
+@torch.no_grad()
+def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int, max_length: int,
+                        device: torch.device) -> torch.Tensor:
+    """Mean-pooled last hidden states, float32 (n_texts × hidden), as sentence-transformers pools MiniLM."""
+    backbone = model.base_model
+    enc = encode_texts(tokenizer, texts, [], max_length, token_types=accepts_token_types(backbone))
+    backbone.eval()
+    out = []
+    for batch in progress(batches(enc, range(len(texts)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                  device=device), total=math.ceil(len(texts) / batch_size), desc="embed", unit="batch"):
+        hidden = backbone(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
+    return torch.cat(out)
+
+
+# -- the workflow ---------------------------------------------------------------------------------
+
+def trained_labels(model_path: Path, adapter_path: Path | None, config: dict[str, Any]) -> list[str]:
+    """The label names a classifier was trained with (surgeon provenance, config id2label, or head size)."""
+    if adapter_path is not None:
+        report = read_provenance(adapter_path).get("report") or {}
+        if report.get("labels"):
+            return [str(x) for x in report["labels"]]
+        with Adapter.open(adapter_path) as adapter:
+            for key in adapter.weights.keys():
+                if key.endswith(_HEAD_SUFFIXES):
+                    return [str(i) for i in range(adapter.weights.info(key).shape[0])]
+        raise AdapterError(
+            f"{adapter_path}: holds no classification head (modules_to_save); it was not trained with "
+            "--task classification. Use --task causal-lm or --drift-from."
+        )
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        raise CheckpointFormatError(f"{model_path}: config.json has no id2label, so it is not a trained classifier.")
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def load_for_eval(model_path: Path, adapter_path: Path | None, kind: str, *, labels: list[str] | None,
+                  device: torch.device, pad_token_id: int | None) -> Any:
+    """The model (plus adapter, unmerged) ready to evaluate; refuses randomly initialized heads."""
+    model, fresh = load_task_model(model_path, kind, labels=labels, device=device, kind=kind, pad_token_id=pad_token_id)
+    fresh = [m for m in fresh if ".pooler" not in f".{m}" or kind != "encoder"]
+    saved: list[str] = []
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        saved = list(Adapter.open(adapter_path).config.modules_to_save or [])
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise AdapterError(
+                f"{adapter_path}: does not fit {model_path} ({str(exc).splitlines()[0]}); give the base it was trained on."
+            ) from None
+        model.to(device)
+    uncovered = [m for m in fresh if not any(m == s or m.endswith("." + s) or m.startswith(s + ".") for s in saved)]
+    if uncovered:
+        what = {"classification": "classification head", "masked-lm": "masked-LM head"}.get(kind, "weights")
+        hint = {"classification": "give a model fine-tuned with --task classification or its adapter with --adapter",
+                "masked-lm": "for an encoder without an LM head measure forgetting with --drift-from BASE"}.get(
+                    kind, "give a complete model folder")
+        raise CheckpointFormatError(
+            f"{adapter_path or model_path}: has no trained {what} ({', '.join(uncovered[:3])} would be random); {hint}."
+        )
+    model.eval()
+    return model
+
+
+def _split_model_arg(model: str | os.PathLike[str], adapter: str | os.PathLike[str] | None) -> tuple[Path, Path | None]:
+    """MODEL may itself be an adapter folder whose base_model_name_or_path exists locally."""
+    model_path = resolve_path(model)
+    adapter_path = resolve_path(adapter) if adapter is not None else None
+    if adapter_path is None and is_adapter_folder(model_path):
+        base = Adapter.open(model_path).config.base_model
+        if not base or not Path(base).exists():
+            raise AdapterError(
+                f"{model_path}: is an adapter whose base ({base or 'not recorded'}) is not a local folder; "
+                "pass the base as MODEL and the adapter with --adapter."
+            )
+        return Path(base), model_path
+    return model_path, adapter_path
+
+
+def evaluate(
+    model: str | os.PathLike[str], *, data: str | os.PathLike[str], task: str | None = None,
+    adapter: str | os.PathLike[str] | None = None, drift_from: str | os.PathLike[str] | None = None,
+    batch_size: int = 32, max_length: int = 128, device: str = "auto", seed: int = 0,
+) -> EvalReport:
+    """Measure ``task`` skill on ``data`` and/or embedding drift from ``drift_from``."""
+    if task is None and drift_from is None:
+        raise SurgeonError("nothing to measure; give --task classification|causal-lm, --drift-from BASE, or both.")
+    if batch_size < 1 or max_length < 2:
+        raise SurgeonError(f"--batch-size must be >= 1 and --max-length >= 2 (got {batch_size}, {max_length}).")
+    quiet_transformers()
+    clock = Stopwatch()
+    model_path, adapter_path = _split_model_arg(model, adapter)
+    config = read_model_config(model_path)
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(*([adapter_path] if adapter_path else []), model_path)
+    sizes = dict(batch_size=batch_size, max_length=max_length, device=dev)
+    metrics, labels = None, None
+    if task == "classification":
+        labels = trained_labels(model_path, adapter_path, config)
+        dataset = load_task_data(data, task, labels=labels)
+        net = load_for_eval(model_path, adapter_path, task, labels=labels, device=dev, pad_token_id=tokenizer.pad_token_id)
+        metrics = classification_metrics(net, tokenizer, dataset, labels, **sizes)
+    elif task is not None:
+        dataset = load_task_data(data, task)
+        kind = "causal-lm" if is_decoder_config(config) else "masked-lm"
+        net = load_for_eval(model_path, adapter_path, kind, labels=None, device=dev, pad_token_id=tokenizer.pad_token_id)
+        metrics = (causal_metrics(net, tokenizer, dataset, **sizes) if kind == "causal-lm"
+                   else masked_lm_metrics(net, tokenizer, dataset, seed=seed, **sizes))
+    drift = None
+    if drift_from is not None:
+        drift = embedding_drift(model_path, adapter_path, drift_from, data=data, config=config, tokenizer=tokenizer, **sizes)
+    return EvalReport(str(model), str(adapter) if adapter else None, str(data), task, str(dev), metrics, drift,
+                      labels, clock.seconds)
+
+
+def _encoder_kind(adapter_path: Path | None, config: dict[str, Any]) -> tuple[str, list[str] | None]:
+    """Which head to load so that an adapter's weights find their modules (it is merged away after)."""
+    if adapter_path is None:
+        return "encoder", None
+    task_type = Adapter.open(adapter_path).config.raw.get("task_type")
+    if task_type == "SEQ_CLS":
+        return "classification", trained_labels(Path(), adapter_path, config)
+    if task_type == "CAUSAL_LM":
+        return "causal-lm", None
+    return "encoder", None
+
+
+def embedding_drift(model_path: Path, adapter_path: Path | None, base: str | os.PathLike[str], *,
+                    data: str | os.PathLike[str], config: dict[str, Any], tokenizer: Any, batch_size: int,
+                    max_length: int, device: torch.device) -> DriftReport:
+    """Mean and min cosine between the model's and the base's sentence embeddings of the texts in ``data``."""
+    base_path = resolve_path(base)
+    read_model_config(base_path)
+    texts = load_task_data(data, "causal-lm").texts
+    kind, labels = _encoder_kind(adapter_path, config)
+    net = load_for_eval(model_path, adapter_path, kind, labels=labels, device=device, pad_token_id=tokenizer.pad_token_id)
+    if adapter_path is not None:
+        net = net.merge_and_unload()
+    sizes = dict(batch_size=batch_size, max_length=max_length, device=device)
+    tuned = sentence_embeddings(net, tokenizer, texts, **sizes)
+    del net
+    reference = load_for_eval(base_path, None, "encoder", labels=None, device=device, pad_token_id=tokenizer.pad_token_id)
+    original = sentence_embeddings(reference, tokenizer, texts, **sizes)
+    if tuned.shape != original.shape:
+        raise CheckpointFormatError(
+            f"{base_path}: its embeddings are {tuple(original.shape)[1]}-dimensional but the model's are "
+            f"{tuple(tuned.shape)[1]}; --drift-from needs the model's own base."
+        )
+    cos = F.cosine_similarity(tuned.double(), original.double(), dim=-1)
+    return DriftReport(str(base), len(texts), float(cos.mean()), float(cos.min()))
