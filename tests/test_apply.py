@@ -30,6 +30,16 @@ def tau(finetuned, tiny_llama, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def lora_free_tuned(tiny_llama, tmp_path_factory):
+    """The base with only model.norm.weight changed (to 2.0)."""
+    weights = load_file(tiny_llama / "model.safetensors")
+    weights["model.norm.weight"] = torch.full((32,), 2.0)
+    out = tmp_path_factory.mktemp("one") / "model.safetensors"
+    save_file(weights, out)
+    return out
+
+
 def _weights(folder):
     return load_file(folder / "model.safetensors")
 
@@ -54,6 +64,15 @@ def test_lambda_zero_copies_the_base_byte_for_byte(tiny_llama, tau, tmp_path):
     with Checkpoint.open(tmp_path / "out") as out, Checkpoint.open(tiny_llama) as base:
         assert out.keys() == base.keys()
         assert all(out.read_raw(n) == base.read_raw(n) for n in base.keys())
+
+
+def test_zero_tensors_of_diff_all_leave_the_base_untouched(tiny_llama, lora_free_tuned, tmp_path):
+    diff_checkpoints(lora_free_tuned, tiny_llama, tmp_path / "tau", all_tensors=True, ranks=False)
+    report = apply_task_vectors(tiny_llama, [tmp_path / "tau"], tmp_path / "out")
+    assert (report.computed, report.copied) == (1, 20)
+    with Checkpoint.open(tmp_path / "out") as out, Checkpoint.open(tiny_llama) as base:
+        assert all(out.read_raw(n) == base.read_raw(n) for n in base.keys() if n != "model.norm.weight")
+    assert torch.equal(_weights(tmp_path / "out")["model.norm.weight"], torch.full((32,), 2.0))
 
 
 def test_bf16_finetune_is_reproduced_bit_for_bit(tiny_llama_bf16, finetuned, tmp_path):

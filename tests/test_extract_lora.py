@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from _diff_helpers import full_finetune, load_causal_lm, make_lora_adapter, merge_with_peft
 from surgeon.cli.main import cli
+from surgeon.ops.lora_extract import choose_rank, factorize
 from surgeon.workflows.extract_lora import extract_lora
 
 
@@ -66,6 +67,25 @@ def test_rank_below_true_rank_reports_truncation(tiny_llama, lora_merged, tmp_pa
     for m in report.modules:
         assert m.rank == 2 and m.energy < 1.0
         assert m.relative_error == pytest.approx((1 - m.energy) ** 0.5, rel=1e-3)  # Eckart–Young
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_factors_match_truncated_svd_reference(shape):
+    torch.manual_seed(0)
+    delta = torch.randn(shape[0], 6) @ torch.randn(6, shape[1]) + 1e-3 * torch.randn(*shape)
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    for k in (1, 3, 6, 10):
+        f = factorize(delta, rank=k)
+        reference = (u[:, :k] * s[:k]) @ vh[:k]
+        assert f.A.shape == (k, shape[1]) and f.B.shape == (shape[0], k)
+        assert float((f.B.double() @ f.A.double() - reference).norm() / reference.norm()) < 1e-6
+        assert torch.allclose(f.singular_values, s, rtol=1e-9, atol=1e-9)
+        # B = U√S, A = √S Vᵀ: both factors carry the same singular-value weight
+        assert torch.allclose(f.B.norm(dim=0), f.A.norm(dim=1), rtol=1e-4)
+    sigma = torch.tensor([3.0, 1.0, 0.0])  # energies 9, 1, 0 of 10
+    assert [choose_rank(sigma, energy=e) for e in (0.5, 0.9, 0.95, 1.0)] == [1, 1, 2, 2]
+    assert choose_rank(sigma, rank=5) == 3 and choose_rank(sigma, energy=1.0, max_rank=1) == 1
+    assert choose_rank(torch.zeros(3), rank=2) == 0
 
 
 def test_energy_gives_per_module_ranks_that_peft_honours(tiny_llama, llama_ft, tmp_path):

@@ -130,8 +130,7 @@ def test_local_path_wins_and_bad_paths_keep_their_message(fake_hub: FakeHub, tin
     assert resolve_path("org/name") == Path("org/name")
     with pytest.raises(CheckpointNotFoundError) as err:
         resolve_path("./missing/model")
-    assert str(err.value) == ("./missing/model: no such file or folder; check the path, or give a Hub model as "
-                              "org/name[@revision].")
+    assert str(err.value) == "./missing/model: no such file or folder; check the path."
     assert fake_hub.log == []
 
 
@@ -216,3 +215,19 @@ def test_rejected_token_is_never_printed(fake_hub: FakeHub, tiny_llama: Path, mo
     )
     assert secret not in result.output
     assert not [r.name for r in caplog.records if secret in r.getMessage() and not r.name.startswith("httpcore")]
+
+
+def test_adapter_repo(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "lora")
+    files = folder_files(tmp_path / "lora")
+    fake_hub.add_repo("org/lora", {**files, "adapter_model.bin": b"pickle", "optimizer.pt": b"pickle"})
+    result = CliRunner().invoke(cli, ["inspect", "org/lora", "--json"])
+    assert result.exit_code == 0, result.output
+    adapter = json.loads(result.stdout)["adapter"]
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    assert resolved_files(fake_hub) == set(files)

@@ -107,7 +107,7 @@ def test_precision_report_measures_a_vanishing_delta(tiny_llama_bf16, tmp_path):
     assert len(report.warnings) == 2
     wide = merge(tiny_llama_bf16, [adapter], tmp_path / "wide", dtype="fp32")
     assert not wide.warnings
-    assert all(e.lost_fraction == 0 and e.changed == e.delta_nonzero for e in wide.entries if e.action == "merged")
+    assert all(e.lost_fraction == 0 and e.changed == e.numel for e in wide.entries if e.action == "merged")
 
 
 def test_non_finite_result_is_an_error_naming_the_tensor(tiny_llama, tmp_path):

@@ -14,7 +14,7 @@ from _hub_helpers import READ_TOKEN, WRITE_TOKEN, FakeHub, fake_hub, go_offline 
 from surgeon.cli.common import emit_json, global_options, json_option
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.main import SurgeonGroup, cli
-from surgeon.io.model_card import split_front_matter
+from surgeon.io.model_card import render_card, split_front_matter
 from surgeon.workflows.convert import convert_checkpoint
 
 
@@ -324,3 +324,19 @@ def test_failed_push_to_keeps_the_output(fake_hub: FakeHub, tiny_llama: Path, tm
     fake_hub.faults.clear()
     assert push(str(out), "tester/bf16").exit_code == 0
     assert snapshot(out) == before
+
+
+def test_hub_options_revision_and_token_reach_the_download(fake_hub: FakeHub, tiny_llama: Path, tiny_gpt2: Path,
+                                                           tmp_path: Path) -> None:
+    first = fake_hub.add_repo("org/evolving", {p.name: p.read_bytes() for p in tiny_llama.iterdir()}, private=True)
+    fake_hub.add_repo("org/evolving", {p.name: p.read_bytes() for p in tiny_gpt2.iterdir()}, message="swap")
+    out = tmp_path / "old"
+    result = convert_then_push("org/evolving", "-o", str(out), "--revision", first, "--token", READ_TOKEN)
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((out / "surgeon_provenance.json").read_text())
+    assert provenance["inputs"] == {"source": "org/evolving"}
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    card = render_card(out, repo_id="me/old")
+    assert f"| source | [org/evolving]({fake_hub.url}/org/evolving) | {first} | `{first}` |" in card
+    denied = convert_then_push("org/evolving", "-o", str(tmp_path / "denied"))  # the token does not leak across runs
+    assert denied.exit_code == 1 and "it is private and the token cannot see it" in denied.output

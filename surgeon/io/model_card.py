@@ -98,6 +98,9 @@ def _card_input(role: str, arg: str, known: Any) -> CardInput:
     if parsed is None or Path(arg).exists():
         return CardInput(role, arg, None, None, None)
     repo_id, rev = parsed
+    if not isinstance(known, dict) and rev is None:  # fetched by this process (e.g. --push-to): its --revision
+        ref = hub.last_resolved(repo_id)
+        known = {"revision": ref.revision, "commit": ref.commit} if ref is not None else None
     commit = known.get("commit") if isinstance(known, dict) else None
     revision = (known.get("revision") if isinstance(known, dict) else None) or rev or "main"
     return CardInput(role, arg, repo_id, revision, commit or hub.cached_commit(repo_id, revision))

@@ -25,8 +25,6 @@ def resolve_path(arg: str | os.PathLike[str], *, revision: str | None = None, to
 
     parsed = parse_hub_arg(os.fspath(arg))
     if parsed is None:
-        raise CheckpointNotFoundError(
-            f"{arg}: no such file or folder; check the path, or give a Hub model as org/name[@revision]."
-        )
+        raise CheckpointNotFoundError(f"{arg}: no such file or folder; check the path.")
     repo_id, arg_revision = parsed
     return download(repo_id, revision=arg_revision or revision, token=token)

@@ -24,13 +24,13 @@ def _t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 @torch.no_grad()
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False) -> torch.Tensor:
     """ΔW = s·B·A in the base's layout. A: (r × in), B: (out × r); s = α/r (rsLoRA α/√r)."""
-    return _t(lora_B @ lora_A, fan_in_fan_out) * scaling
+    return _t(lora_B @ lora_A, fan_in_fan_out).mul_(scaling)  # in place: same bits as peft's `* scaling`
 
 
 @torch.no_grad()
 def lora_embedding_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """ΔW = s·(B·A)ᵀ for an embedding. A: (r × num_embeddings), B: (dim × r) -> (num_embeddings × dim)."""
-    return (lora_B @ lora_A).T * scaling
+    return (lora_B @ lora_A).T.mul_(scaling)
 
 
 @torch.no_grad()

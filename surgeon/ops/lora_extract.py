@@ -3,6 +3,11 @@
 For τ (out × in) = U·S·Vᵀ, the rank-k factors are B = U_k·√S_k (out × k) and
 A = √S_k·V_kᵀ (k × in), so that B·A is the best rank-k approximation of τ
 (Eckart–Young) and, with alpha = k, PEFT's scaling alpha/r is 1.
+
+The decomposition comes from the float64 Gram matrix of the shorter side (an
+eigendecomposition of n × n instead of an SVD of out × in): with V_k from
+τᵀτ = V·S²·Vᵀ, U_k·S_k = τ·V_k, so B = τ·V_k/√S_k and A = √S_k·V_kᵀ (and the
+mirror image when out < in). In float64 this is accurate far beyond float32.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.ops.task_vector import energy_rank
+from surgeon.ops.task_vector import energy_rank, gram
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,7 @@ class LoraFactors:
     """A (k × in) and B (out × k), float32 on CPU; errors relative to ‖τ‖_F.
 
     ``relative_error`` = ‖τ − B·A‖_F / ‖τ‖_F (measured, not inferred from σ);
-    ``energy`` = Σ_{i≤k} σ_i² / Σ σ_i²; ``singular_values``: all of them (float32).
+    ``energy`` = Σ_{i≤k} σ_i² / Σ σ_i²; ``singular_values``: all of them (float64).
     """
 
     A: torch.Tensor
@@ -49,6 +54,20 @@ def choose_rank(
     return k
 
 
+def _project(delta: torch.Tensor, basis: torch.Tensor, *, tall: bool, device: str | torch.device | None,
+             block: int = 4096) -> torch.Tensor:
+    """τ·basis (out × k) when ``tall``, else basisᵀ·τ (k × in); float64, in blocks of τ."""
+    m, n = delta.shape
+    k = basis.shape[1]
+    out = torch.empty((m, k) if tall else (k, n), dtype=torch.float64, device=device)
+    for start in range(0, m if tall else n, block):
+        if tall:
+            out[start : start + block] = delta[start : start + block].to(device, torch.float64) @ basis
+        else:
+            out[:, start : start + block] = basis.T @ delta[:, start : start + block].to(device, torch.float64)
+    return out
+
+
 @torch.no_grad()
 def factorize(
     delta: torch.Tensor,
@@ -57,30 +76,30 @@ def factorize(
     energy: float | None = None,
     max_rank: int | None = None,
     device: str | torch.device | None = None,
-    svd_dtype: torch.dtype = torch.float32,
 ) -> LoraFactors:
-    """Truncated-SVD LoRA factors of ``delta`` (out × in, any float dtype).
-
-    The SVD runs in ``svd_dtype`` on ``device``; the factors come back as float32 on CPU.
-    """
-    work = delta.to(device=device, dtype=svd_dtype)
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    k = choose_rank(s, rank=rank, energy=energy, max_rank=max_rank)
-    root = s[:k].sqrt()
-    b = u[:, :k] * root  # (out × k)
-    a = root[:, None] * vh[:k]  # (k × in)
-    total = float((s.to(torch.float64) ** 2).sum())
-    kept = float((s[:k].to(torch.float64) ** 2).sum())
-    a32 = a.to("cpu", torch.float32)
-    b32 = b.to("cpu", torch.float32)
+    """Truncated-SVD LoRA factors of ``delta`` (out × in, any float dtype), float32 on CPU."""
+    m, n = delta.shape
+    tall = m >= n
+    eigenvalues, vectors = torch.linalg.eigh(gram(delta, device=device))  # ascending
+    sigma = eigenvalues.flip(0).clamp_min(0.0).sqrt()
+    vectors = vectors.flip(1)
+    k = choose_rank(sigma.cpu(), rank=rank, energy=energy, max_rank=max_rank)
+    root = sigma[:k].sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))  # σ = 0: that direction adds nothing
+    basis = vectors[:, :k]
+    if tall:  # basis = V_k: B = τ·V_k/√σ, A = √σ·V_kᵀ
+        b = _project(delta, basis, tall=True, device=device) * inv_root
+        a = root[:, None] * basis.T
+    else:  # basis = U_k: B = U_k·√σ, A = U_kᵀ·τ/√σ
+        b = basis * root
+        a = inv_root[:, None] * _project(delta, basis, tall=False, device=device)
+    a32, b32 = a.to("cpu", torch.float32).contiguous(), b.to("cpu", torch.float32).contiguous()
+    s64 = sigma.to("cpu")
+    total = float((s64**2).sum())
     d32 = delta.to("cpu", torch.float32)
     norm = float(torch.linalg.vector_norm(d32))
     residual = float(torch.linalg.vector_norm(d32 - b32 @ a32)) if k else norm
     return LoraFactors(
-        A=a32.contiguous(),
-        B=b32.contiguous(),
-        rank=k,
-        relative_error=residual / norm if norm > 0 else 0.0,
-        energy=kept / total if total > 0 else 1.0,
-        singular_values=s.to("cpu", torch.float32),
+        A=a32, B=b32, rank=k, relative_error=residual / norm if norm > 0 else 0.0,
+        energy=float((s64[:k] ** 2).sum()) / total if total > 0 else 1.0, singular_values=s64,
     )

@@ -174,23 +174,32 @@ def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
 
 
 @torch.no_grad()
-def singular_values(delta: torch.Tensor, *, device: str | torch.device | None = None, block: int = 4096) -> torch.Tensor:
-    """All min(m, n) singular values of a 2-D ``delta``, descending, float64 on CPU.
-
-    Computed as √eig of the float64 Gram matrix of the shorter side, accumulated over
-    blocks of ``block`` rows (or columns) so that only one block is ever in float64.
-    Squaring in float64 puts the error floor near √eps_fp64·σ₁ ≈ 1.5e-8·σ₁, far below
-    the rank tolerance max(m, n)·eps_fp32·σ₁, at a fraction of an SVD's cost.
-    """
+def gram(delta: torch.Tensor, *, device: str | torch.device | None = None, block: int = 4096) -> torch.Tensor:
+    """float64 Gram matrix of the shorter side of a 2-D ``delta`` (m × n): τᵀτ (n × n) when
+    m ≥ n, else ττᵀ (m × m), accumulated over blocks of ``block`` rows (or columns) so that
+    only one block is ever held in float64."""
     m, n = delta.shape
     tall = m >= n
-    size = n if tall else m
-    gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+    out = torch.zeros(n if tall else m, n if tall else m, dtype=torch.float64, device=device)
     for start in range(0, m if tall else n, block):
         part = delta[start : start + block] if tall else delta[:, start : start + block]
         part = part.to(device=device, dtype=torch.float64)
-        gram.addmm_(part.T, part) if tall else gram.addmm_(part, part.T)
-    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+        if tall:
+            out.addmm_(part.T, part)
+        else:
+            out.addmm_(part, part.T)
+    return out
+
+
+@torch.no_grad()
+def singular_values(delta: torch.Tensor, *, device: str | torch.device | None = None) -> torch.Tensor:
+    """All min(m, n) singular values of a 2-D ``delta``, descending, float64 on CPU.
+
+    √eig of the float64 :func:`gram` matrix: squaring in float64 puts the error floor
+    near √eps_fp64·σ₁ ≈ 1.5e-8·σ₁, far below the rank tolerance max(m, n)·eps_fp32·σ₁,
+    at a fraction of an SVD's cost.
+    """
+    eigenvalues = torch.linalg.eigvalsh(gram(delta, device=device))  # ascending
     return eigenvalues.flip(0).clamp_min(0.0).sqrt().to("cpu")
 
 

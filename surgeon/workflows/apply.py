@@ -2,8 +2,8 @@
 
 Each output tensor touched by a task vector is computed in float32 from the
 stored base values and the task vectors, then cast once to the base tensor's
-dtype (or ``dtype``). Tensors no task vector touches, and every tensor when all
-λ are 0, are copied byte for byte (cast only when ``dtype`` asks for it).
+dtype (or ``dtype``). Tensors no task vector touches (absent, all-zero τ, or
+λ = 0) are copied byte for byte (cast only when ``dtype`` asks for it).
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def apply_task_vectors(
         with CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
                               metadata=safetensors_metadata(record), extra_files=b_ckpt.extra_files(),
                               extra_texts={PROVENANCE_FILE: provenance_file_text(record)}) as writer:
-            for name, st, terms in progress(plan, total=len(plan), desc="apply"):
-                _write_one(writer, b_ckpt, name, st, terms)
-        computed = sum(1 for _, _, terms in plan if terms)
-        cast = sum(1 for name, st, terms in plan if not terms and st != b_ckpt.info(name).dtype)
+            computed_names = {name for name, st, terms in progress(plan, total=len(plan), desc="apply")
+                              if _write_one(writer, b_ckpt, name, st, terms)}
+        computed = len(computed_names)
+        cast = sum(1 for name, st, _ in plan if name not in computed_names and st != b_ckpt.info(name).dtype)
         return ApplyReport(
             base=str(base), output=str(out), dtype=target or "auto",
             tasks=[TaskTerm(a, w, len(tv.keys()) if w != 0.0 else 0) for a, tv, w in opened],
@@ -166,14 +166,20 @@ def _plan(base: Checkpoint, active: list[tuple[str, Checkpoint, float]], target:
 
 
 def _write_one(writer: CheckpointWriter, base: Checkpoint, name: str, st: str,
-               terms: list[tuple[float, Checkpoint]]) -> None:
-    if terms:
-        theta = combine(base.get(name), [(w, tv.get(name)) for w, tv in terms])
-        writer.write(name, theta.to(torch_dtype(st)))
+               terms: list[tuple[float, Checkpoint]]) -> bool:
+    """Write one output tensor; True when it was computed, False when copied or only cast.
+
+    A τ that is all zeros (``diff --all`` writes those for identical tensors) is no term,
+    so such a tensor stays byte-identical to the base.
+    """
+    loaded = [(w, d) for w, d in ((w, tv.get(name)) for w, tv in terms) if bool(d.ne(0).any())]
+    if loaded:
+        writer.write(name, combine(base.get(name), loaded).to(torch_dtype(st)))
     elif st == base.info(name).dtype:
         writer.copy_from(base, name)
     else:
         writer.write(name, base.get(name).to(torch_dtype(st)))
+    return bool(loaded)
 
 
 def describe_tasks(report: ApplyReport) -> str:

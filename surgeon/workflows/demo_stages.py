@@ -26,15 +26,17 @@ if TYPE_CHECKING:
 DATA_FILES = ("train.jsonl", "test.jsonl", "probe.jsonl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 HEAD = "classifier"
+# The task is sentiment; forgetting is measured on sentences of other domains (the topic set's texts).
+PACKAGED = {"train": "sentiment_train.jsonl", "test": "sentiment_eval.jsonl", "probe": "topic_train.jsonl"}
 
 
 # -- setup -----------------------------------------------------------------------------------------
 def data_files(folder: Path | None) -> dict[str, Path]:
     """train / test / probe files: from ``folder`` when given, else the set shipped with surgeon."""
     if folder is None:
-        from surgeon.io.demo_data import demo_data_files
+        from surgeon.io.embedded import data_file
 
-        return demo_data_files()
+        return {key: data_file(name) for key, name in PACKAGED.items()}
     found = {name.split(".")[0]: folder / name for name in DATA_FILES}
     missing = [str(p) for p in found.values() if not p.is_file()]
     if missing:
@@ -89,17 +91,12 @@ def setup(run: DemoRun) -> None:
     info = write_task_base(run.base, run.paths["base"], labels, seed=run.settings.seed)
     run.results["model"] = {"name": run.base_name, "path": str(run.base), **info}
     run.results["data"] = {"name": _data_name(files["train"]), "train": len(train), "test": len(test),
-                           "probe": len(probe), "labels": labels}
+                           "probe": len(probe), "labels": labels,
+                           "files": {k: f"{p.parent.name}/{p.name}" for k, p in files.items()}}
 
 
 def _data_name(train: Path) -> str:
-    folder = train.parent
-    readme = folder / "README.md"
-    if readme.is_file():
-        first = readme.read_text("utf-8").strip().splitlines()[0].lstrip("# ").strip()
-        if first:
-            return first
-    return folder.name
+    return train.stem.removesuffix("_train") if train.stem.endswith("_train") else train.parent.name
 
 
 # -- helpers shared by stages -------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def load_for_eval(model_path: Path, adapter_path: Path | None, kind: str, *, lab
     if adapter_path is not None:
         from peft import PeftModel
 
-        saved = list(Adapter.open(adapter_path).config.modules_to_save or [])
+        with Adapter.open(adapter_path) as opened:
+            saved = list(opened.config.modules_to_save or [])
         try:
             model = PeftModel.from_pretrained(model, str(adapter_path))
         except (ValueError, RuntimeError, KeyError) as exc:
@@ -214,6 +215,7 @@ def load_for_eval(model_path: Path, adapter_path: Path | None, kind: str, *, lab
             ) from None
         model.to(device)
     uncovered = [m for m in fresh if not any(m == s or m.endswith("." + s) or m.startswith(s + ".") for s in saved)]
+    uncovered = [m for m in uncovered if not any(m.startswith(other + ".") for other in uncovered)]
     if uncovered:
         what = {"classification": "classification head", "masked-lm": "masked-LM head"}.get(kind, "weights")
         hint = {"classification": "give a model fine-tuned with --task classification or its adapter with --adapter",
@@ -231,7 +233,8 @@ def _split_model_arg(model: str | os.PathLike[str], adapter: str | os.PathLike[s
     model_path = resolve_path(model)
     adapter_path = resolve_path(adapter) if adapter is not None else None
     if adapter_path is None and is_adapter_folder(model_path):
-        base = Adapter.open(model_path).config.base_model
+        with Adapter.open(model_path) as opened:
+            base = opened.config.base_model
         if not base or not Path(base).exists():
             raise AdapterError(
                 f"{model_path}: is an adapter whose base ({base or 'not recorded'}) is not a local folder; "
@@ -281,7 +284,8 @@ def _encoder_kind(adapter_path: Path | None, config: dict[str, Any]) -> tuple[st
     """Which head to load so that an adapter's weights find their modules (it is merged away after)."""
     if adapter_path is None:
         return "encoder", None
-    task_type = Adapter.open(adapter_path).config.raw.get("task_type")
+    with Adapter.open(adapter_path) as opened:
+        task_type = opened.config.raw.get("task_type")
     if task_type == "SEQ_CLS":
         return "classification", trained_labels(Path(), adapter_path, config)
     if task_type == "CAUSAL_LM":

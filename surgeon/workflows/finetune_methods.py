@@ -64,11 +64,15 @@ def check_method_available(method: str) -> None:
 
 
 def nf4_quantization() -> Any:
-    """The QLoRA base: 4-bit NormalFloat weights, double quantization, float32 compute."""
+    """The QLoRA base: 4-bit NormalFloat weights, double quantization, float32 compute.
+
+    Task heads (often initialized fresh, and trained in full) stay in float32.
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
+                              bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=["classifier", "score", "lm_head"])
 
 
 # -- target modules ------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -145,7 +147,6 @@ class TensorMerge:
     dtype: str
     numel: int
     changed: int
-    delta_nonzero: int
     delta_norm: float
     lost_fraction: float
     warning: str | None = None
@@ -218,17 +219,30 @@ def _tensor_entry(name: str, plan: MergePlan, dtype: str, stats: RoundingStats) 
     ops = plan.targets[name]
     action = "replaced" if all(op.kind in ("replace", "base_layer") for op in ops) else "merged"
     warning = None
-    if dtype != "F32" and stats.delta_nonzero and stats.lost_fraction > LOST_WARNING:
+    if dtype != "F32" and stats.delta_norm > 0 and stats.lost_fraction > LOST_WARNING:
         warning = (f"{name}: {stats.lost_fraction:.0%} of the adapter's change is lost rounding to {dtype} "
-                   f"(only {stats.changed:,} of {stats.delta_nonzero:,} changed elements survive); "
-                   "merge with --dtype fp32 to keep it.")
-    return TensorMerge(name, action, plan.describe(name), dtype, stats.numel, stats.changed, stats.delta_nonzero,
-                       stats.delta_norm, stats.lost_fraction, warning)
+                   f"(only {stats.changed:,} of {stats.numel:,} elements changed); merge with --dtype fp32 to keep it.")
+    return TensorMerge(name, action, plan.describe(name), dtype, stats.numel, stats.changed, stats.delta_norm,
+                       stats.lost_fraction, warning)
 
 
-def _merge_tensor(base: Checkpoint, plan: MergePlan, name: str, dtype: str, device: torch.device) -> tuple[torch.Tensor, TensorMerge]:
-    merged, stored = _merge_one(base, plan, name, device)
-    out, stats = round_merged(merged, stored, torch_dtype(dtype))
+_ADDITIVE = {"lora", "lora_embedding", "lora_bias", "adalora", "loha", "lokr", "vera"}
+
+
+def _merge_tensor(base: Checkpoint, plan: MergePlan, name: str, dtype: str, device: torch.device,
+                  stored: torch.Tensor | None = None, workers: int = 1) -> tuple[torch.Tensor, TensorMerge]:
+    """W' rounded to ``dtype`` (on the CPU) and its report entry. Additive-only targets skip the
+    full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
+    ops = plan.targets[name]
+    stored = base.get(name, device=device) if stored is None else stored.to(device)
+    if all(op.kind in _ADDITIVE for op in ops):
+        deltas = [_additive_delta(plan, op, stored.shape, device) for op in ops]
+        out, stats = round_merged(stored, torch_dtype(dtype), deltas=deltas, workers=workers)
+    else:
+        weight = unmerged = stored.float()
+        for op in ops:
+            weight, unmerged = _apply(plan, op, weight, unmerged, device)
+        out, stats = round_merged(stored, torch_dtype(dtype), merged=weight, workers=workers)
     if stats.nonfinite:
         raise NumericalError(
             f"{name}: the merge ({plan.describe(name)}) produced {stats.nonfinite:,} non-finite values in {dtype}; "
@@ -300,28 +314,59 @@ def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, f
                                   "max_shard_size": str(max_shard_size)},
                         inputs={"base": base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(parsed)}})
     extra_files, extra_texts = _config_texts(ckpt, target)
-    entries: list[TensorMerge] = []
     with CheckpointWriter(out, specs, inputs=[ckpt.root, *(p for p, _ in parsed)], max_shard_size=max_shard_size,
                           metadata=safetensors_metadata(record), extra_files=extra_files,
                           extra_texts={**extra_texts, PROVENANCE_FILE: provenance_file_text(record)},
                           overwrite=overwrite) as writer:
-        for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
-            info = ckpt.info(name)
-            if name in plan.targets:
-                tensor, entry = _merge_tensor(ckpt, plan, name, dtypes[name], device)
-                writer.write(name, tensor)
-                entries.append(entry)
-            elif dtypes[name] != info.dtype:
-                writer.write(name, ckpt.get(name).to(torch_dtype(dtypes[name])))
-                entries.append(TensorMerge(name, "cast only", "", dtypes[name], info.numel, 0, 0, 0.0, 0.0))
-            else:
-                writer.copy_from(ckpt, name)
+        entries = _stream(ckpt, plan, dtypes, writer, device)
         report = _report(ckpt, plan, adapters_info, out, dtype_arg, device, entries, specs, writer, started,
                          precision_report)
         writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary(report))
     if precision_report is not None:
         Path(precision_report).write_text(json.dumps(_precision_payload(report), indent=2) + "\n", "utf-8")
     return report
+
+
+def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: CheckpointWriter,
+            device: torch.device) -> list[TensorMerge]:
+    """Write every tensor in order: merged, cast or copied. Reading the next target and writing the
+    previous output overlap with the arithmetic (one reader and one writer thread, at most two
+    outputs pending), and on the CPU the chunk loop runs on its own threads, torch single-threaded
+    (no per-chunk barrier, which costs dearly on a busy machine)."""
+    workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+    for header in ckpt.headers:  # open every shard before threads share the checkpoint
+        if header.tensors:
+            ckpt.fd_and_span(next(iter(header.tensors)))
+    targets = [n for n in ckpt.keys() if n in plan.targets]
+    entries: list[TensorMerge] = []
+    saved_threads = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            ahead = {n: reader.submit(ckpt.get, n) for n in targets[:1]}
+            pending: deque[Future[None]] = deque()
+            for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
+                info = ckpt.info(name)
+                if name in plan.targets:
+                    stored = ahead.pop(name).result()
+                    following = targets[targets.index(name) + 1 : targets.index(name) + 2]
+                    ahead.update({n: reader.submit(ckpt.get, n) for n in following})
+                    tensor, entry = _merge_tensor(ckpt, plan, name, dtypes[name], device, stored, workers)
+                    pending.append(io.submit(writer.write, name, tensor))
+                    entries.append(entry)
+                elif dtypes[name] != info.dtype:
+                    pending.append(io.submit(writer.write, name, ckpt.get(name).to(torch_dtype(dtypes[name]))))
+                    entries.append(TensorMerge(name, "cast only", "", dtypes[name], info.numel, 0, 0.0, 0.0))
+                else:
+                    pending.append(io.submit(writer.copy_from, ckpt, name))
+                while len(pending) > 2:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            torch.set_num_threads(saved_threads)
+    return entries
 
 
 def _report(ckpt: Checkpoint, plan: MergePlan, adapters_info: list[dict[str, Any]], out: str | os.PathLike[str],

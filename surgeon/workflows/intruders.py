@@ -1,0 +1,354 @@
+"""`surgeon intruders`: intruder dimensions of a fine-tune against its base, streamed.
+
+Definition (DESIGN.md, the authors' code): for the top-k left singular vectors u_j of the
+tuned W_t (nn.Linear orientation, Conv1D transposed), c_j = max_i |u_jᵀu₀,i| over all
+min(m, n) left singular vectors of the base W₀; u_j is an intruder when c_j < ε.
+
+What is computed, per matrix: the base's complete singular basis once (float64 Gram
+eigendecomposition, cached on disk by content hash), and only the top-k triplets of W_t
+(block Krylov, residual-checked, dense fallback). When W_t is BASE + a LoRA, the
+iteration runs in the base's basis where each step costs O(N·r). Matrices the fine-tune
+left bit-identical are reported as unchanged without a decomposition. The next tensors
+are read and hashed on a thread while the current one is decomposed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgeon.errors import AdapterError, CheckpointFormatError, ShapeMismatchError, SurgeonError
+from surgeon.io.adapter import Adapter, is_adapter_folder
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.resolve import resolve_path
+from surgeon.io.svd_cache import SvdCache, content_key
+from surgeon.ops import intruders as ops
+from surgeon.ops import svd
+from surgeon.ops.targets import DEFAULT_PRESET, Target
+from surgeon.progress import progress
+from surgeon.workflows.merge import MergePlan, merged_float32, pick_device, plan_adapter_merge
+from surgeon.workflows.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
+
+SIDES = ("left", "right", "both")
+
+
+@dataclass(frozen=True)
+class IntruderOptions:
+    """``epsilon``: threshold on c_j; ``top_k``: tuned directions examined; ``side``: left (the
+    paper's), right, or both (an intruder on both sides); ``method``: auto, krylov or dense;
+    ``plot_base``: base vectors kept per matrix for the similarity plot."""
+
+    epsilon: float = 0.5
+    top_k: int = 10
+    side: str = "left"
+    method: str = "auto"
+    tol: float = svd.DEFAULT_TOL
+    plot_base: int = 100
+
+    def check(self) -> None:
+        if not 0 < self.epsilon <= 1:
+            raise SurgeonError(f"--epsilon {self.epsilon}: a cosine threshold must be in (0, 1]; the paper uses 0.5.")
+        if self.top_k < 1:
+            raise SurgeonError(f"--top-k {self.top_k}: examine at least one singular vector (the paper uses 10).")
+        if self.side not in SIDES:
+            raise SurgeonError(f"--side {self.side!r}: use left (the paper's definition), right or both.")
+        if self.method not in svd.METHODS:
+            raise SurgeonError(f"--method {self.method!r}: use {', '.join(svd.METHODS)}.")
+
+
+@dataclass(frozen=True)
+class MatrixIntruders:
+    """One matrix. Ranks are 1-based (rank 1 = σ₁); ``match_left[j]`` is the 1-based rank of the
+    base vector closest to u_j. ``status`` "unchanged": W_t == W₀ bit for bit, not decomposed."""
+
+    name: str
+    layer: int | None
+    module: str
+    shape: list[int]
+    transposed: bool
+    status: str
+    sigma: list[float]
+    cos_left: list[float] | None
+    cos_right: list[float] | None
+    match_left: list[int] | None
+    intruders: list[int]
+    intruder_sigma: list[float]
+    energy_share: float
+    baseline_left: float | None
+    baseline_right: float | None
+    sweep: dict[str, int]
+    method: str
+    krylov_dim: int
+    residual: float
+    cache: str
+    seconds: float
+    similarity: np.ndarray | None = field(default=None, compare=False, repr=False)  # top-k × top-N |U_tᵀU₀|
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "similarity"}
+
+
+@dataclass(frozen=True)
+class IntrudersReport:
+    tuned: str | None
+    base: str
+    adapter: str | None
+    targets: str
+    epsilon: float
+    top_k: int
+    side: str
+    device: str
+    matrices: list[MatrixIntruders]
+    totals: dict[str, Any]
+    cache: dict[str, Any]
+    methods: dict[str, int]
+    plots: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["matrices"] = [m.to_dict() for m in self.matrices]
+        return body
+
+
+# -- inputs -----------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """The opened base, the tuned checkpoint (None: the base itself) and the adapter plan, if any."""
+
+    base: Checkpoint
+    tuned: Checkpoint | None
+    adapter: Adapter | None
+    plan: MergePlan | None
+    base_path: Path
+    tuned_path: Path | None
+    adapter_path: Path | None
+
+    @property
+    def host(self) -> Checkpoint:
+        """The checkpoint the adapter applies to."""
+        return self.tuned if self.tuned is not None else self.base
+
+
+@contextmanager
+def open_inputs(tuned: str | os.PathLike[str] | None, base: str | os.PathLike[str],
+                adapter: str | os.PathLike[str] | None) -> Iterator[Inputs]:
+    """Open BASE, TUNED and ADAPTER. A TUNED that is an adapter folder means BASE + that adapter."""
+    tuned_path = resolve_path(tuned) if tuned is not None else None
+    adapter_path = resolve_path(adapter) if adapter is not None else None
+    if tuned_path is not None and tuned_path.is_dir() and is_adapter_folder(tuned_path):
+        if adapter_path is not None:
+            raise AdapterError(f"{tuned_path}: TUNED is an adapter folder and --adapter is given too; give the "
+                               "adapter once (as TUNED or as --adapter).")
+        tuned_path, adapter_path = None, tuned_path
+    if tuned_path is None and adapter_path is None:
+        raise SurgeonError("no fine-tune given: pass TUNED (a checkpoint or an adapter folder) or --adapter ADAPTER.")
+    base_path = resolve_path(base)
+    with ExitStack() as stack:
+        base_ckpt = stack.enter_context(Checkpoint.open(base_path))
+        tuned_ckpt = stack.enter_context(Checkpoint.open(tuned_path)) if tuned_path is not None else None
+        adapter_obj = stack.enter_context(Adapter.open(adapter_path)) if adapter_path is not None else None
+        plan = None
+        if adapter_obj is not None:
+            plan = plan_adapter_merge(tuned_ckpt if tuned_ckpt is not None else base_ckpt, [(adapter_obj, 1.0)])
+        yield Inputs(base_ckpt, tuned_ckpt, adapter_obj, plan, base_path, tuned_path, adapter_path)
+
+
+# -- reading (on the read-ahead thread) ------------------------------------------------------------
+@dataclass
+class Loaded:
+    """One target, ready to decompose. W_t is ``tuned`` (dense) or W₀ + left·right (``factors``)."""
+
+    target: Target
+    w0: torch.Tensor
+    key: str
+    tuned: torch.Tensor | None
+    factors: tuple[torch.Tensor, torch.Tensor] | None
+    unchanged: bool
+
+
+def _lora_factors(inputs: Inputs, target: Target) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(left (m × r), right (r × n)) with W_t = W₀ + left·right, when only plain LoRA acts on the base."""
+    ops_ = inputs.plan.targets.get(target.name, ()) if inputs.plan is not None else ()
+    if inputs.tuned is not None or not ops_ or any(op.kind != "lora" or op.fan_in_fan_out != target.transposed
+                                                   for op in ops_):
+        return None
+    weights = inputs.plan.adapters  # type: ignore[union-attr]
+    get = lambda op, role: weights[op.adapter].weights.get(op.tensors[role], dtype=torch.float64)  # noqa: E731
+    left = torch.cat([get(op, "lora_B") * op.scaling for op in ops_], 1)
+    right = torch.cat([get(op, "lora_A") for op in ops_], 0)
+    return left, right
+
+
+def _tuned_matrix(inputs: Inputs, target: Target, raw0: bytearray, w0: torch.Tensor) -> torch.Tensor | None:
+    """Dense W_t (float64, Linear orientation), or None when it equals W₀ bit for bit."""
+    if inputs.plan is not None and target.name in inputs.plan.targets:
+        w = merged_float32(inputs.host, inputs.plan, target.name).to(torch.float64)
+        return w.T.contiguous() if target.transposed else w
+    if inputs.tuned is None:
+        return None
+    if target.name not in inputs.tuned:
+        raise CheckpointFormatError(
+            f"{inputs.tuned_path}: has no tensor {target.name!r}, which the base has; TUNED must be a fine-tune of "
+            "BASE with the same tensor names. Check the two paths (or narrow --targets)."
+        )
+    info = inputs.tuned.info(target.name)
+    if info.shape != inputs.base.info(target.name).shape:
+        raise ShapeMismatchError(
+            f"{inputs.tuned_path}: tensor {target.name!r} is {list(info.shape)} but {list(target.shape)} in the base; "
+            "TUNED is not a fine-tune of BASE. Check the two paths."
+        )
+    raw = inputs.tuned.read_raw(target.name)
+    if info.dtype == inputs.base.info(target.name).dtype and raw == raw0:
+        return None
+    w = linear_float64(raw, inputs.tuned, target)
+    return None if torch.equal(w, w0) else w
+
+
+def load_target(inputs: Inputs, target: Target) -> Loaded:
+    raw0 = inputs.base.read_raw(target.name)
+    info = inputs.base.info(target.name)
+    key = content_key(raw0, info.dtype, info.shape, transposed=target.transposed)
+    w0 = linear_float64(raw0, inputs.base, target)
+    factors = _lora_factors(inputs, target)
+    tuned = None if factors is not None else _tuned_matrix(inputs, target, raw0, w0)
+    return Loaded(target, w0, key, tuned, factors, unchanged=factors is None and tuned is None)
+
+
+# -- analysis ----------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    """A target's result with what scale-intruders needs: the triplets and W_t's source."""
+
+    row: MatrixIntruders
+    loaded: Loaded
+    triplets: svd.Triplets | None
+
+
+def _base(loaded: Loaded, cache: SvdCache, device: torch.device, counts: dict[str, int]) -> tuple[svd.BaseBasis, str]:
+    size = min(loaded.w0.shape)
+    entry = cache.load(loaded.key, size=size)
+    if entry is not None:
+        counts["hits"] += 1
+        return svd.BaseBasis(entry.side, entry.basis.to(device), entry.s.to(device)), "hit"
+    base = svd.base_basis(loaded.w0.to(device))
+    cache.store(loaded.key, base.side, base.basis, base.s)
+    counts["misses" if cache.enabled else "computed"] += 1
+    return base, "miss" if cache.enabled else "off"
+
+
+def _triplets(loaded: Loaded, base: svd.BaseBasis, options: IntruderOptions, device: torch.device) -> svd.Triplets:
+    w0 = loaded.w0.to(device)
+    if loaded.factors is not None:
+        left, right = (f.to(device) for f in loaded.factors)
+        return svd.top_k_low_rank(w0, base, left, right, options.top_k, tol=options.tol, method=options.method)
+    assert loaded.tuned is not None
+    start = base.basis[:, :options.top_k]
+    return svd.top_k(loaded.tuned.to(device), options.top_k, tol=options.tol, method=options.method, start=start)
+
+
+def _unchanged_row(target: Target, seconds: float) -> MatrixIntruders:
+    return MatrixIntruders(target.name, target.layer, target.module, list(target.linear_shape), target.transposed,
+                           "unchanged", [], None, None, None, [], [], 0.0, None, None, {}, "-", 0, 0.0, "-", seconds)
+
+
+def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: IntruderOptions, cache_state: str,
+         seconds: float) -> MatrixIntruders:
+    target, w0 = loaded.target, loaded.w0.to(trip.u.device)
+    m, n = target.linear_shape
+    size = base.size
+    cos_l = ops.base_cosines(base, w0, trip.u, "left") if options.side != "right" else None
+    cos_r = ops.base_cosines(base, w0, trip.v, "right") if options.side != "left" else None
+    c_l, match = ops.max_cosines(cos_l) if cos_l is not None else (None, None)
+    c_r = ops.max_cosines(cos_r)[0] if cos_r is not None else None
+    decisive = [max(a, b) for a, b in zip(c_l, c_r)] if c_l is not None and c_r is not None else (c_l or c_r)
+    ranks = ops.intruder_ranks(decisive, options.epsilon)
+    sigma = [float(x) for x in trip.s]
+    similarity = cos_l[: options.plot_base].T.float().cpu().numpy() if cos_l is not None else None
+    return MatrixIntruders(
+        target.name, target.layer, target.module, [m, n], target.transposed, "analysed", sigma, c_l, c_r,
+        [i + 1 for i in match] if match is not None else None, ranks, [sigma[j - 1] for j in ranks],
+        ops.energy_share(sigma, ranks), ops.random_baseline(m, size) if c_l is not None else None,
+        ops.random_baseline(n, size) if c_r is not None else None, ops.sweep(decisive), trip.method,
+        trip.krylov_dim, trip.residual, cache_state, seconds, similarity,
+    )
+
+
+def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderOptions, cache: SvdCache,
+                   device: torch.device, counts: dict[str, int], *, desc: str = "intruders") -> Iterator[Analysis]:
+    """Analyse ``targets`` in order, reading ahead; yields one :class:`Analysis` per target."""
+    stream = read_ahead(targets, lambda t: load_target(inputs, t))
+    for target, loaded in progress(stream, total=len(targets), desc=desc):
+        begin = time.perf_counter()
+        if loaded.unchanged:
+            yield Analysis(_unchanged_row(target, time.perf_counter() - begin), loaded, None)
+            continue
+        base, state = _base(loaded, cache, device, counts)
+        trip = _triplets(loaded, base, options, device)
+        yield Analysis(_row(loaded, base, trip, options, state, time.perf_counter() - begin), loaded, trip)
+
+
+def totals(rows: Sequence[MatrixIntruders]) -> dict[str, Any]:
+    """Intruder counts in all, per layer and per module type, and the ε sweep summed."""
+    per_layer: dict[str, int] = {}
+    per_module: dict[str, int] = {}
+    swept: dict[str, int] = {f"{e:g}": 0 for e in ops.EPSILON_SWEEP}
+    for row in rows:
+        layer = "-" if row.layer is None else str(row.layer)
+        per_layer[layer] = per_layer.get(layer, 0) + len(row.intruders)
+        per_module[row.module] = per_module.get(row.module, 0) + len(row.intruders)
+        for eps, count in row.sweep.items():
+            swept[eps] = swept.get(eps, 0) + count
+    return {
+        "intruders": sum(len(r.intruders) for r in rows), "matrices": len(rows),
+        "analysed": sum(1 for r in rows if r.status == "analysed"),
+        "unchanged": sum(1 for r in rows if r.status == "unchanged"),
+        "with_intruders": sum(1 for r in rows if r.intruders),
+        "per_layer": per_layer, "per_module": per_module, "sweep": swept,
+    }
+
+
+def find_intruders(
+    tuned: str | os.PathLike[str] | None,
+    base: str | os.PathLike[str],
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    targets: str = DEFAULT_PRESET,
+    options: IntruderOptions = IntruderOptions(),
+    device: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    plot: str | os.PathLike[str] | None = None,
+    plot_matrices: str | None = None,
+) -> IntrudersReport:
+    """Intruder dimensions of TUNED (or BASE + ``adapter``) against BASE, per selected matrix."""
+    options.check()
+    begin = time.perf_counter()
+    dev = pick_device(device)
+    store = open_cache(cache, enabled=use_cache)
+    counts = {"hits": 0, "misses": 0, "computed": 0}
+    with open_inputs(tuned, base, adapter) as inputs:
+        chosen = resolve_targets(inputs.base, targets, what=str(base))
+        rows = [a.row for a in analyse_stream(inputs, chosen, options, store, dev, counts)]
+    methods: dict[str, int] = {}
+    for row in rows:
+        methods[row.method] = methods.get(row.method, 0) + 1
+    plots: list[str] = []
+    if plot is not None:
+        from surgeon.workflows.plots import write_plots
+
+        plots = write_plots(Path(plot), rows, epsilon=options.epsilon, select=plot_matrices)
+    cache_info = {"dir": str(store.root) if store.root else None, **counts}
+    return IntrudersReport(
+        str(tuned) if tuned is not None else None, str(base), str(adapter) if adapter is not None else None, targets,
+        options.epsilon, options.top_k, options.side, str(dev), rows, totals(rows), cache_info, methods, plots,
+        time.perf_counter() - begin,
+    )
