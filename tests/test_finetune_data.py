@@ -87,3 +87,28 @@ def test_missing_data_file(tmp_path):
     with pytest.raises(DataError) as err:
         load_task_data(tmp_path / "nope.jsonl", "classification")
     assert str(err.value) == f"{tmp_path / 'nope.jsonl'}: no such data file; check the path."
+
+
+def test_bundled_task_files():
+    from surgeon.io.embedded import DATA_FILES, data_file
+
+    sizes = {"sentiment_train.jsonl": 240, "sentiment_eval.jsonl": 80, "topic_train.jsonl": 160, "topic_eval.jsonl": 60}
+    for name in DATA_FILES:
+        data = load_task_data(data_file(name), "classification")
+        assert len(data) == sizes[name]
+        assert len(set(data.texts)) == len(data)
+        counts = {label: sum(e.label == label for e in data.examples) for label in data.labels}
+        assert len(set(counts.values())) == 1, counts  # balanced
+    train = set(load_task_data(data_file("sentiment_train.jsonl"), "classification").texts)
+    assert not train & set(load_task_data(data_file("sentiment_eval.jsonl"), "classification").texts)
+    assert load_task_data(data_file("topic_eval.jsonl"), "classification").labels == ("cooking", "sports", "technology", "weather")
+
+
+def test_minilm_path_finds_the_packaged_model():
+    from surgeon.io.checkpoint import Checkpoint
+    from surgeon.io.embedded import minilm_path
+
+    folder = minilm_path()
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    with Checkpoint.open(folder) as ckpt:
+        assert "encoder.layer.0.attention.self.query.weight" in ckpt.keys()

@@ -11,6 +11,7 @@ import click
 from surgeon import __version__
 from surgeon.cli.common import State, global_options
 from surgeon.errors import SurgeonError
+from surgeon.progress import set_progress
 
 # command name -> module exposing `command`. Modules load only when used.
 COMMANDS: dict[str, str] = {
@@ -42,6 +43,14 @@ def _load(name: str) -> click.Command | None:
 
 
 class SurgeonGroup(click.Group):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        # Flags are process-global; start each invocation clean (matters when called in-process).
+        State.debug = False
+        State.quiet = False
+        set_progress(None)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name in COMMANDS if _load(name) is not None]
 

@@ -22,9 +22,12 @@ def _t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """ΔW = s·B·A in the base's layout. A: (r × in), B: (out × r); s = α/r (rsLoRA α/√r)."""
-    return _t(lora_B @ lora_A, fan_in_fan_out).mul_(scaling)  # in place: same bits as peft's `* scaling`
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW = s·B·A in the base's layout. A: (r × in), B: (out × r); s = α/r (rsLoRA α/√r).
+    ``out``: optional (out × in) float32 buffer for B·A."""
+    product = lora_B @ lora_A if out is None else torch.matmul(lora_B, lora_A, out=out)
+    return _t(product, fan_in_fan_out).mul_(scaling)  # in place: same bits as peft's `* scaling`
 
 
 @torch.no_grad()

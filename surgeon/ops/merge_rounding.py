@@ -46,17 +46,20 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def round_merged(
     stored: torch.Tensor, out_dtype: torch.dtype, *, merged: torch.Tensor | None = None,
-    deltas: Sequence[torch.Tensor] = (), workers: int = 1,
+    deltas: Sequence[torch.Tensor] = (), workers: int = 1, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RoundingStats]:
     """Round W' once to ``out_dtype`` and measure it against the base W.
 
     ``stored``: W as stored (any float dtype). W' is ``merged`` (float32, W's shape) when given,
     else ``W.float() + deltas[0] + deltas[1] + ...`` (float32, W's shape), added in that order.
     ``workers`` threads share the chunks (run torch single-threaded then: no barrier per chunk).
+    ``out``: optional contiguous ``out_dtype`` buffer of W's numel for the result.
     Returns round(W') (W's shape, ``out_dtype``, W's device) and its statistics.
     """
     flat_s = stored.reshape(-1)
-    out = torch.empty(flat_s.shape, dtype=out_dtype, device=stored.device)
+    if out is None:
+        out = torch.empty(flat_s.shape, dtype=out_dtype, device=stored.device)
+    out = out.reshape(-1)
     job = _Job(flat_s, out, merged.reshape(-1) if merged is not None else None, [d.reshape(-1) for d in deltas])
     size = CHUNK if stored.device.type == "cpu" else max(1, flat_s.numel())
     starts = list(range(0, flat_s.numel(), size))
@@ -92,8 +95,11 @@ class _Job:
             n = s.numel()
             m, e = m_buf[:n], e_buf[:n]
             if flat_m is None:
-                m.copy_(s)
-                for d in flat_d:
+                if flat_d:
+                    torch.add(s, flat_d[0][i : i + n], out=m)  # = s.float() + d exactly
+                else:
+                    m.copy_(s)
+                for d in flat_d[1:]:
                     m.add_(d[i : i + n])
                 d_chunk = flat_d[0][i : i + n] if len(flat_d) == 1 else torch.sub(m, s, out=e)
             else:
@@ -102,8 +108,7 @@ class _Job:
             dsq.append(torch.dot(d_chunk, d_chunk))
             o.copy_(m)
             if rounds:
-                e.copy_(o)
-                e.sub_(m)
+                torch.sub(o, m, out=e)
                 esq.append(torch.dot(e, e))
             else:
                 esq.append(torch.dot(m, m))  # not an error: a cheap screen for non-finite values

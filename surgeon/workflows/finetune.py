@@ -121,9 +121,9 @@ class Previous:
 def _check_options(o: FinetuneOptions) -> None:
     if o.method not in METHODS:
         raise SurgeonError(f"--method {o.method!r} is unknown; use one of: {', '.join(METHODS)}.")
-    numbers = {"--epochs": o.epochs, "--batch-size": o.batch_size, "--rank": o.rank or 1}
+    numbers = {"--epochs": o.epochs, "--batch-size": o.batch_size, "--rank": o.rank}
     for flag, value in numbers.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise SurgeonError(f"{flag} must be a positive integer (got {value}).")
     if o.max_length < 2:
         raise SurgeonError(f"--max-length must be at least 2 tokens (got {o.max_length}).")
@@ -140,6 +140,8 @@ def _check_options(o: FinetuneOptions) -> None:
             raise SurgeonError(f"--sparsity is the fraction of zeros in A and B, in [0, 1) (got {o.sparsity}).")
         if o.l1 is not None and o.l1 < 0:
             raise SurgeonError(f"--l1 must be >= 0 (got {o.l1}).")
+    if o.continue_from and o.method != "full" and (o.alpha is not None or o.targets):
+        raise SurgeonError("--alpha and --targets come from the previous stage when continuing an adapter; omit them.")
     if o.method == "hira" and o.alpha is not None:
         raise SurgeonError("--alpha does not apply to --method hira (HiRA has no scaling factor).")
     check_method_available(o.method)

@@ -25,14 +25,14 @@ import torch
 from surgeon.errors import NumericalError, SurgeonError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.format import DTYPES, torch_dtype
+from surgeon.io.format import pread_into, torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
-from surgeon.ops import lora, lycoris
 from surgeon.ops.merge_rounding import RoundingStats, round_merged
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
+from surgeon.workflows.merge_apply import ADDITIVE, Scratch, additive_delta, apply_op, merge_one
 from surgeon.workflows.merge_plan import MergeOp, MergePlan, plan_adapter_merge
 
 __all__ = ["MergeOp", "MergePlan", "MergeReport", "TensorMerge", "merge", "merged_float32", "parse_adapter_arg",
@@ -42,93 +42,12 @@ LOST_WARNING = 0.5  # warn when more than half of ‖ΔW‖ is lost to output ro
 AdapterArg = Union[str, os.PathLike, tuple[Union[str, os.PathLike], float]]
 
 
-# -- executing one tensor ---------------------------------------------------------------------
-def _factor(plan: MergePlan, op: MergeOp, role: str, device: torch.device) -> torch.Tensor:
-    return plan.adapters[op.adapter].weights.get(op.tensors[role], dtype=torch.float32, device=device)
-
-
-def _vera_shared(plan: MergePlan, op: MergeOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if "vera_A" in op.tensors:
-        return _factor(plan, op, "vera_A", device), _factor(plan, op, "vera_B", device)
-    key = ("vera", op.adapter, str(device))
-    if key not in plan._cache:
-        vera_A, vera_B = lora.vera_projection(*plan.vera_projections[op.adapter])
-        plan._cache[key] = (vera_A.to(device), vera_B.to(device))
-    return plan._cache[key]
-
-
-def _additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """ΔW of the additive kinds (W' = W + ΔW), float32 in the base's layout."""
-    f = lambda role: _factor(plan, op, role, device)  # noqa: E731
-    k = op.kind
-    if k == "lora":
-        return lora.lora_delta(f("lora_A"), f("lora_B"), op.scaling, fan_in_fan_out=op.fan_in_fan_out)
-    if k == "lora_embedding":
-        return lora.lora_embedding_delta(f("lora_embedding_A"), f("lora_embedding_B"), op.scaling)
-    if k == "lora_bias":
-        return f("lora_B_bias") * op.scaling
-    if k == "adalora":
-        return lora.adalora_delta(f("lora_A"), f("lora_B"), f("lora_E"), op.scaling, op.ranknum,
-                                  fan_in_fan_out=op.fan_in_fan_out)
-    if k == "loha":
-        return lycoris.loha_delta(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), op.scaling, tuple(shape))
-    if k == "lokr":
-        w1 = f("lokr_w1") if "lokr_w1" in op.tensors else f("lokr_w1_a") @ f("lokr_w1_b")
-        w2 = f("lokr_w2") if "lokr_w2" in op.tensors else f("lokr_w2_a") @ f("lokr_w2_b")
-        return lycoris.lokr_delta(w1, w2, op.scaling, tuple(shape))
-    if k == "vera":
-        vera_A, vera_B = _vera_shared(plan, op, device)
-        delta = lora.vera_delta(vera_A, vera_B, f("vera_lambda_b"), f("vera_lambda_d"), out_features=op.features[0],
-                                in_features=op.features[1], fan_in_fan_out=op.fan_in_fan_out)
-        return delta if op.weight == 1.0 else delta * op.weight
-    raise SurgeonError(f"internal: unknown merge operation {k!r}")
-
-
-def _apply(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch.Tensor,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One operation: (W merged so far, unmerged W₀) -> (new W, new W₀)."""
-    f = lambda role: _factor(plan, op, role, device)  # noqa: E731
-    k = op.kind
-    if k in ("base_layer", "replace"):
-        new = f("tensor")
-        if k == "replace" and op.weight != 1.0:  # a weighted modules_to_save moves part of the way
-            new = weight + op.weight * (new - weight)
-        return new, new
-    if k in ("ia3", "ia3_bias"):
-        vec = lora.ia3_vector(f("ia3_l"), op.weight)
-        if k == "ia3_bias":
-            return lora.ia3_bias(weight, vec), unmerged
-        return lora.ia3_merge(weight, vec, fan_in_fan_out=op.fan_in_fan_out), unmerged
-    if k in ("dora", "dora_embedding"):
-        emb = k == "dora_embedding"
-        delta = (lora.lora_embedding_delta(f("lora_embedding_A"), f("lora_embedding_B"), op.scaling) if emb
-                 else lora.lora_delta(f("lora_A"), f("lora_B"), op.scaling, fan_in_fan_out=op.fan_in_fan_out))
-        return lora.dora_merge(weight, unmerged, delta, f("magnitude"), fan_in_fan_out=op.fan_in_fan_out,
-                               embedding=emb), unmerged
-    if k in ("hira", "hira_embedding"):
-        emb = k == "hira_embedding"
-        roles = ("hira_embedding_A", "hira_embedding_B") if emb else ("hira_A", "hira_B")
-        delta = lora.hira_delta(f(roles[0]), f(roles[1]), fan_in_fan_out=op.fan_in_fan_out, embedding=emb)
-        return lora.hira_merge(weight, unmerged, delta if op.weight == 1.0 else delta * op.weight), unmerged
-    return weight + _additive_delta(plan, op, weight.shape, device), unmerged
-
-
-def _merge_one(base: Checkpoint, plan: MergePlan, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W' float32, W as stored) for one base tensor, both on ``device``."""
-    stored = base.get(name, device=device)
-    weight = stored.float()
-    unmerged = weight
-    for op in plan.targets.get(name, ()):
-        weight, unmerged = _apply(plan, op, weight, unmerged, device)
-    return weight, stored
-
-
 def merged_float32(base: Checkpoint, plan: MergePlan, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
     """The merged tensor W' for base tensor ``name``: float32, the base tensor's shape, on ``device``.
 
     Adapters apply in plan order; a tensor no adapter touches comes back as the base, upcast.
     """
-    return _merge_one(base, plan, name, torch.device(device))[0]
+    return merge_one(base, plan, name, torch.device(device))[0]
 
 
 # -- the merge workflow -----------------------------------------------------------------------
@@ -226,30 +145,30 @@ def _tensor_entry(name: str, plan: MergePlan, dtype: str, stats: RoundingStats) 
                        stats.lost_fraction, warning)
 
 
-_ADDITIVE = {"lora", "lora_embedding", "lora_bias", "adalora", "loha", "lokr", "vera"}
-
-
-def _merge_tensor(base: Checkpoint, plan: MergePlan, name: str, dtype: str, device: torch.device,
-                  stored: torch.Tensor | None = None, workers: int = 1) -> tuple[torch.Tensor, TensorMerge]:
-    """W' rounded to ``dtype`` (on the CPU) and its report entry. Additive-only targets skip the
-    full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
+def _merge_tensor(plan: MergePlan, name: str, dtype: str, device: torch.device, stored: torch.Tensor, *,
+                  workers: int = 1, scratch: Scratch | None = None,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorMerge]:
+    """W' rounded to ``dtype`` (on the CPU, in ``out`` if given) and its report entry. Additive-only
+    targets skip the full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
     ops = plan.targets[name]
-    stored = base.get(name, device=device) if stored is None else stored.to(device)
-    if all(op.kind in _ADDITIVE for op in ops):
-        deltas = [_additive_delta(plan, op, stored.shape, device) for op in ops]
-        out, stats = round_merged(stored, torch_dtype(dtype), deltas=deltas, workers=workers)
+    stored = stored.to(device)
+    out_dtype = torch_dtype(dtype)
+    buffer = out if device.type == "cpu" else None
+    if all(op.kind in ADDITIVE for op in ops):
+        deltas = [additive_delta(plan, op, stored.shape, device, scratch, ("delta", i)) for i, op in enumerate(ops)]
+        rounded, stats = round_merged(stored, out_dtype, deltas=deltas, workers=workers, out=buffer)
     else:
         weight = unmerged = stored.float()
         for op in ops:
-            weight, unmerged = _apply(plan, op, weight, unmerged, device)
-        out, stats = round_merged(stored, torch_dtype(dtype), merged=weight, workers=workers)
+            weight, unmerged = apply_op(plan, op, weight, unmerged, device)
+        rounded, stats = round_merged(stored, out_dtype, merged=weight, workers=workers, out=buffer)
     if stats.nonfinite:
         raise NumericalError(
             f"{name}: the merge ({plan.describe(name)}) produced {stats.nonfinite:,} non-finite values in {dtype}; "
             "the adapter is broken or its scale overflows the dtype. Check it with `surgeon inspect`, lower its "
             "weight, or merge with --dtype fp32."
         )
-    return out.to("cpu"), _tensor_entry(name, plan, dtype, stats)
+    return rounded.to("cpu"), _tensor_entry(name, plan, dtype, stats)
 
 
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -327,39 +246,76 @@ def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, f
     return report
 
 
+class _Buffers:
+    """Reused memory for streaming: two read buffers (one being prefetched) and a ring of output
+    buffers, each released only when the write that uses it has finished."""
+
+    def __init__(self, ring: int = 3) -> None:
+        self.reads = [bytearray(), bytearray()]
+        self.outs: list[tuple[torch.Tensor | None, Future[None] | None]] = [(None, None)] * ring
+        self.scratch = Scratch()
+
+    def read(self, ckpt: Checkpoint, name: str, slot: int) -> torch.Tensor:
+        info = ckpt.info(name)
+        if info.numel == 0:
+            return ckpt.get(name)
+        if len(self.reads[slot]) < info.nbytes:
+            self.reads[slot] = bytearray(info.nbytes)
+        fd, start, length = ckpt.fd_and_span(name)
+        pread_into(fd, memoryview(self.reads[slot])[:length], start, info.file)
+        return torch.frombuffer(self.reads[slot], dtype=info.torch_dtype, count=info.numel).reshape(info.shape)
+
+    def out(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf, pending = self.outs[slot]
+        if pending is not None:
+            pending.result()
+        if buf is None or buf.numel() * buf.element_size() < numel * dtype.itemsize:
+            buf = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        self.outs[slot] = (buf, None)
+        return buf[: numel * dtype.itemsize].view(dtype)
+
+    def written(self, slot: int, future: Future[None]) -> None:
+        self.outs[slot] = (self.outs[slot][0], future)
+
+
 def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: CheckpointWriter,
             device: torch.device) -> list[TensorMerge]:
     """Write every tensor in order: merged, cast or copied. Reading the next target and writing the
-    previous output overlap with the arithmetic (one reader and one writer thread, at most two
-    outputs pending), and on the CPU the chunk loop runs on its own threads, torch single-threaded
-    (no per-chunk barrier, which costs dearly on a busy machine)."""
+    previous output overlap with the arithmetic (one reader and one writer thread), memory is reused
+    rather than page-faulted anew for every tensor, and on the CPU the chunk loop runs on its own
+    threads with torch single-threaded (no per-chunk barrier, which costs dearly on a busy machine)."""
     workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
     for header in ckpt.headers:  # open every shard before threads share the checkpoint
         if header.tensors:
             ckpt.fd_and_span(next(iter(header.tensors)))
     targets = [n for n in ckpt.keys() if n in plan.targets]
-    entries: list[TensorMerge] = []
+    position = {n: i for i, n in enumerate(targets)}
+    buffers, entries = _Buffers(), []
     saved_threads = torch.get_num_threads()
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io:
         if device.type == "cpu":
             torch.set_num_threads(1)
         try:
-            ahead = {n: reader.submit(ckpt.get, n) for n in targets[:1]}
+            ahead = {n: reader.submit(buffers.read, ckpt, n, 0) for n in targets[:1]}
             pending: deque[Future[None]] = deque()
             for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
                 info = ckpt.info(name)
                 if name in plan.targets:
+                    k = position[name]
                     stored = ahead.pop(name).result()
-                    following = targets[targets.index(name) + 1 : targets.index(name) + 2]
-                    ahead.update({n: reader.submit(ckpt.get, n) for n in following})
-                    tensor, entry = _merge_tensor(ckpt, plan, name, dtypes[name], device, stored, workers)
-                    pending.append(io.submit(writer.write, name, tensor))
+                    ahead.update({n: reader.submit(buffers.read, ckpt, n, (k + 1) % 2) for n in targets[k + 1 : k + 2]})
+                    out = buffers.out(k % len(buffers.outs), info.numel, torch_dtype(dtypes[name]))
+                    tensor, entry = _merge_tensor(plan, name, dtypes[name], device, stored, workers=workers,
+                                                  scratch=buffers.scratch, out=out)
+                    future = io.submit(writer.write, name, tensor)
+                    buffers.written(k % len(buffers.outs), future)
                     entries.append(entry)
                 elif dtypes[name] != info.dtype:
-                    pending.append(io.submit(writer.write, name, ckpt.get(name).to(torch_dtype(dtypes[name]))))
+                    future = io.submit(writer.write, name, ckpt.get(name).to(torch_dtype(dtypes[name])))
                     entries.append(TensorMerge(name, "cast only", "", dtypes[name], info.numel, 0, 0.0, 0.0))
                 else:
-                    pending.append(io.submit(writer.copy_from, ckpt, name))
+                    future = io.submit(writer.copy_from, ckpt, name)
+                pending.append(future)
                 while len(pending) > 2:
                     pending.popleft().result()
             while pending:

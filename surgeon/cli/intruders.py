@@ -1,0 +1,107 @@
+"""`surgeon intruders TUNED --base BASE`."""
+
+from __future__ import annotations
+
+import click
+
+from surgeon.cli.common import emit_json, global_options, info, json_option, table
+from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
+from surgeon.workflows.intruders import SIDES, IntruderOptions, IntrudersReport, find_intruders
+
+_SHOW_ROWS = 30
+
+
+def spectral_options(func):  # type: ignore[no-untyped-def]
+    """Options shared by `intruders` and `scale-intruders`."""
+    for option in reversed([
+        click.option("--base", "base", required=True, help="The base model TUNED was fine-tuned from."),
+        click.option("--adapter", "adapter", default=None, metavar="ADAPTER",
+                     help="A PEFT adapter: TUNED is then BASE (or TUNED) + ADAPTER, merged on the fly in memory."),
+        click.option("--epsilon", default=0.5, show_default=True, type=float,
+                     help="c_j below this makes u_j an intruder."),
+        click.option("--top-k", "top_k", default=10, show_default=True, type=int,
+                     help="Tuned singular vectors examined per matrix."),
+        click.option("--targets", default=DEFAULT_PRESET, show_default=True, metavar="PRESET|REGEX",
+                     help=f"Matrices: a preset ({', '.join(PRESETS)}) or a regex searched in tensor names."),
+        click.option("--side", type=click.Choice(SIDES), default="left", show_default=True,
+                     help="Singular vectors compared: left (the paper's), right, or both (an intruder on both sides)."),
+        click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda."),
+        click.option("--cache", "cache", default=None, metavar="DIR",
+                     help="Base decompositions cache [default: $SURGEON_CACHE_DIR or ~/.cache/surgeon/svd]."),
+        click.option("--no-cache", "no_cache", is_flag=True, help="Neither read nor write the base cache."),
+        click.option("--method", type=click.Choice(["auto", "krylov", "dense"]), default="auto", show_default=True,
+                     help="Top-k of W_t: block Krylov (checked, dense fallback), always dense, or auto."),
+    ]):
+        func = option(func)
+    return func
+
+
+@click.command("intruders")
+@click.argument("tuned", required=False)
+@spectral_options
+@click.option("--plot", "plot", default=None, metavar="DIR",
+              help="Write PNG figures to DIR (similarity matrices, counts per layer, ε sweep); needs surgeon[plot].")
+@click.option("--plot-matrices", "plot_matrices", default=None, metavar="REGEX",
+              help="Matrices drawn as similarity figures [default: the 4 with the most intruder energy].")
+@json_option
+@global_options
+def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, top_k: int, targets: str, side: str,
+            device: str, cache: str | None, no_cache: bool, method: str, plot: str | None, plot_matrices: str | None,
+            as_json: bool) -> None:
+    """Find intruder dimensions: new high-ranking singular vectors a fine-tune introduced.
+
+    For each of the top-k left singular vectors u_j of the tuned matrix W_t
+    (nn.Linear orientation), c_j = max_i |u_jᵀu₀,i| over all singular vectors of
+    the base W₀; u_j is an intruder when c_j < ε (arXiv 2410.21228, the authors'
+    definition). TUNED is a fine-tuned checkpoint, or a PEFT adapter folder
+    (meaning BASE + adapter, merged on the fly; nothing is written). Each base
+    matrix is decomposed once and cached by content hash; the tuned side needs only
+    its top-k. The random baseline is c_j of a random direction: when ε is near
+    it, every direction looks like an intruder.
+
+    \b
+    Example:
+      surgeon intruders ./my-lora --base ./Llama-3.2-1B
+      surgeon intruders ./full-ft --base ./Llama-3.2-1B --targets qv --plot figs/
+      surgeon intruders --base ./bert --adapter ./lora --epsilon 0.3 --json
+    """
+    report = find_intruders(tuned, base, adapter=adapter, targets=targets, device=device, cache=cache,
+                            use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices,
+                            options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
+    if as_json:
+        emit_json("intruders", report.to_dict())
+        return
+    render(report)
+
+
+def render(report: IntrudersReport) -> None:
+    """The per-matrix table, the totals and the ε sweep."""
+    analysed = [m for m in report.matrices if m.status == "analysed"]
+    rows = sorted(analysed, key=lambda m: (-len(m.intruders), -m.energy_share))[:_SHOW_ROWS]
+    side = "c_j" if report.side == "left" else f"c_j ({report.side})"
+    table(["tensor", "shape", "intruders", "ranks", f"min {side}", "energy", "random"],
+          [(m.name, "x".join(map(str, m.shape)), len(m.intruders), ",".join(map(str, m.intruders)) or "-",
+            f"{min(_decisive(m)):.3f}", f"{m.energy_share:.1%}", f"{m.baseline_left or m.baseline_right:.3f}")
+           for m in rows])
+    if len(analysed) > len(rows):
+        click.echo(f"... {len(analysed) - len(rows)} more matrices (all of them: --json)")
+    t = report.totals
+    click.echo(f"\n{t['intruders']} intruders (ε={report.epsilon:g}, top-{report.top_k}) in {t['with_intruders']} of "
+               f"{t['analysed']} changed matrices" + (f"; {t['unchanged']} unchanged" if t["unchanged"] else ""))
+    if t["per_module"]:
+        click.echo("per module: " + ", ".join(f"{k} {v}" for k, v in t["per_module"].items()))
+    if len(t["per_layer"]) > 1:
+        click.echo("per layer:  " + ", ".join(f"{k}:{v}" for k, v in t["per_layer"].items()))
+    click.echo("ε sweep:    " + ", ".join(f"{k}:{v}" for k, v in t["sweep"].items()))
+    c = report.cache
+    info(f"{report.seconds:.1f}s on {report.device}; base cache "
+         + (f"{c['hits']} hits, {c['misses']} misses ({c['dir']})" if c["dir"] else "off")
+         + "; methods " + ", ".join(f"{k} {v}" for k, v in report.methods.items()))
+    for path in report.plots:
+        info(f"wrote {path}")
+
+
+def _decisive(m) -> list[float]:  # type: ignore[no-untyped-def]
+    if m.cos_left is not None and m.cos_right is not None:
+        return [max(a, b) for a, b in zip(m.cos_left, m.cos_right)]
+    return m.cos_left or m.cos_right or [1.0]

@@ -1,0 +1,65 @@
+"""`surgeon scale-intruders TUNED --base BASE --lambda L -o OUT`."""
+
+from __future__ import annotations
+
+import click
+
+from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, table
+from surgeon.cli.intruders import spectral_options
+from surgeon.workflows.intruders import IntruderOptions
+from surgeon.workflows.scale_intruders import scale_intruders
+
+_SHOW_ROWS = 30
+
+
+@click.command("scale-intruders")
+@click.argument("tuned", required=False)
+@spectral_options
+@click.option("--lambda", "lam", required=True, type=float,
+              help="New singular value of each intruder, as a multiple of the old one (0 removes it, 1 changes nothing).")
+@click.option("-o", "--output", "out", required=True, help="Output folder (or a .safetensors file).")
+@click.option("--only-top", "only_top", default=None, type=int, metavar="N",
+              help="Scale only the N highest-ranking intruders of each matrix.")
+@click.option("--as-adapter", "as_adapter", is_flag=True,
+              help="TUNED is BASE + a LoRA: write a PEFT LoRA adapter whose merge onto BASE is the repaired model.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@json_option
+@global_options
+def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, top_k: int, targets: str, side: str,
+            device: str, cache: str | None, no_cache: bool, method: str, lam: float, out: str, only_top: int | None,
+            as_adapter: bool, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+    """Rescale intruder dimensions and write the repaired checkpoint.
+
+    Each intruder j of a matrix (found as by `surgeon intruders`) gets its singular
+    value σ_j replaced by λσ_j: W' = W_t + (λ − 1)·Σ σ_j u_j v_jᵀ, computed in float64
+    and rounded once; every other singular value and every matrix without
+    intruders is unchanged (copied byte for byte). TUNED is a checkpoint or a PEFT
+    adapter folder (BASE + adapter). With --as-adapter the repair is written as a
+    LoRA adapter for BASE (its rank grows by the number of intruders), so you can
+    keep serving adapters.
+
+    \b
+    Example:
+      surgeon scale-intruders ./full-ft --base ./Llama-3.2-1B --lambda 0.5 -o ./repaired
+      surgeon scale-intruders ./my-lora --base ./Llama-3.2-1B --lambda 0 --as-adapter -o ./my-lora-fixed
+    """
+    report = scale_intruders(tuned, base, out, lam=lam, adapter=adapter, targets=targets, only_top=only_top,
+                             as_adapter=as_adapter, device=device, cache=cache, use_cache=not no_cache,
+                             max_shard_size=max_shard_size, overwrite=overwrite,
+                             options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
+    if as_json:
+        emit_json("scale-intruders", report.to_dict())
+        return
+    if report.changes:
+        table(["tensor", "ranks", "c_j", "σ before", "σ after", "‖ΔW‖"],
+              [(c.name, ",".join(map(str, c.ranks)), " ".join(f"{x:.2f}" for x in c.cosines),
+                " ".join(f"{x:.3g}" for x in c.sigma_before), " ".join(f"{x:.3g}" for x in c.sigma_after),
+                f"{c.delta_norm:.3g}") for c in report.changes[:_SHOW_ROWS]])
+        if len(report.changes) > _SHOW_ROWS:
+            click.echo(f"... {len(report.changes) - _SHOW_ROWS} more (all of them: --json)")
+    scaled = sum(len(c.ranks) for c in report.changes)
+    what = "adapter" if report.as_adapter else "model"
+    info(f"wrote {what} {report.output}: {scaled} intruders scaled by λ={report.lam:g} in {len(report.changes)} "
+         f"matrices; {report.unchanged} matrices without intruders left as they were "
+         f"({human_bytes(report.bytes_written)}, {report.seconds:.1f}s)")

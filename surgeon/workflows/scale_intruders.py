@@ -1,0 +1,276 @@
+"""`surgeon scale-intruders`: rescale intruder singular values and write the repaired model.
+
+W' = W_t + (λ − 1)·Σ_{j∈I} σ_j u_j v_jᵀ over the intruders I of each matrix (found as in
+`surgeon intruders`): each intruder's singular value becomes λσ_j and nothing else
+changes. The edit is computed in float64 from the float64 triplets and rounded once to
+the tensor's dtype. Tensors without intruders are copied byte for byte (when TUNED is
+BASE + an adapter they are written as the merged weights, as `surgeon merge` would).
+
+``as_adapter``: when TUNED is BASE + a LoRA, write a PEFT LoRA adapter instead whose merge
+onto BASE gives the repaired weights: for each repaired module A' = [A; V_Iᵀ] and
+B' = [B, (λ − 1)·U_IΣ_I / s] keep the module's scaling s, so s·B'A' = s·BA + (λ − 1)·U_IΣ_IV_Iᵀ
+(the rank grows by |I|, recorded in rank_pattern/alpha_pattern).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import AdapterError, NumericalError, SurgeonError
+from surgeon.io.adapter_writer import write_lora_adapter
+from surgeon.io.format import torch_dtype
+from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from surgeon.ops import intruders as ops
+from surgeon.ops.targets import DEFAULT_PRESET, Target
+from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
+from surgeon.workflows.intruders import (Analysis, Inputs, IntruderOptions, MatrixIntruders, analyse_stream,
+                                         open_inputs, totals)
+from surgeon.workflows.merge import merged_float32, pick_device
+from surgeon.workflows.spectrum import open_cache, resolve_targets
+
+
+@dataclass(frozen=True)
+class IntruderChange:
+    """One repaired matrix: the intruder ranks scaled, σ before and after, ‖W' − W_t‖_F."""
+
+    name: str
+    ranks: list[int]
+    cosines: list[float]
+    sigma_before: list[float]
+    sigma_after: list[float]
+    delta_norm: float
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ScaleReport:
+    tuned: str | None
+    base: str
+    adapter: str | None
+    output: str
+    as_adapter: bool
+    lam: float
+    epsilon: float
+    top_k: int
+    only_top: int | None
+    changes: list[IntruderChange]
+    unchanged: int
+    totals: dict[str, Any]
+    bytes_written: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _chosen_ranks(row: MatrixIntruders, only_top: int | None) -> list[int]:
+    return row.intruders[:only_top] if only_top is not None else list(row.intruders)
+
+
+def _change(a: Analysis, ranks: list[int], lam: float, dtype: str) -> tuple[IntruderChange, torch.Tensor]:
+    """The change entry and the edit (λ − 1)·U_IΣ_IV_Iᵀ (float64, nn.Linear orientation)."""
+    t = a.triplets
+    assert t is not None
+    edit = ops.intruder_edit(t.u, t.s, t.v, ranks, lam)
+    cos = a.row.cos_left if a.row.cos_left is not None else a.row.cos_right
+    before = [a.row.sigma[j - 1] for j in ranks]
+    entry = IntruderChange(a.row.name, ranks, [cos[j - 1] for j in ranks] if cos else [], before,
+                           [lam * s for s in before], float(edit.norm()), dtype)
+    return entry, edit
+
+
+def _tuned_dense(a: Analysis) -> torch.Tensor:
+    """W_t (float64, nn.Linear orientation, on the triplets' device)."""
+    loaded = a.loaded
+    device = a.triplets.u.device if a.triplets is not None else torch.device("cpu")
+    if loaded.factors is not None:
+        left, right = (f.to(device) for f in loaded.factors)
+        return loaded.w0.to(device) + left @ right
+    return (loaded.tuned if loaded.tuned is not None else loaded.w0).to(device)
+
+
+def _rounded(w: torch.Tensor, target: Target, dtype: str) -> torch.Tensor:
+    out = (w.T if target.transposed else w).to(torch_dtype(dtype)).cpu().contiguous()
+    if not bool(torch.isfinite(out).all()):
+        raise NumericalError(f"{target.name}: the repaired weights are not finite in {dtype}; lower --lambda.")
+    return out
+
+
+def _validate(lam: float, only_top: int | None) -> None:
+    if not math.isfinite(lam) or lam < 0:
+        raise SurgeonError(f"--lambda {lam}: give a finite scale ≥ 0 (0 removes the intruders, 1 changes nothing).")
+    if only_top is not None and only_top < 1:
+        raise SurgeonError(f"--only-top {only_top}: give at least 1 (the number of strongest intruders per matrix).")
+
+
+def scale_intruders(
+    tuned: str | os.PathLike[str] | None,
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    lam: float,
+    adapter: str | os.PathLike[str] | None = None,
+    targets: str = DEFAULT_PRESET,
+    options: IntruderOptions = IntruderOptions(),
+    only_top: int | None = None,
+    as_adapter: bool = False,
+    device: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> ScaleReport:
+    """Write TUNED (or BASE + ``adapter``) with every intruder's σ_j scaled to λσ_j."""
+    options.check()
+    _validate(lam, only_top)
+    begin = time.perf_counter()
+    dev = pick_device(device)
+    store = open_cache(cache, enabled=use_cache)
+    counts = {"hits": 0, "misses": 0, "computed": 0}
+    with open_inputs(tuned, base, adapter) as inputs:
+        if as_adapter:
+            _check_as_adapter(inputs)
+        host = inputs.host
+        order = {name: i for i, name in enumerate(host.keys())}
+        chosen = sorted(resolve_targets(inputs.base, targets, what=str(base)), key=lambda t: order.get(t.name, -1))
+        stream = analyse_stream(inputs, chosen, options, store, dev, counts, desc="scale-intruders")
+        params = {"lambda": lam, "epsilon": options.epsilon, "top_k": options.top_k, "only_top": only_top,
+                  "side": options.side, "targets": targets, "as_adapter": as_adapter}
+        record = provenance("scale-intruders", params, inputs={k: str(v) for k, v in (
+            ("base", inputs.base_path), ("tuned", inputs.tuned_path), ("adapter", inputs.adapter_path)) if v})
+        try:
+            if as_adapter:
+                rows, changes, written = _write_adapter(inputs, stream, out, lam, only_top, record, overwrite)
+            else:
+                rows, changes, written = _write_model(inputs, {t.name: t for t in chosen}, stream, out, lam,
+                                                      only_top, record, max_shard_size, overwrite)
+        finally:
+            stream.close()
+        return ScaleReport(
+            str(inputs.tuned_path) if inputs.tuned_path else None, str(base),
+            str(inputs.adapter_path) if inputs.adapter_path else None, str(out), as_adapter, lam, options.epsilon,
+            options.top_k, only_top, changes, sum(1 for r in rows if not _chosen_ranks(r, only_top)), totals(rows),
+            written, time.perf_counter() - begin,
+        )
+
+
+def _write_model(inputs: Inputs, targets: dict[str, Target], stream: Iterator[Analysis], out: str | os.PathLike[str],
+                 lam: float, only_top: int | None, record: dict[str, Any], max_shard_size: int | str,
+                 overwrite: bool) -> tuple[list[MatrixIntruders], list[IntruderChange], int]:
+    host = inputs.host
+    specs = [TensorSpec(n, info.dtype, info.shape) for n, info in host.tensors.items()]
+    rows: list[MatrixIntruders] = []
+    changes: list[IntruderChange] = []
+    sources = [p for p in (inputs.base_path, inputs.tuned_path, inputs.adapter_path) if p is not None]
+    with CheckpointWriter(out, specs, inputs=sources, max_shard_size=max_shard_size, overwrite=overwrite,
+                          metadata=safetensors_metadata(record), extra_files=host.extra_files(),
+                          extra_texts={PROVENANCE_FILE: ""}) as writer:
+        for spec in specs:
+            target = targets.get(spec.name)
+            if target is not None:
+                a = next(stream)
+                rows.append(a.row)
+                ranks = _chosen_ranks(a.row, only_top) if lam != 1.0 else []
+                if ranks:
+                    entry, edit = _change(a, ranks, lam, spec.dtype)
+                    changes.append(entry)
+                    writer.write(spec.name, _rounded(_tuned_dense(a) + edit, target, spec.dtype))
+                    continue
+            if inputs.plan is not None and spec.name in inputs.plan.targets:
+                writer.write(spec.name, merged_float32(host, inputs.plan, spec.name).to(torch_dtype(spec.dtype)))
+            else:
+                writer.copy_from(host, spec.name)
+        # the sidecars are written when the block ends: the record can carry every change
+        writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, {"changes": [asdict(c) for c in changes]})
+    return rows, changes, sum(s.nbytes for s in specs)
+
+
+# -- as an adapter ------------------------------------------------------------------------------
+_KEPT_KINDS = ("lora", "lora_embedding", "replace")
+
+
+def _check_as_adapter(inputs: Inputs) -> None:
+    plan = inputs.plan
+    if plan is None or inputs.tuned is not None or inputs.adapter is None:
+        raise SurgeonError("--as-adapter writes a LoRA adapter for BASE, so TUNED must be BASE + a LoRA adapter: "
+                           "give the adapter folder as TUNED (or --adapter) and no other checkpoint.")
+    if inputs.adapter.config.peft_type != "LORA":
+        raise AdapterError(f"{inputs.adapter_path}: --as-adapter needs a LoRA adapter, not "
+                           f"{inputs.adapter.config.peft_type}; write the repaired model instead (drop --as-adapter).")
+    for name, steps in plan.targets.items():
+        for op in steps:
+            if op.kind not in _KEPT_KINDS:
+                raise AdapterError(
+                    f"{inputs.adapter_path}: module {op.module!r} is {op.kind} (on {name!r}); --as-adapter extends plain "
+                    "LoRA factors only. Write the repaired model instead (drop --as-adapter)."
+                )
+
+
+def _module_ops(inputs: Inputs) -> dict[str, Any]:
+    """module path -> its MergeOp, for the LoRA modules of the adapter."""
+    plan = inputs.plan
+    assert plan is not None
+    return {op.module: (name, op) for name, steps in plan.targets.items() for op in steps if op.kind != "replace"}
+
+
+def _write_adapter(inputs: Inputs, stream: Iterator[Analysis], out: str | os.PathLike[str], lam: float,
+                   only_top: int | None, record: dict[str, Any], overwrite: bool
+                   ) -> tuple[list[MatrixIntruders], list[IntruderChange], int]:
+    adapter, plan = inputs.adapter, inputs.plan
+    assert adapter is not None and plan is not None
+    rows: list[MatrixIntruders] = []
+    edits: dict[str, Analysis] = {}
+    changes: list[IntruderChange] = []
+    for a in stream:  # the factors of an adapter are small: collect the edits, then write once
+        rows.append(a.row)
+        ranks = _chosen_ranks(a.row, only_top) if lam != 1.0 else []
+        if ranks:
+            edits[a.row.name] = a
+            changes.append(_change(a, ranks, lam, "F32")[0])
+    lora_modules = _module_ops(inputs)
+    orphans = sorted(set(edits) - {name for name, _ in lora_modules.values()})
+    if orphans:
+        raise AdapterError(
+            f"{inputs.adapter_path}: {orphans[0]!r} has intruders but the adapter replaces it whole (modules_to_save), "
+            "so no LoRA factor can carry the repair; write the repaired model (drop --as-adapter) or leave it out "
+            "of --targets."
+        )
+    modules, scaling, embeddings = {}, {}, []
+    factor_dtype = "F32"
+    for module, (name, op) in lora_modules.items():
+        a_name = op.tensors.get("lora_A", op.tensors.get("lora_embedding_A"))
+        b_name = op.tensors.get("lora_B", op.tensors.get("lora_embedding_B"))
+        factor_dtype = adapter.weights.info(a_name).dtype
+        a_mat, b_mat = adapter.weights.get(a_name, dtype=torch.float64), adapter.weights.get(b_name, dtype=torch.float64)
+        if op.kind == "lora_embedding":
+            embeddings.append(module)
+        elif name in edits:
+            an = edits[name]
+            extra_a, extra_b = ops.intruder_factors(an.triplets.u.cpu(), an.triplets.s.cpu(), an.triplets.v.cpu(),
+                                                    _chosen_ranks(an.row, only_top), lam)
+            a_mat, b_mat = torch.cat([a_mat, extra_a], 0), torch.cat([b_mat, extra_b / op.scaling], 1)
+        modules[module] = (a_mat, b_mat)
+        scaling[module] = op.scaling
+    saved: dict[str, dict[str, Any]] = {}
+    for steps in plan.targets.values():
+        for op in steps:
+            if op.kind == "replace":
+                module, _, param = op.module.rpartition(".")
+                saved.setdefault(module, {})[param] = (adapter.weights, op.tensors["tensor"])
+    raw = adapter.config.raw
+    written = write_lora_adapter(
+        out, modules, base_model_name_or_path=raw.get("base_model_name_or_path"), scaling=scaling,
+        embedding_modules=embeddings, modules_to_save=saved, fan_in_fan_out=bool(raw.get("fan_in_fan_out")),
+        task_type=raw.get("task_type"), dtype=factor_dtype, record=record,
+        report={"changes": [asdict(c) for c in changes]}, inputs=[p for p in (inputs.base_path, inputs.adapter_path)],
+        overwrite=overwrite,
+    )
+    return rows, changes, written.bytes
