@@ -17,10 +17,10 @@ def train_lora(model_folder: Path, out: Path, *, kind: str, targets: list[str], 
 
     torch.manual_seed(seed)
     if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(model_folder, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
         task = "CAUSAL_LM"
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_folder, torch_dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(model_folder, dtype=torch.float32)
         task = "SEQ_CLS"
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type=task, **lora_kw)
     peft_model = get_peft_model(model, config)
@@ -45,7 +45,7 @@ def merged_state(model_folder: Path, adapter: Path, *, kind: str) -> dict[str, t
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    model = PeftModel.from_pretrained(cls.from_pretrained(model_folder, torch_dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(cls.from_pretrained(model_folder, dtype=torch.float32), adapter)
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
@@ -86,3 +86,42 @@ def save_matrices(path: Path, tensors: dict[str, torch.Tensor], *, dtype: torch.
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
     return path
+
+
+# -- session fixtures (import them into a test module to use them) -----------------------------------
+import pytest  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "k_proj", "gate_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def llama_lora(tiny_llama, tmp_path_factory) -> Path:
+    """A peft LoRA (r=4) on 5 Llama projections, trained 12 big steps on random tokens."""
+    return train_lora(tiny_llama, tmp_path_factory.mktemp("llama_lora"), kind="causal", targets=LLAMA_TARGETS)
+
+
+@pytest.fixture(scope="session")
+def bert_lora(tiny_bert, tmp_path_factory) -> Path:
+    """A peft LoRA on BERT query/value/intermediate (classifier in modules_to_save), trained a few steps."""
+    return train_lora(tiny_bert, tmp_path_factory.mktemp("bert_lora"), kind="seqcls",
+                      targets=["query", "value", "intermediate.dense"])
+
+
+@pytest.fixture(scope="session")
+def gpt2_lora(tiny_gpt2, tmp_path_factory) -> Path:
+    """A peft LoRA on GPT-2's Conv1D c_attn and c_fc (fan_in_fan_out), trained a few steps."""
+    return train_lora(tiny_gpt2, tmp_path_factory.mktemp("gpt2_lora"), kind="causal", targets=["c_attn", "c_fc"],
+                      fan_in_fan_out=True)
+
+
+def save_merged(model_folder: Path, adapter: Path, out: Path, *, kind: str) -> Path:
+    """peft's merge_and_unload() of ``adapter`` saved as a checkpoint folder (float32, the base's names)."""
+    from surgeon.io.checkpoint import Checkpoint
+
+    state = merged_state(model_folder, adapter, kind=kind)
+    with Checkpoint.open(model_folder) as base:
+        names = base.keys()
+    out.mkdir(parents=True, exist_ok=True)
+    save_matrices(out / "model.safetensors", {n: state[n] for n in names if n in state})
+    (out / "config.json").write_text((model_folder / "config.json").read_text())
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK = 1 << 17
+CHUNK = 1 << 16
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -46,12 +46,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def round_merged(
     stored: torch.Tensor, out_dtype: torch.dtype, *, merged: torch.Tensor | None = None,
-    deltas: Sequence[torch.Tensor] = (), workers: int = 1, out: torch.Tensor | None = None,
+    deltas: Sequence[torch.Tensor | tuple[torch.Tensor, float]] = (), workers: int = 1,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RoundingStats]:
     """Round W' once to ``out_dtype`` and measure it against the base W.
 
     ``stored``: W as stored (any float dtype). W' is ``merged`` (float32, W's shape) when given,
-    else ``W.float() + deltas[0] + deltas[1] + ...`` (float32, W's shape), added in that order.
+    else ``W.float() + deltas[0] + deltas[1] + ...`` (float32, W's shape), added in that order; a
+    delta given as ``(D, s)`` is ``D * s``, scaled chunk by chunk (the same bits as scaling it whole).
     ``workers`` threads share the chunks (run torch single-threaded then: no barrier per chunk).
     ``out``: optional contiguous ``out_dtype`` buffer of W's numel for the result.
     Returns round(W') (W's shape, ``out_dtype``, W's device) and its statistics.
@@ -60,7 +62,8 @@ def round_merged(
     if out is None:
         out = torch.empty(flat_s.shape, dtype=out_dtype, device=stored.device)
     out = out.reshape(-1)
-    job = _Job(flat_s, out, merged.reshape(-1) if merged is not None else None, [d.reshape(-1) for d in deltas])
+    flat_d = [(d[0].reshape(-1), d[1]) if isinstance(d, tuple) else (d.reshape(-1), None) for d in deltas]
+    job = _Job(flat_s, out, merged.reshape(-1) if merged is not None else None, flat_d)
     size = CHUNK if stored.device.type == "cpu" else max(1, flat_s.numel())
     starts = list(range(0, flat_s.numel(), size))
     if workers > 1 and len(starts) > 1:
@@ -78,15 +81,15 @@ class _Job:
     """The chunk loop of :func:`round_merged`; each caller thread gets its own buffers."""
 
     def __init__(self, flat_s: torch.Tensor, out: torch.Tensor, flat_m: torch.Tensor | None,
-                 flat_d: list[torch.Tensor]) -> None:
+                 flat_d: list[tuple[torch.Tensor, float | None]]) -> None:
         self.flat_s, self.out, self.flat_m, self.flat_d = flat_s, out, flat_m, flat_d
 
     def run(self, starts: list[int], size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         flat_s, out, flat_m, flat_d = self.flat_s, self.out, self.flat_m, self.flat_d
         size = min(size, max(1, flat_s.numel()))
         m_buf = torch.empty(size, dtype=torch.float32, device=flat_s.device)
-        e_buf = torch.empty_like(m_buf)
-        ne_buf = torch.empty(size, dtype=torch.bool, device=flat_s.device)
+        e_buf, d_buf = torch.empty_like(m_buf), torch.empty_like(m_buf)
+        x_buf = torch.empty(size, dtype=_BITS[out.element_size()], device=flat_s.device)
         cast_buf = None if flat_s.dtype == out.dtype else torch.empty(size, dtype=out.dtype, device=flat_s.device)
         rounds = out.dtype != torch.float32
         dsq, esq, changed = [], [], []
@@ -95,25 +98,24 @@ class _Job:
             n = s.numel()
             m, e = m_buf[:n], e_buf[:n]
             if flat_m is None:
-                if flat_d:
-                    torch.add(s, flat_d[0][i : i + n], out=m)  # = s.float() + d exactly
-                else:
-                    m.copy_(s)
-                for d in flat_d[1:]:
-                    m.add_(d[i : i + n])
-                d_chunk = flat_d[0][i : i + n] if len(flat_d) == 1 else torch.sub(m, s, out=e)
+                m.copy_(s)  # mixed-dtype ops would allocate a converted copy per chunk: convert into buffers
+                for delta, scale in flat_d:
+                    d_chunk = delta[i : i + n] if scale is None else torch.mul(delta[i : i + n], scale, out=d_buf[:n])
+                    m.add_(d_chunk)
+                if len(flat_d) != 1:
+                    d_chunk = e.copy_(s).neg_().add_(m)
             else:
                 m = flat_m[i : i + n]
-                d_chunk = torch.sub(m, s, out=e)
+                d_chunk = e.copy_(s).neg_().add_(m)
             dsq.append(torch.dot(d_chunk, d_chunk))
             o.copy_(m)
             if rounds:
-                torch.sub(o, m, out=e)
+                e.copy_(o).sub_(m)
                 esq.append(torch.dot(e, e))
             else:
                 esq.append(torch.dot(m, m))  # not an error: a cheap screen for non-finite values
             base = s if cast_buf is None else cast_buf[:n].copy_(s)
-            changed.append(torch.count_nonzero(torch.ne(_bits(o), _bits(base), out=ne_buf[:n])))
+            changed.append(torch.count_nonzero(torch.bitwise_xor(_bits(o), _bits(base), out=x_buf[:n])))
         return dsq, esq, changed
 
 

@@ -164,7 +164,7 @@ def krylov_eigs(
     if start is not None:
         first = torch.cat([start.to(device, dtype), first], 1)[:, :block]
     max_dim = min(max_dim, dim)
-    basis = torch.empty(dim, max_dim + block, dtype=dtype, device=device)
+    basis = torch.empty(dim, max_dim, dtype=dtype, device=device)
     image = torch.empty_like(basis)
     q = _orth(first, None, gen)
     d, blocks, checks = 0, 0, _check_points(max_dim // max(block, 1) + 2)
@@ -173,14 +173,14 @@ def krylov_eigs(
         basis[:, d:d + width] = q
         image[:, d:d + width] = apply(q)
         d, blocks = d + width, blocks + 1
-        last = d + block > max_dim or d >= dim
+        last = d >= max_dim
         if blocks in checks or last:
             found = _ritz(basis[:, :d], image[:, :d], k, tol)
             if found is not None:
                 return found[0], found[1], d
             if last:
                 return None
-        q = _orth(image[:, d - width:d], basis[:, :d], gen)[:, :min(block, dim - d)]
+        q = _orth(image[:, d - width:d][:, :min(block, max_dim - d)], basis[:, :d], gen)
 
 
 def _ritz(basis: torch.Tensor, image: torch.Tensor, k: int, tol: float) -> tuple[torch.Tensor, torch.Tensor] | None:

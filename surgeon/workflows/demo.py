@@ -30,7 +30,7 @@ from surgeon import __version__
 from surgeon.errors import OutputError
 from surgeon.io.resolve import resolve_path
 from surgeon.workflows import demo_stages as stages
-from surgeon.workflows.demo_report import pct, num, secs, write_report
+from surgeon.workflows.demo_report import drift_text, num, pct, secs, write_report
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 
@@ -39,9 +39,9 @@ MINILM_NAME = "all-MiniLM-L6-v2"
 class DemoSettings:
     """Knobs of the demo; the defaults keep MiniLM under 10 minutes on 2 CPU cores."""
 
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 16
-    max_length: int = 48
+    max_length: int = 32
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_lr: float = 1e-3
@@ -204,9 +204,9 @@ def headline(d: dict[str, Any]) -> list[dict[str, str]]:
         {"key": "intruders", "label": "intruder dimensions: LoRA vs full",
          "text": f"{intr['lora']['total']} vs {intr['full']['total']}", "detail": f"top-{intr['top_k']}, \u03b5 = {intr['epsilon']}"},
         {"key": "forgetting", "label": "forgetting (drift): LoRA / full",
-         "text": f"{num(ev['lora']['drift'], 3)} / {num(ev['full']['drift'], 3)}", "detail": "mean 1 \u2212 cos to base embeddings"},
+         "text": f"{drift_text(ev['lora']['drift'])} / {drift_text(ev['full']['drift'])}", "detail": "mean 1 \u2212 cos to base embeddings"},
         {"key": "repair", "label": f"LoRA with intruders \u00d7 {best['lambda']:g}",
-         "text": f"{pct(best['accuracy'])}, drift {num(best['drift'], 3)}",
+         "text": f"{pct(best['accuracy'])}, drift {drift_text(best['drift'])}",
          "detail": "lowest drift within 2 points of LoRA accuracy"},
         {"key": "adapter_check", "label": "merge = adapter (max |\u0394|)",
          "text": num(check.get("max_abs_error")), "detail": "passed" if check.get("passed") else "FAILED"},

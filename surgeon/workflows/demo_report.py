@@ -34,6 +34,11 @@ def num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def drift_text(x: float | None) -> str:
+    """Embedding drift (1 - mean cosine) with four decimals."""
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def secs(x: float | None) -> str:
     return "n/a" if x is None else (f"{x:.1f} s" if x < 120 else f"{int(x // 60)} min {x % 60:.0f} s")
 
@@ -64,6 +69,26 @@ def plot_intruders_per_layer(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("intruder dimensions")
     ax.set_title(f"Intruder dimensions per layer (top-{intr['top_k']}, \u03b5 = {intr['epsilon']})", fontsize=10)
     ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(frameon=False, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_epsilon_sweep(data: dict[str, Any], path: Path) -> None:
+    """Total intruder count against the threshold epsilon, LoRA vs full fine-tuning."""
+    plt = _pyplot()
+    intr = data["intruders"]
+    fig, ax = plt.subplots(figsize=(7.0, 3.0), dpi=110)
+    for key, color, label in (("lora", LORA_COLOR, "LoRA"), ("full", FULL_COLOR, "full fine-tuning")):
+        sweep = intr[key]["epsilon_sweep"]
+        eps = sorted(sweep, key=float)
+        ax.plot([float(e) for e in eps], [sweep[e] for e in eps], "o-", color=color, label=label)
+    ax.axvline(intr["epsilon"], color=BASE_COLOR, lw=0.8, ls=":")
+    ax.set_xlabel("ε (a tuned direction is an intruder when its best |cos| to the base is below ε)")
+    ax.set_ylabel("intruders (all matrices)")
+    ax.set_title("Intruder count against ε", fontsize=10)
     ax.legend(frameon=False, fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -111,6 +136,10 @@ def render_plots(data: dict[str, Any], out: Path) -> dict[str, dict[str, str]]:
         rel = f"{PLOTS_DIR}/intruders_per_layer.png"
         plot_intruders_per_layer(data, out / rel)
         made["intruders_per_layer"] = {"file": rel, "caption": "Intruder dimensions per layer, LoRA vs full fine-tuning."}
+    if {"lora", "full"} <= set(data.get("intruders", {})):
+        rel = f"{PLOTS_DIR}/epsilon_sweep.png"
+        plot_epsilon_sweep(data, out / rel)
+        made["epsilon_sweep"] = {"file": rel, "caption": "Intruder count against the threshold ε, LoRA vs full fine-tuning."}
     if data.get("sweep") and data.get("eval"):
         rel = f"{PLOTS_DIR}/accuracy_vs_forgetting.png"
         plot_tradeoff(data, out / rel)
@@ -125,7 +154,7 @@ body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;ba
 main{max-width:1120px;margin:0 auto;padding:28px 32px 48px}
 h1{font-size:28px;margin:0 0 4px}h2{font-size:20px;margin:0 0 10px;border-bottom:2px solid #e3e6ea;padding-bottom:6px}
 .sub{color:#5b6572;margin:0 0 22px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:12px;margin-bottom:26px}
+.cards{display:grid;grid-template-columns:repeat(3,1fr);gap:12px;margin-bottom:26px}
 .card{background:#fff;border-radius:10px;padding:14px 16px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
 .card .v{font-size:26px;font-weight:650;color:#17437a}.card .l{font-size:13px;color:#3d4754;margin-top:2px}
 .card .d{font-size:12px;color:#7a8490;margin-top:4px}
@@ -138,7 +167,7 @@ th:first-child,td:first-child{text-align:left}
 figure{margin:12px 0}figure img{max-width:100%;border:1px solid #e7e9ec;border-radius:6px}
 figcaption{font-size:13px;color:#5b6572;margin-top:4px}
 .ok{color:#1d7a3a;font-weight:600}.bad{color:#b3261e;font-weight:600}
-.grid2{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:12px 28px;align-items:start}
 code{background:#f0f2f5;padding:1px 5px;border-radius:4px;font-size:13px}
 footer{color:#7a8490;font-size:12px;margin-top:20px}
 """
@@ -182,10 +211,14 @@ def _section(title: str, anchor: str, body: str) -> str:
 def _setup_section(d: dict[str, Any]) -> str:
     m, ds, st = d["model"], d["data"], d["settings"]
     rows = [("model", m["name"]), ("parameters", f"{m['parameters']:,}"), ("layers \u00d7 hidden", f"{m['layers']} \u00d7 {m['hidden']}"),
-            ("data set", ds["name"]), ("train / test examples", f"{ds['train']} / {ds['test']}"),
+            ("task data", ds["name"]), ("train / test examples", f"{ds['train']} / {ds['test']}"),
             ("labels", ", ".join(map(str, ds["labels"]))), ("drift probe sentences", ds["probe"])]
-    rows += [(k.replace("_", " "), ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in st.items()]
-    return _section("Setup", "setup", "<p>What was fine-tuned, on what, with which settings.</p>" + _kv(rows))
+    rows += [(f"{k} file", v) for k, v in ds.get("files", {}).items()]
+    knobs = [(k.replace("_", " "), ", ".join(f"{x:g}" for x in v) if isinstance(v, list) else v) for k, v in st.items()]
+    text = ("<p>The base is the pretrained encoder with a classification head added (its weights copied byte for byte; "
+            "the head drawn at random with the seed): the \u201cbefore\u201d model that both fine-tunes start from "
+            "and every diff compares with.</p>")
+    return _section("Setup", "setup", text + f'<div class="grid2">{_kv(rows)}{_kv(knobs)}</div>')
 
 
 def _finetune_section(d: dict[str, Any]) -> str:
@@ -226,15 +259,20 @@ def _intruders_section(d: dict[str, Any], root: Path) -> str:
     text = (f"<p>A left singular vector among the top-{intr['top_k']} of a fine-tuned matrix is an <em>intruder</em> when its "
             f"cosine similarity to every singular vector of the base matrix stays below \u03b5 = {intr['epsilon']} "
             "(arXiv 2410.21228). LoRA tends to introduce them; full fine-tuning mostly does not.</p>")
-    figs = "".join(_figure(root, p) for name, p in plots.items() if name == "intruders_per_layer")
-    sims = [_figure(root, p) for name, p in plots.items() if name.startswith("similarity")]
-    grid = f'<div class="grid2">{"".join(sims)}</div>' if sims else ""
+    modules = sorted(set(intr["lora"]["per_module"]) | set(intr["full"]["per_module"]))
+    by_module = _table(["module type", "LoRA", "full fine-tuning"],
+                       [(m, intr["lora"]["per_module"].get(m, 0), intr["full"]["per_module"].get(m, 0)) for m in modules])
+    figs = "".join(_figure(root, plots[n]) for n in ("intruders_per_layer", "epsilon_sweep") if n in plots)
+    sims = sorted((n for n in plots if n.startswith("similarity_")), key=lambda n: (n.split("_")[1], n.endswith("full")))
+    sim_text = ("<p>Similarity matrices of the LoRA model's matrices with the most intruder energy, "
+                "and of the same matrices after full fine-tuning.</p>") if sims else ""
     return _section("4. Intruder dimensions", "intruders",
-                    text + _table(["model", "intruders", "matrices with intruders"], rows) + figs + grid)
+                    text + '<div class="grid2">' + _table(["model", "intruders", "matrices with intruders"], rows)
+                    + by_module + "</div>" + figs + sim_text + "".join(_figure(root, plots[n]) for n in sims))
 
 
 def _sweep_section(d: dict[str, Any], root: Path) -> str:
-    rows = [(f"{p['lambda']:g}", p["scaled"], pct(p["accuracy"]), num(p["drift"])) for p in d["sweep"]]
+    rows = [(f"{p['lambda']:g}", p["scaled"], pct(p["accuracy"]), drift_text(p["drift"])) for p in d["sweep"]]
     text = ("<p>Each intruder's singular value of the LoRA model is multiplied by \u03bb "
             "(W' = W + (\u03bb \u2212 1)\u00b7\u03a3 \u03c3<sub>j</sub>u<sub>j</sub>v<sub>j</sub><sup>T</sup>); "
             "\u03bb = 1 is the LoRA model itself, \u03bb = 0 removes the intruders.</p>")
@@ -245,7 +283,7 @@ def _sweep_section(d: dict[str, Any], root: Path) -> str:
 
 def _eval_section(d: dict[str, Any]) -> str:
     labels = {"base": "base (before)", "lora": "LoRA (after)", "full": "full fine-tuning (after)"}
-    rows = [(labels.get(k, k), pct(v["accuracy"]), num(v["drift"])) for k, v in d["eval"].items()]
+    rows = [(labels.get(k, k), pct(v["accuracy"]), drift_text(v["drift"])) for k, v in d["eval"].items()]
     text = (f"<p>Task accuracy on the {d['data']['test']} held-out examples; forgetting as embedding drift: "
             f"mean 1 \u2212 cosine similarity between the base's and the model's sentence embeddings on "
             f"{d['data']['probe']} general sentences (0 = unchanged).</p>")

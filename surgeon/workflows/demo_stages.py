@@ -8,6 +8,8 @@ from the workflows' reports, never recomputed here.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,10 +197,72 @@ def evaluate_all(run: DemoRun) -> None:
         point.update(measure(run, run.out / point["output"]))
 
 
-# -- spectral stages (wired to the intruders / scale-intruders workflows) ------------------------------
+# -- spectral stages ------------------------------------------------------------------------------
+SIMILARITY_PLOTS = 2  # matrices whose similarity matrix is drawn, for LoRA and full alike
+
+
+def _intruder_options(run: DemoRun) -> Any:
+    from surgeon.workflows.intruders import IntruderOptions
+
+    return IntruderOptions(epsilon=run.settings.epsilon, top_k=run.settings.top_k)
+
+
+def _intruders(run: DemoRun, key: str, select: str | None, plot_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Intruder summary of model ``key`` against the base, and {matrix name: its similarity plot}."""
+    from surgeon.workflows.intruders import find_intruders
+    from surgeon.workflows.plots import choose
+
+    r = find_intruders(run.paths[key], run.paths["base"], options=_intruder_options(run), device="cpu",
+                       cache=run.paths["svd_cache"], plot=plot_dir, plot_matrices=select)
+    layers = run.results["model"]["layers"]
+    drawn = [Path(p) for p in r.plots if Path(p).name.startswith("similarity-")]
+    similarity = dict(zip((row.name for row in choose(r.matrices, select)), drawn))
+    by_layer = r.totals["per_layer"]
+    summary = {"total": r.totals["intruders"], "matrices": r.totals["matrices"],
+               "matrices_with_intruders": r.totals["with_intruders"],
+               "per_layer": [int(by_layer.get(str(i), 0)) for i in range(layers)],
+               "per_module": dict(r.totals["per_module"]), "epsilon_sweep": dict(r.totals["sweep"]),
+               "seconds": r.seconds}
+    return summary, similarity
+
+
+def _keep_similarity(run: DemoRun, drawn: dict[str, Path], names: list[str], key: str, label: str) -> dict[str, dict[str, str]]:
+    """Move the similarity plots of ``names`` into plots/ (numbered in that order)."""
+    kept = {}
+    for i, name in enumerate(names, 1):
+        rel = f"plots/similarity-{i}-{key}.png"
+        drawn[name].replace(run.out / rel)
+        kept[f"similarity_{i}_{key}"] = {
+            "file": rel, "caption": f"{label}, {name}: |cos| between its top-{run.settings.top_k} left singular "
+                                    "vectors (rows) and the base's (columns); a row with no bright cell is an intruder."}
+    return kept
+
+
 def find_intruders(run: DemoRun) -> None:
-    raise NotImplementedError
+    run.paths["svd_cache"] = run.out / "svd-cache"
+    (run.out / "plots").mkdir(exist_ok=True)
+    scratch = run.out / "plots" / "intruders-scratch"
+    lora, lora_drawn = _intruders(run, "lora", None, scratch / "lora")
+    names = list(lora_drawn)[:SIMILARITY_PLOTS]
+    select = "^(" + "|".join(re.escape(n) for n in names) + ")$" if names else "^$"
+    full, full_drawn = _intruders(run, "full", select, scratch / "full")
+    plots = _keep_similarity(run, lora_drawn, names, "lora", "LoRA")
+    plots.update(_keep_similarity(run, full_drawn, [n for n in names if n in full_drawn], "full", "Full fine-tuning"))
+    shutil.rmtree(scratch)
+    run.results["intruders"] = {"epsilon": run.settings.epsilon, "top_k": run.settings.top_k,
+                                "layers": list(range(run.results["model"]["layers"])), "lora": lora, "full": full}
+    run.results["plots"] = dict(sorted(plots.items()))
 
 
 def scale_sweep(run: DemoRun) -> None:
-    raise NotImplementedError
+    """The merged LoRA model with its intruders' singular values scaled by each lambda."""
+    from surgeon.workflows.scale_intruders import scale_intruders
+
+    points = []
+    for lam in run.settings.lambdas:
+        out = run.out / "models" / f"lora-scaled-{lam:g}"
+        r = scale_intruders(run.paths["lora"], run.paths["base"], out, lam=lam, options=_intruder_options(run),
+                            device="cpu", cache=run.paths["svd_cache"])
+        points.append({"lambda": lam, "scaled": len(r.changes), "intruders": r.totals["intruders"],
+                       "output": run.rel(out), "seconds": r.seconds})
+    run.results["sweep"] = points

@@ -257,7 +257,8 @@ def _triplets(loaded: Loaded, base: svd.BaseBasis, options: IntruderOptions, dev
 
 def _unchanged_row(target: Target, seconds: float) -> MatrixIntruders:
     return MatrixIntruders(target.name, target.layer, target.module, list(target.linear_shape), target.transposed,
-                           "unchanged", [], None, None, None, [], [], 0.0, None, None, {}, "-", 0, 0.0, "-", seconds)
+                           "unchanged", [], None, None, None, [], [], 0.0, None, None, {}, "unchanged", 0, 0.0, "-",
+                           seconds)
 
 
 def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: IntruderOptions, cache_state: str,
@@ -301,7 +302,7 @@ def totals(rows: Sequence[MatrixIntruders]) -> dict[str, Any]:
     per_layer: dict[str, int] = {}
     per_module: dict[str, int] = {}
     swept: dict[str, int] = {f"{e:g}": 0 for e in ops.EPSILON_SWEEP}
-    for row in rows:
+    for row in (r for r in rows if r.status == "analysed"):
         layer = "-" if row.layer is None else str(row.layer)
         per_layer[layer] = per_layer.get(layer, 0) + len(row.intruders)
         per_module[row.module] = per_module.get(row.module, 0) + len(row.intruders)

@@ -9,6 +9,7 @@ Tensors no adapter touches are copied byte for byte.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -291,7 +292,8 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
     targets = [n for n in ckpt.keys() if n in plan.targets]
     position = {n: i for i, n in enumerate(targets)}
     buffers, entries = _Buffers(), []
-    saved_threads = torch.get_num_threads()
+    saved_threads, collecting = torch.get_num_threads(), gc.isenabled()
+    gc.disable()  # the loop makes few objects; collections would only cost time
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io:
         if device.type == "cpu":
             torch.set_num_threads(1)
@@ -322,6 +324,8 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
                 pending.popleft().result()
         finally:
             torch.set_num_threads(saved_threads)
+            if collecting:
+                gc.enable()
     return entries
 
 

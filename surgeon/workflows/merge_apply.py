@@ -52,15 +52,23 @@ def _vera_shared(plan: MergePlan, op: MergeOp, device: torch.device) -> tuple[to
 
 
 def additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torch.device,
-                   scratch: Scratch | None = None, slot: object = None) -> torch.Tensor:
-    """ΔW of the additive kinds (W' = W + ΔW), float32 in the base's layout. With ``scratch``, a LoRA's
-    B·A goes into the reusable buffer ``slot`` (valid until that slot is used again)."""
+                   scratch: Scratch | None = None, slot: object = None) -> torch.Tensor | tuple[torch.Tensor, float]:
+    """ΔW of the additive kinds (W' = W + ΔW), float32 in the base's layout.
+
+    With ``scratch``, a LoRA's B·A goes into the reusable buffer ``slot`` (valid until that slot is
+    used again) and, for a Linear, comes back unscaled as ``(B·A, s)`` for the caller to scale in
+    cache-sized pieces (``round_merged`` does).
+    """
     f = lambda role: factor(plan, op, role, device)  # noqa: E731
     k = op.kind
     if k == "lora":
         lora_A, lora_B = f("lora_A"), f("lora_B")
-        out = None if scratch is None else scratch.get(slot, (lora_B.shape[0], lora_A.shape[1]), device=device)
-        return lora.lora_delta(lora_A, lora_B, op.scaling, fan_in_fan_out=op.fan_in_fan_out, out=out)
+        if scratch is None:
+            return lora.lora_delta(lora_A, lora_B, op.scaling, fan_in_fan_out=op.fan_in_fan_out)
+        out = scratch.get(slot, (lora_B.shape[0], lora_A.shape[1]), device=device)
+        if op.fan_in_fan_out:
+            return lora.lora_delta(lora_A, lora_B, op.scaling, fan_in_fan_out=True, out=out)
+        return torch.matmul(lora_B, lora_A, out=out), op.scaling
     if k == "lora_embedding":
         return lora.lora_embedding_delta(f("lora_embedding_A"), f("lora_embedding_B"), op.scaling)
     if k == "lora_bias":
@@ -108,7 +116,8 @@ def apply_op(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch
         roles = ("hira_embedding_A", "hira_embedding_B") if emb else ("hira_A", "hira_B")
         delta = lora.hira_delta(f(roles[0]), f(roles[1]), fan_in_fan_out=op.fan_in_fan_out, embedding=emb)
         return lora.hira_merge(weight, unmerged, delta if op.weight == 1.0 else delta * op.weight), unmerged
-    return weight + additive_delta(plan, op, weight.shape, device), unmerged
+    delta = additive_delta(plan, op, weight.shape, device)  # without scratch: already scaled
+    return weight + (delta[0] * delta[1] if isinstance(delta, tuple) else delta), unmerged
 
 
 def merge_one(base: Checkpoint, plan: MergePlan, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,194 @@
+"""`surgeon intruders` against the reference method on the ~1.1B-parameter Llama-shaped model.
+
+The model (bf16, random weights, TinyLlama shapes) gets a rank-16 LoRA on all seven linear
+projections of every layer. The reference is the authors' method: for each matrix, a full
+float32 ``torch.linalg.svd`` of the base and of the merged tuned weight, then
+c_j = max_i |u_jᵀu₀,i|. surgeon runs `intruders --base MODEL --adapter LORA` with an empty
+(cold) base cache, then again with the cache filled (warm). Intruder counts must be equal
+matrix by matrix; the script exits 1 if they are not.
+
+Printed side by side from one run: wall time of each (whole process, model files in the
+page cache), ratios to the reference (targets: cold <= 0.6x, warm <= 0.1x), and how many
+matrices were measured. ``--merged`` also times TUNED given as a merged bf16 checkpoint
+(the dense-tuned route) against the reference on those stored weights.
+
+    python benchmarks/intruders_vs_reference.py [--layers 2] [--device cpu] [--merged]
+
+Random Gaussian weights are the hardest case for an iterative top-k (the top singular
+values sit at the edge of a flat bulk, 0.05% apart), so this measures the worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._measure import measure, warm_cache  # noqa: E402
+from benchmarks._models import build_llama_checkpoint, build_lora_adapter  # noqa: E402
+
+PROJ = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, out: str) -> None:
+    """The authors' method on the selected matrices; writes {name: [c_j...]} to ``out``."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    from surgeon.io.checkpoint import Checkpoint
+
+    base = Checkpoint.open(model)
+    lora = safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") if adapter else None
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text()) if adapter else {}
+    tuned_ckpt = Checkpoint.open(tuned) if tuned else None
+    result = {}
+    for name in base.keys():
+        if not re.search(pattern, name):
+            continue
+        w0 = base.get(name).float()
+        if lora is not None:
+            key = "base_model.model." + name[: -len(".weight")]
+            a, b = lora.get_tensor(key + ".lora_A.weight"), lora.get_tensor(key + ".lora_B.weight")
+            wt = w0 + (b @ a) * (config["lora_alpha"] / config["r"])  # peft's merge, float32
+        else:
+            wt = tuned_ckpt.get(name).float()
+        u0, _, _ = torch.linalg.svd(w0, full_matrices=False)
+        ut, _, _ = torch.linalg.svd(wt, full_matrices=False)
+        c = (ut[:, :10].T @ u0).abs().max(dim=1).values
+        result[name] = [float(x) for x in c]
+    Path(out).write_text(json.dumps(result))
+
+
+def _surgeon(args: list[str], out: Path) -> tuple[float, dict]:
+    cmd = " ".join([sys.executable, "-m", "surgeon", "-q", "intruders", *[f"'{a}'" for a in args], "--json"])
+    wall, _ = measure(["bash", "-c", f"{cmd} > {out}"])
+    return wall, json.loads(out.read_text())
+
+
+def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None = None, tuned: Path | None = None
+               ) -> tuple[float, dict]:
+    cmd = [sys.executable, __file__, "--reference", str(model), "--pattern", pattern, "--out", str(out)]
+    cmd += ["--adapter", str(adapter)] if adapter else ["--tuned", str(tuned)]
+    wall, _ = measure(cmd)
+    return wall, json.loads(out.read_text())
+
+
+def _compare(ref: dict, body: dict, eps: float = 0.5) -> tuple[int, int, float, list[str]]:
+    """(reference intruders, surgeon intruders, max |Δc_j|, matrices whose counts differ)."""
+    ours = {m["name"]: m for m in body["matrices"]}
+    n_ref = n_ours = 0
+    worst, differ = 0.0, []
+    for name, c_ref in ref.items():
+        row = ours[name]
+        c_ours = row["cos_left"] or [1.0] * len(c_ref)
+        n_ref += sum(c < eps for c in c_ref)
+        n_ours += len(row["intruders"])
+        worst = max(worst, max(abs(a - b) for a, b in zip(c_ref, c_ours)))
+        if sum(c < eps for c in c_ref) != len(row["intruders"]):
+            differ.append(name)
+    return n_ref, n_ours, worst, differ
+
+
+def _merged_checkpoint(model: Path, adapter: Path, layers: int, out: Path) -> Path:
+    """The selected layers' projections of model + LoRA, merged in float32 and stored bf16 (a "merged" TUNED)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from surgeon.io.checkpoint import Checkpoint
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = {}
+    with Checkpoint.open(model) as base, safe_open(str(adapter / "adapter_model.safetensors"), "pt") as lora:
+        for name in base.keys():
+            if any(f"layers.{i}." in name for i in range(layers)) and name.endswith("proj.weight"):
+                key = "base_model.model." + name[: -len(".weight")]
+                delta = lora.get_tensor(key + ".lora_B.weight") @ lora.get_tensor(key + ".lora_A.weight")
+                tensors[name] = (base.get(name).float() + delta * (config["lora_alpha"] / config["r"])).bfloat16()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _row(label: str, wall: float, ref_wall: float, n: int) -> str:
+    return f"{label:<34} {wall:9.2f} {wall / ref_wall:8.3f} {n:9d}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/surgeon-bench")
+    parser.add_argument("--layers", type=int, default=2, help="Layers measured (7 matrices each; 22 is the whole model).")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--merged", action="store_true", help="Also time TUNED given as a merged checkpoint.")
+    parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tuned", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pattern", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.reference:
+        reference(args.reference, args.adapter, args.tuned, args.pattern, args.out)
+        return
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_llama_checkpoint(work / "llama-1.1b")
+    adapter = build_lora_adapter(model, work / "lora-all-linear-r16", rank=16)
+    pattern = rf"model\.layers\.({'|'.join(str(i) for i in range(args.layers))})\.{PROJ}\.weight$"
+    cache = work / "svd-cache-bench"
+    shutil.rmtree(cache, ignore_errors=True)
+    warm_cache(str(model))
+    common = ["--base", str(model), "--targets", pattern, "--device", args.device, "--cache", str(cache)]
+    ref_wall, ref = _reference(model, pattern, work / "reference.json", adapter=adapter)
+    cold_wall, cold = _surgeon([*common, "--adapter", str(adapter)], work / "cold.json")
+    warm_wall, warm = _surgeon([*common, "--adapter", str(adapter)], work / "warm.json")
+    n = len(ref)
+    print(f"measured {n} matrices ({args.layers} of 22 layers x 7 projections), LoRA r=16 on all linear layers, "
+          f"device {args.device}\n")
+    print(f"{'':<34} {'wall s':>9} {'ratio':>8} {'matrices':>9}")
+    print(_row("reference (full SVD x2, float32)", ref_wall, ref_wall, n))
+    print(_row("surgeon intruders, cold cache", cold_wall, ref_wall, len(cold["matrices"])))
+    print(_row("surgeon intruders, warm cache", warm_wall, ref_wall, len(warm["matrices"])))
+    failed = _report_agreement("adapter", ref, [cold, warm])
+    print(f"\ncold/reference: {cold_wall / ref_wall:.3f}x (target <= 0.6x); "
+          f"warm/reference: {warm_wall / ref_wall:.3f}x (target <= 0.1x)")
+    print(f"surgeon methods: {warm['methods']}; cache {cold['cache']['misses']} misses then {warm['cache']['hits']} hits")
+    if args.merged:
+        failed |= _merged(model, adapter, args, work, cache, common)
+    sys.exit(1 if failed else 0)
+
+
+def _report_agreement(label: str, ref: dict, bodies: list[dict]) -> bool:
+    failed = False
+    for body in bodies:
+        n_ref, n_ours, worst, differ = _compare(ref, body)
+        print(f"{label}: intruders reference {n_ref}, surgeon {n_ours}; max |Δc_j| {worst:.2e}; "
+              f"matrices with different counts: {len(differ)}" + (f" ({', '.join(differ)})" if differ else ""))
+        failed |= bool(differ)
+    return failed
+
+
+def _merged(model: Path, adapter: Path, args: argparse.Namespace, work: Path, cache: Path, common: list[str]) -> bool:
+    merged = _merged_checkpoint(model, adapter, args.layers, work / f"merged-{args.layers}-layers")
+    pattern = common[common.index("--targets") + 1]
+    shutil.rmtree(cache, ignore_errors=True)
+    ref_wall, ref = _reference(model, pattern, work / "reference-merged.json", tuned=merged)
+    cold_wall, cold = _surgeon([str(merged), *common], work / "cold-merged.json")
+    warm_wall, warm = _surgeon([str(merged), *common], work / "warm-merged.json")
+    print(f"\nTUNED as a merged bf16 checkpoint ({len(ref)} matrices):")
+    print(_row("reference (full SVD x2, float32)", ref_wall, ref_wall, len(ref)))
+    print(_row("surgeon intruders, cold cache", cold_wall, ref_wall, len(cold["matrices"])))
+    print(_row("surgeon intruders, warm cache", warm_wall, ref_wall, len(warm["matrices"])))
+    print(f"surgeon methods: {warm['methods']}")
+    return _report_agreement("merged", ref, [cold, warm])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Merge a rank-16 LoRA on all seven projections into the ~1.1B-parameter bf16 Llama-shaped
+checkpoint: `surgeon merge` vs peft (load + merge_and_unload + save_pretrained) vs `cp -r`.
+
+Prints, side by side in one run, the wall time and peak RSS of each (median / max over
+--repeat runs, contenders interleaved, page cache warmed the same way before each), the
+ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB), and checks
+that surgeon's merged tensors equal peft's bit for bit on a sample.
+
+    python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._measure import measure, warm_cache  # noqa: E402
+from benchmarks._models import build_llama_checkpoint, build_lora_adapter  # noqa: E402
+
+PEFT_MERGE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def contenders(model: Path, adapter: Path, workdir: Path) -> dict[str, tuple[list[str], Path]]:
+    return {
+        "cp -r": (["cp", "-r", str(model), str(workdir / "merge-out-cp")], workdir / "merge-out-cp"),
+        "surgeon merge": ([sys.executable, "-m", "surgeon", "-q", "merge", str(model), str(adapter),
+                           "-o", str(workdir / "merge-out-surgeon")], workdir / "merge-out-surgeon"),
+        "peft": ([sys.executable, "-c", PEFT_MERGE, str(model), str(adapter), str(workdir / "merge-out-peft")],
+                 workdir / "merge-out-peft"),
+    }
+
+
+def same_as_peft(surgeon_out: Path, peft_out: Path, sample: int = 12) -> tuple[int, int]:
+    """(tensors compared, tensors bit-identical) on a sample spread over the model."""
+    from surgeon.io.checkpoint import Checkpoint
+
+    with Checkpoint.open(surgeon_out) as ours, Checkpoint.open(peft_out) as theirs:
+        names = [n for n in ours.keys() if "proj" in n]
+        picked = names[:: max(1, len(names) // sample)][:sample] + ["model.embed_tokens.weight"]
+        equal = sum(ours.read_raw(n) == theirs.read_raw(n) for n in picked)
+        return len(picked), equal
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/surgeon-bench")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = build_llama_checkpoint(workdir / "llama-1.1b")
+    adapter = build_lora_adapter(model, workdir / "llama-1.1b-lora16", rank=16)
+    runs = contenders(model, adapter, workdir)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    rss: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(args.repeat):
+        for label, (cmd, out) in runs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            warm_cache(str(model))
+            wall, peak = measure(cmd)
+            times[label].append(wall)
+            rss[label].append(peak)
+            if i < args.repeat - 1 or label == "cp -r":
+                shutil.rmtree(out, ignore_errors=True)
+    compared, equal = same_as_peft(runs["surgeon merge"][1], runs["peft"][1])
+    for _, out in runs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9
+    load = os.getloadavg()[0]
+    print(f"model: {size:.2f} GB bf16, 3 shards; LoRA r=16 on 7 projections x 22 layers; "
+          f"{os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeat}")
+    print(f"{'contender':<14} {'wall s':>8} {'peak RSS MB':>12} {'x cp':>6}")
+    cp = statistics.median(times["cp -r"])
+    for label in runs:
+        wall = statistics.median(times[label])
+        print(f"{label:<14} {wall:8.2f} {max(rss[label]):12.0f} {wall / cp:6.2f}")
+    ours, peft = statistics.median(times["surgeon merge"]), statistics.median(times["peft"])
+    print(f"\nsurgeon / cp:   {ours / cp:.2f}x  (target <= 1.5x)")
+    print(f"surgeon / peft: {ours / peft:.2f}x  (target <= 0.5x)")
+    print(f"surgeon peak RSS: {max(rss['surgeon merge']):.0f} MB  (target <= 1024 MB); peft: {max(rss['peft']):.0f} MB")
+    print(f"bit-identical to peft's merge: {equal}/{compared} sampled tensors")
+
+
+if __name__ == "__main__":
+    main()
