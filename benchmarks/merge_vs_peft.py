@@ -6,12 +6,13 @@ Prints, side by side in one run, the wall time and peak RSS of each (median / ma
 ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB), and checks
 that surgeon's merged tensors equal peft's bit for bit on a sample.
 
-    python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2]
+    python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2] [--scale 1.0]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -59,11 +60,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/surgeon-bench")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0, help="model size relative to 1.1B (for a quick try)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    model = build_llama_checkpoint(workdir / "llama-1.1b")
-    adapter = build_lora_adapter(model, workdir / "llama-1.1b-lora16", rank=16)
+    label = "llama-1.1b" if args.scale == 1.0 else f"llama-x{args.scale:g}"
+    model = build_llama_checkpoint(workdir / label, scale=args.scale)
+    adapter = build_lora_adapter(model, workdir / f"{label}-lora16", rank=16)
     runs = contenders(model, adapter, workdir)
     times: dict[str, list[float]] = {k: [] for k in runs}
     rss: dict[str, list[float]] = {k: [] for k in runs}
@@ -81,7 +84,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9
     load = os.getloadavg()[0]
-    print(f"model: {size:.2f} GB bf16, 3 shards; LoRA r=16 on 7 projections x 22 layers; "
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    print(f"model: {size:.2f} GB bf16, 3 shards; LoRA r=16 on 7 projections x {layers} layers; "
           f"{os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeat}")
     print(f"{'contender':<14} {'wall s':>8} {'peak RSS MB':>12} {'x cp':>6}")
     cp = statistics.median(times["cp -r"])

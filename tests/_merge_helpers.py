@@ -86,7 +86,8 @@ def peft_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtyp
     return model.eval()
 
 
-def peft_merged(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def peft_merged(base: Path, adapters: list[tuple[Path, float]],
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """peft's merge_and_unload() state dict (the reference)."""
     model = peft_model(base, adapters, dtype)
     names = [f"a{i}" for i in range(len(adapters))]

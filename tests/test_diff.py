@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from _diff_helpers import LLAMA_TARGETS, float32_merge_bound, lora_delta, make_lora_adapter, merge_with_peft
 from surgeon.cli.main import cli
-from surgeon.ops.task_vector import rank_stats, ulp, ulps_of
+from surgeon.ops.task_vector import measure_delta, rank_stats, ulp, ulps_of
 from surgeon.workflows.diff import diff_checkpoints
 
 LAYERS = 2
@@ -98,18 +98,37 @@ def test_hand_set_classes_and_ranks(tmp_path):
     low_rank = (u * torch.tensor([3.0, 0.5])) @ v.T  # singular values 3 and 0.5: 97.3% of the energy in σ₁
     base = {"zero": torch.zeros(8, 6), "w": torch.randn(8, 6), "v": torch.randn(5)}
     nudged = base["w"].bfloat16()
-    nudged[2, 3] = torch.nextafter(nudged[2, 3], torch.tensor(10.0, dtype=torch.bfloat16))
+    small = int(base["w"].abs().argmin())  # one ulp there is below ½ ulp at max |w|: needs the elementwise check
+    flat = nudged.view(-1)
+    flat[small] = torch.nextafter(flat[small], torch.tensor(10.0, dtype=torch.bfloat16))
+    moved_big = base["w"].bfloat16()
+    moved_big.view(-1)[int(base["w"].abs().argmax())] *= 2
+    base["big"] = base["w"].clone()
     save_file(base, tmp_path / "base.safetensors")
-    save_file({"zero": low_rank, "w": nudged, "v": base["v"].bfloat16()}, tmp_path / "tuned.safetensors")
+    save_file({"zero": low_rank, "w": nudged, "v": base["v"].bfloat16(), "big": moved_big},
+              tmp_path / "tuned.safetensors")
     r = {d.name: d for d in diff_checkpoints(tmp_path / "tuned.safetensors", tmp_path / "base.safetensors").tensors}
     assert r["v"].status == "rounding_only" and r["v"].rounding_dtype == "BF16"
-    assert r["w"].status == "changed" and r["w"].beyond_rounding == 1
+    assert r["w"].status == "changed" and r["w"].beyond_rounding == 1 and 0.5 < r["w"].max_ulps <= 1.5
+    assert r["big"].status == "changed" and r["big"].beyond_rounding is None  # max |τ| alone decides
     z = r["zero"].rank
     assert r["zero"].status == "changed" and z is not None
     assert (z.numerical_rank, z.rank_90, z.rank_99) == (2, 1, 2)
     assert z.stable_rank == pytest.approx(9.25 / 9, rel=1e-5)
     assert z.sigma_max == pytest.approx(3.0, rel=1e-5)
     assert rank_stats(torch.zeros(4, 3)).numerical_rank == 0
+
+
+def test_non_finite_values():
+    nan, inf = float("nan"), float("inf")
+    base = torch.tensor([1.0, nan, inf, -inf, 2.0])
+    delta, m = measure_delta(base.clone(), base, torch.float32)
+    assert m.status == "identical" and torch.equal(delta, torch.zeros(5))
+    tuned = base.clone()
+    tuned[0] = nan
+    assert measure_delta(tuned, base, torch.float32)[1].status == "changed"
+    rounded = torch.tensor([1.0001, nan, inf, -inf, 2.0])
+    assert measure_delta(rounded.half(), rounded, torch.float16)[1].status == "rounding_only"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -17,6 +17,7 @@ from surgeon.cli.main import cli
 
 MERGEABLE = "LORA, ADALORA, VERA, IA3, LOHA, LOKR, HIRA"
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
+D = "base_model.model.model.layers.0.mlp.down_proj"  # sorts first in the adapter file: the first offending tensor
 
 
 def run(*args: object) -> object:
@@ -124,14 +125,14 @@ def wider_llama(tmp_path_factory) -> Path:
 
 def test_shape_mismatch_names_the_first_offending_tensor_and_both_shapes(tiny_llama, wider_llama, lora, tmp_path):
     expect_error(run(wider_llama, lora, "-o", tmp_path / "out"),
-                 f"{lora}: adapter tensor '{Q}.lora_A.weight' gives a change of shape [32, 32] for base tensor "
-                 "'model.layers.0.self_attn.q_proj.weight', which is [48, 48]; the adapter was trained on a different "
+                 f"{lora}: adapter tensor '{D}.lora_A.weight' gives a change of shape [32, 64] for base tensor "
+                 "'model.layers.0.mlp.down_proj.weight', which is [48, 64]; the adapter was trained on a different "
                  f"model (its config names '{tiny_llama}'). Merge it onto the model it was trained on.")
 
 
 def test_adapter_for_another_architecture(tiny_gpt2, tiny_llama, lora, tmp_path):
     expect_error(run(tiny_gpt2, lora, "-o", tmp_path / "out"),
-                 f"{lora}: adapter tensor '{Q}.lora_A.weight' targets 'model.layers.0.self_attn.q_proj.weight', which "
+                 f"{lora}: adapter tensor '{D}.lora_A.weight' targets 'model.layers.0.mlp.down_proj.weight', which "
                  f"the base {tiny_gpt2} does not have; the adapter was trained on a different model (its config names "
                  f"'{tiny_llama}'). Merge it onto the model it was trained on.")
 
@@ -143,6 +144,14 @@ def test_ambiguous_module_name(tiny_llama, tmp_path):
                  "(model.layers.0.self_attn.q_proj.weight, model.layers.1.self_attn.q_proj.weight); the adapter and "
                  "base use different module prefixes. Give the base model the adapter was trained on (same "
                  "architecture class) so the names line up.")
+
+
+def test_convolution_adapters_are_refused(tiny_llama, tmp_path):
+    conv = {f"{Q}.lora_A.weight": torch.zeros(2, 32, 3, 3), f"{Q}.lora_B.weight": torch.zeros(32, 2, 1, 1)}
+    ad = hand_adapter(tmp_path / "conv", conv)
+    expect_error(run(tiny_llama, ad, "-o", tmp_path / "out"),
+                 f"{ad}: adapter tensor '{Q}.lora_A.weight' is 4-dimensional (a convolution layer); surgeon merges "
+                 "linear, Conv1D and embedding layers only. Merge this adapter with peft's merge_and_unload().")
 
 
 def test_rank_in_config_does_not_match_weights(tiny_llama, tmp_path):

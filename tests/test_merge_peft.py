@@ -40,11 +40,14 @@ def adalora_allocate(model: torch.nn.Module) -> None:
 
 LLAMA_CASES = {
     "lora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_ALL), None),
+    "fan_in_fan_out_flag_on_linear": (peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], fan_in_fan_out=True),
+                                      None),  # peft ignores the flag on nn.Linear (square weights: must not transpose)
     "rslora_patterns": (peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
                                         rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
                                         alpha_pattern={"down_proj": 3}), None),
     "embedding_and_head": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]), None),
-    "dora": (peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj", "embed_tokens"]), None),
+    "dora": (peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj", "embed_tokens"]),
+             None),
     "dora_rslora": (peft.LoraConfig(r=4, lora_alpha=16, use_dora=True, use_rslora=True, target_modules=["v_proj"]), None),
     "modules_to_save": (peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"]), None),
     "adalora_pruned": (peft.AdaLoraConfig(init_r=6, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=4,

@@ -37,12 +37,23 @@ def _low_precision_case(base, tmp_path, configs, weights, dtype):
     return read_folder(tmp_path / "out"), peft_merged(upcast, pairs), peft_merged(base, pairs, dtype), report
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "two_weighted"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+LOW_PRECISION_CASES = {
+    "lora": ([LORA], [1.0]),
+    "dora": ([DORA], [1.0]),
+    "two_weighted": ([LORA, DORA], [0.6, 0.9]),
+    "ia3": ([peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])], [1.0]),
+    "vera": ([peft.VeraConfig(r=4, target_modules=["q_proj", "up_proj"])], [1.0]),
+    "loha": ([peft.LoHaConfig(r=4, target_modules=["q_proj", "down_proj"])], [1.0]),
+    "lokr": ([peft.LoKrConfig(r=4, target_modules=["v_proj"])], [1.0]),
+    "hira": ([peft.HiraConfig(r=4, target_modules=["q_proj", "down_proj"])], [1.0]),
+}
+
+
+@pytest.mark.parametrize("case,dtype", [(c, torch.bfloat16) for c in LOW_PRECISION_CASES]
+                         + [(c, torch.float16) for c in ("lora", "dora", "two_weighted")])
 def test_low_precision_base_rounds_once(case, dtype, tiny_llama_bf16, llama_fp16, tmp_path):
     base = tiny_llama_bf16 if dtype == torch.bfloat16 else llama_fp16
-    configs, weights = {"lora": ([LORA], [1.0]), "dora": ([DORA], [1.0]),
-                        "two_weighted": ([LORA, DORA], [0.6, 0.9])}[case]
+    configs, weights = LOW_PRECISION_CASES[case]
     ours, ref32, theirs, report = _low_precision_case(base, tmp_path, configs, weights, dtype)
     assert report.merged > 0
     for name, tensor in ours.items():

@@ -70,7 +70,10 @@ def vera_delta(
     vera_A: torch.Tensor, vera_B: torch.Tensor, lambda_b: torch.Tensor, lambda_d: torch.Tensor,
     *, in_features: int, out_features: int, fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
-    """ΔW = (λ_b ⊙ B[:out]) · (λ_d ⊙ A[:, :in]). Shared A: (r × max_in), B: (max_out × r); λ_b: (out,), λ_d: (r,)."""
+    """ΔW = (λ_b ⊙ B[:out]) · (λ_d ⊙ A[:, :in]).
+
+    Shared A: (r × max_in), B: (max_out × r); λ_b: (out,), λ_d: (r,).
+    """
     sliced_A = vera_A[:, :in_features]
     sliced_B = vera_B[:out_features, :]
     return _t((lambda_b.unsqueeze(-1) * sliced_B) @ (lambda_d.unsqueeze(-1) * sliced_A), fan_in_fan_out)

@@ -18,6 +18,7 @@ Matrices are in ``nn.Linear`` orientation (out × in); transpose a GPT-2 Conv1D 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,25 +125,37 @@ def _orth(x: torch.Tensor, basis: torch.Tensor | None, generator: torch.Generato
         if basis is not None:
             x = x - basis @ (basis.T @ x)
     q, r = torch.linalg.qr(x)
-    lost = r.diagonal().abs() <= 1e-10 * max(scale, 1e-300)
+    lost = r.diagonal().abs() <= 1e-8 * max(scale, 1e-300)
     if bool(lost.any()):  # the Krylov space is (nearly) invariant: continue with fresh directions
         fresh = torch.randn(x.shape[0], int(lost.sum()), generator=generator, dtype=x.dtype).to(x.device)
         x = x.clone()
         x[:, lost] = fresh
         return _orth(x, basis, generator)
-    if basis is not None:
-        q = q - basis @ (basis.T @ q)
-        q, _ = torch.linalg.qr(q)
     return q
 
 
-def _check_points(limit: int) -> set[int]:
-    """Block counts after which the Ritz pairs are checked: 2, 3, 5, 8, 12, 17, 24, ... (x1.4)."""
-    points, n = set(), 2
-    while n <= limit:
-        points.add(n)
-        n = max(n + 1, int(n * 1.4))
-    return points
+class _Schedule:
+    """When to compute Ritz pairs: geometrically at first, then where the observed (linear in the
+    Krylov dimension) decay of log(residual/tolerance) predicts convergence."""
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.next = 2 * block
+        self.seen: list[tuple[int, float]] = []
+
+    def due(self, d: int) -> bool:
+        return d >= self.next
+
+    def observed(self, d: int, excess: float) -> None:
+        """``excess`` = max residual / tolerance (> 1: not converged) at Krylov dimension ``d``."""
+        self.seen.append((d, math.log(max(excess, 1.0 + 1e-12))))
+        step = max(self.block, int(0.4 * d))
+        if len(self.seen) >= 2:
+            (d0, l0), (d1, l1) = self.seen[-2], self.seen[-1]
+            slope = (l1 - l0) / max(d1 - d0, 1)
+            if slope < 0:  # aim just past the predicted convergence, never more than 40% further
+                step = min(step, max(self.block, int(1.05 * l1 / -slope)))
+        self.next = d + step
 
 
 def krylov_eigs(
@@ -152,10 +165,11 @@ def krylov_eigs(
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Top-k eigenpairs (θ descending, Y (dim × k)) of a symmetric PSD operator G = WWᵀ, or None.
 
-    Block Lanczos with full reorthogonalization. Accepted when every pair's singular
-    residual ‖G y − θ y‖/√θ is ≤ tol·√θ₁ (the residual ‖W v − σ u‖ of the triplet it
-    gives); None when the Krylov basis would pass ``max_dim`` first. ``start`` (dim × s):
-    directions to begin with (filled up to ``block`` with G·random).
+    Block Lanczos with full reorthogonalization; the projected matrix QᵀGQ grows a block at
+    a time. Accepted when every pair's singular residual ‖G y − θ y‖/√θ is ≤ tol·√θ₁ (the
+    residual ‖W v − σ u‖ of the triplet it gives); None when the Krylov basis would pass
+    ``max_dim`` first. ``start`` (dim × s): directions to begin with (filled up to
+    ``block`` with G·random).
     """
     gen = generator or torch.Generator().manual_seed(_SEED)
     block = min(block, dim)
@@ -166,35 +180,37 @@ def krylov_eigs(
     max_dim = min(max_dim, dim)
     basis = torch.empty(dim, max_dim, dtype=dtype, device=device)
     image = torch.empty_like(basis)
-    q = _orth(first, None, gen)
-    d, blocks, checks = 0, 0, _check_points(max_dim // max(block, 1) + 2)
+    h = torch.empty(max_dim, max_dim, dtype=dtype, device=device)
+    q, d, schedule = _orth(first, None, gen), 0, _Schedule(block)
     while True:
         width = q.shape[1]
         basis[:, d:d + width] = q
         image[:, d:d + width] = apply(q)
-        d, blocks = d + width, blocks + 1
-        last = d >= max_dim
-        if blocks in checks or last:
-            found = _ritz(basis[:, :d], image[:, :d], k, tol)
+        d += width
+        h[:d, d - width:d] = basis[:, :d].T @ image[:, d - width:d]
+        h[d - width:d, :d] = h[:d, d - width:d].T
+        if schedule.due(d) or d >= max_dim:
+            found, excess = _ritz(basis[:, :d], image[:, :d], h[:d, :d], k, tol)
             if found is not None:
                 return found[0], found[1], d
-            if last:
+            if d >= max_dim:
                 return None
+            schedule.observed(d, excess)
         q = _orth(image[:, d - width:d][:, :min(block, max_dim - d)], basis[:, :d], gen)
 
 
-def _ritz(basis: torch.Tensor, image: torch.Tensor, k: int, tol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    h = basis.T @ image
+def _ritz(basis: torch.Tensor, image: torch.Tensor, h: torch.Tensor, k: int, tol: float
+          ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
+    """((θ, Y) if the top-k Ritz pairs pass the residual test, else None; max residual / tolerance)."""
     theta, z = torch.linalg.eigh((h + h.T) / 2)
     theta, z = theta.flip(0)[:k].clamp_min(0), z.flip(1)[:, :k]
+    if theta.numel() < k or float(theta[-1]) <= _TINY**2 * float(theta[0]):
+        return None, math.inf  # (nearly) rank-deficient top-k: leave it to the dense route
     y = basis @ z
     rho = (image @ z - y * theta).norm(dim=0)
     sigma = theta.sqrt()
-    if theta.numel() < k or float(sigma[-1]) <= _TINY * float(sigma[0]):
-        return None  # rank-deficient top-k: leave it to the dense route
-    if bool((rho / sigma <= tol * sigma[0]).all()):
-        return theta, y
-    return None
+    excess = float((rho / sigma).max()) / (tol * float(sigma[0]))
+    return ((theta, y) if excess <= 1.0 else None), excess
 
 
 def _krylov_budget(dim: int, block: int, method: str) -> int:

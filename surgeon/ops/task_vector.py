@@ -18,6 +18,7 @@ Rank statistics of a 2-D τ use its singular values (float64 Gram eigenvalues, s
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,9 +54,10 @@ def task_vector(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """
     t = tuned.to(torch.float32)
     b = base.to(torch.float32)
-    delta = t - b
-    same = (t == b) | (torch.isnan(t) & torch.isnan(b))
-    return delta.masked_fill_(same, 0.0)
+    delta = torch.sub(t, b)
+    if bool(torch.isnan(delta).any()):  # NaN operands or inf − inf: equal values give 0
+        delta.masked_fill_((t == b) | (torch.isnan(t) & torch.isnan(b)), 0.0)
+    return delta
 
 
 @torch.no_grad()
@@ -82,6 +84,14 @@ class RoundingCheck:
 
     max_ulps: float
     beyond: int
+
+
+def abs_max(x: torch.Tensor) -> float:
+    """max |x| (NaN if x holds one); aminmax is several times faster than abs().max()."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high)) if not (torch.isnan(low) or torch.isnan(high)) else float("nan")
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -132,14 +142,54 @@ def rounding_check(delta: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) 
     return RoundingCheck(max_ulps=max_ulps, beyond=beyond)
 
 
-def classify(delta: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[str, RoundingCheck]:
-    """(status, check) of τ against ``dtype`` (the tuned tensor's stored dtype unless overridden)."""
-    if not bool(delta.ne(0).any()):
-        return IDENTICAL, RoundingCheck(0.0, 0)
-    if not is_float_dtype(dtype):
-        return CHANGED, RoundingCheck(float("inf"), int(delta.ne(0).sum()))
-    check = rounding_check(delta, base, dtype)
-    return (ROUNDING_ONLY if check.beyond == 0 else CHANGED), check
+@dataclass(frozen=True)
+class DeltaMeasure:
+    """One τ: its class, ‖τ‖_F, ‖θ_base‖_F, max |τ| and, when it was needed to decide the
+    class, the elementwise comparison with ½ ulp (``max_ulps``/``beyond``; None when
+    max |τ| > ½ ulp_d(max |θ_base|) already proves the tensor changed)."""
+
+    status: str
+    norm: float
+    base_norm: float
+    max_abs: float
+    max_ulps: float | None
+    beyond: int | None
+
+    @property
+    def relative(self) -> float | None:
+        return self.norm / self.base_norm if self.base_norm > 0 else None
+
+
+@torch.no_grad()
+def measure_delta(
+    tuned: torch.Tensor, base: torch.Tensor, rounding: torch.dtype | None
+) -> tuple[torch.Tensor, DeltaMeasure]:
+    """(τ float32, its measure) for two tensors of one shape.
+
+    ``rounding`` is the dtype whose ½ ulp defines "rounding only" (normally the tuned
+    tensor's stored dtype); None for non-float tensors, which are identical or changed.
+    Few passes over the data: the elementwise ulp check runs only when the cheap bound
+    max |τ| ≤ ½ ulp_d(max |θ_base|) leaves the class open.
+    """
+    b = base.to(torch.float32)
+    delta = torch.sub(tuned.to(torch.float32), b)
+    norm = float(torch.linalg.vector_norm(delta)) if delta.numel() else 0.0
+    if not math.isfinite(norm):  # NaN/inf somewhere: make equal values (NaN/NaN, inf/inf) give 0
+        delta = task_vector(tuned, base)
+        norm = float(torch.linalg.vector_norm(delta))
+    max_abs = abs_max(delta)
+    base_norm = float(torch.linalg.vector_norm(b)) if b.numel() else 0.0
+    if max_abs == 0.0:
+        return delta, DeltaMeasure(IDENTICAL, 0.0, base_norm, 0.0, 0.0, 0)
+    if rounding is None or not is_float_dtype(rounding):
+        return delta, DeltaMeasure(CHANGED, norm, base_norm, max_abs, None, None)
+    base_max = abs_max(b)
+    bound = 0.5 * float(ulp(torch.tensor([base_max]), rounding)[0]) if math.isfinite(base_max) else math.inf
+    if not max_abs <= bound:  # one element already beyond ½ ulp at the largest |θ_base|; NaN lands here too
+        return delta, DeltaMeasure(CHANGED, norm, base_norm, max_abs, None, None)
+    check = rounding_check(delta, b, rounding)
+    status = ROUNDING_ONLY if check.beyond == 0 else CHANGED
+    return delta, DeltaMeasure(status, norm, base_norm, max_abs, check.max_ulps, check.beyond)
 
 
 @dataclass(frozen=True)
@@ -220,28 +270,3 @@ def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None)
         sigma_max=sigma_max,
         tolerance=tolerance,
     )
-
-
-@dataclass(frozen=True)
-class DeltaNorms:
-    """‖τ‖_F, ‖θ_base‖_F and max |τ| (float32 reductions)."""
-
-    norm: float
-    base_norm: float
-    max_abs: float
-
-    @property
-    def relative(self) -> float | None:
-        return self.norm / self.base_norm if self.base_norm > 0 else None
-
-
-@torch.no_grad()
-def delta_norms(delta: torch.Tensor, base: torch.Tensor) -> DeltaNorms:
-    """Norms of τ and θ_base (any shape)."""
-    d = delta.reshape(-1)
-    b = base.reshape(-1)
-    if d.numel() == 0:
-        return DeltaNorms(0.0, 0.0, 0.0)
-    norm = float(torch.linalg.vector_norm(d.to(torch.float32)))
-    base_norm = float(torch.linalg.vector_norm(b.to(torch.float32)))
-    return DeltaNorms(norm, base_norm, float(d.abs().max()))

@@ -23,7 +23,7 @@ from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
-from surgeon.ops.task_vector import is_float_dtype
+from surgeon.ops.task_vector import abs_max, is_float_dtype
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import parse_dtype
@@ -172,7 +172,7 @@ def _write_one(writer: CheckpointWriter, base: Checkpoint, name: str, st: str,
     A τ that is all zeros (``diff --all`` writes those for identical tensors) is no term,
     so such a tensor stays byte-identical to the base.
     """
-    loaded = [(w, d) for w, d in ((w, tv.get(name)) for w, tv in terms) if bool(d.ne(0).any())]
+    loaded = [(w, d) for w, d in ((w, tv.get(name)) for w, tv in terms) if abs_max(d) != 0.0]
     if loaded:
         writer.write(name, combine(base.get(name), loaded).to(torch_dtype(st)))
     elif st == base.info(name).dtype:

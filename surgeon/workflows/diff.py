@@ -25,7 +25,7 @@ from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.ops.task_vector import (
-    CHANGED, IDENTICAL, ROUNDING_ONLY, RankStats, RoundingCheck, classify, delta_norms, is_float_dtype, rank_stats, task_vector,
+    CHANGED, IDENTICAL, ROUNDING_ONLY, DeltaMeasure, RankStats, is_float_dtype, measure_delta, rank_stats, task_vector,
 )
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
@@ -37,7 +37,8 @@ TASK_VECTOR_KIND = "task_vector"
 @dataclass(frozen=True)
 class TensorDiff:
     """One tensor's τ. ``max_ulps``: max |τ| / ulp of ``rounding_dtype`` at |θ_base|;
-    ``beyond_rounding``: elements with |τ| > ½ ulp; ``rank``: 2-D changed tensors only."""
+    ``beyond_rounding``: elements with |τ| > ½ ulp (both None when max |τ| alone shows the
+    tensor changed, and for non-float tensors); ``rank``: 2-D changed tensors only."""
 
     name: str
     status: str
@@ -50,8 +51,8 @@ class TensorDiff:
     base_norm: float
     relative_norm: float | None
     max_abs: float
-    max_ulps: float
-    beyond_rounding: int
+    max_ulps: float | None
+    beyond_rounding: int | None
     rank: RankStats | None = None
 
 
@@ -195,22 +196,20 @@ def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Option
     t_info, b_info = tuned.info(name), base.info(name)
     t, b, same_bytes = load_pair(tuned, base, name)
     rounding = opts.rounding_dtype or t_info.dtype
+    floats = is_float_dtype(t.dtype) and is_float_dtype(b.dtype)
     if same_bytes:  # identical without arithmetic
         delta = torch.zeros(t.shape, dtype=torch.float32)
-        status, check = IDENTICAL, RoundingCheck(0.0, 0)
+        base_norm = float(torch.linalg.vector_norm(b.to(torch.float32))) if floats and b.numel() else 0.0
+        m = DeltaMeasure(IDENTICAL, 0.0, base_norm, 0.0, 0.0, 0)
     else:
-        delta = task_vector(t, b)
-        floats = is_float_dtype(t.dtype) and is_float_dtype(b.dtype)
-        status, check = classify(delta, b, torch_dtype(rounding) if floats else torch.int64)
-    norms = delta_norms(delta, b)
+        delta, m = measure_delta(t, b, torch_dtype(rounding) if floats else None)
     rank = None
-    if opts.ranks and status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
+    if opts.ranks and m.status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
         rank = rank_stats(delta, device=opts.device)
     diff = TensorDiff(
-        name=name, status=status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,
-        shape=list(t_info.shape), parameters=t_info.numel, norm=norms.norm, base_norm=norms.base_norm,
-        relative_norm=norms.relative, max_abs=norms.max_abs, max_ulps=check.max_ulps,
-        beyond_rounding=check.beyond, rank=rank,
+        name=name, status=m.status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,
+        shape=list(t_info.shape), parameters=t_info.numel, norm=m.norm, base_norm=m.base_norm,
+        relative_norm=m.relative, max_abs=m.max_abs, max_ulps=m.max_ulps, beyond_rounding=m.beyond, rank=rank,
     )
     return diff, delta
 

@@ -75,14 +75,18 @@ def compare_delta(
     name: str, status: str, delta: torch.Tensor, adapter_delta: torch.Tensor, base: torch.Tensor,
     stored: torch.dtype, tolerance: float,
 ) -> TargetCheck:
-    """Compare τ with ΔW (same shape as ``base``, float32); ``stored``: the tuned tensor's dtype."""
+    """Compare τ with ΔW (same shape as ``base``, float32); ``stored``: the tuned tensor's dtype.
+
+    The cosine comes from three float32 norms, cos = (‖τ‖² + ‖ΔW‖² − ‖τ − ΔW‖²) / (2‖τ‖‖ΔW‖),
+    which stays accurate when τ ≈ ΔW (no float64 copies of the tensors).
+    """
     residual = delta - adapter_delta
-    t64, d64 = delta.reshape(-1).double(), adapter_delta.reshape(-1).double()
-    d_norm = float(torch.linalg.vector_norm(d64))
-    t_norm = float(torch.linalg.vector_norm(t64))
+    d_norm = float(torch.linalg.vector_norm(adapter_delta))
+    t_norm = float(torch.linalg.vector_norm(delta))
     r_norm = float(torch.linalg.vector_norm(residual))
     if d_norm > 0 and t_norm > 0:
-        cosine = max(-1.0, min(1.0, float(torch.dot(t64, d64)) / (d_norm * t_norm)))
+        one_minus = (r_norm**2 - (t_norm - d_norm) ** 2) / (2 * t_norm * d_norm)
+        cosine = max(-1.0, min(1.0, 1.0 - one_minus))
     else:
         cosine = 1.0 if d_norm == t_norm else 0.0
     relative = r_norm / d_norm if d_norm > 0 else (0.0 if r_norm == 0 else float("inf"))

@@ -31,7 +31,7 @@ from surgeon.io.adapter_writer import AdapterWritten, SavedTensor, write_lora_ad
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.ops.lora_extract import LoraFactors, factorize
-from surgeon.ops.task_vector import CHANGED, classify, is_float_dtype, task_vector
+from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
 from surgeon.progress import progress
 from surgeon.provenance import provenance
 from surgeon.workflows.convert import parse_dtype
@@ -165,9 +165,8 @@ def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dic
         t, b, same = load_pair(tuned, base, name)
         if same:
             continue
-        delta = task_vector(t, b)
-        status, _ = classify(delta, b, t.dtype)
-        if status != CHANGED:
+        delta, measure = measure_delta(t, b, t.dtype)
+        if measure.status != CHANGED:
             continue
         if name in candidates:
             module, kind = candidates[name]

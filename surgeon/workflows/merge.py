@@ -37,7 +37,7 @@ from surgeon.workflows.merge_apply import ADDITIVE, Scratch, additive_delta, app
 from surgeon.workflows.merge_plan import MergeOp, MergePlan, plan_adapter_merge
 
 __all__ = ["MergeOp", "MergePlan", "MergeReport", "TensorMerge", "merge", "merged_float32", "parse_adapter_arg",
-           "plan_adapter_merge"]
+           "pick_device", "plan_adapter_merge"]
 
 LOST_WARNING = 0.5  # warn when more than half of ‖ΔW‖ is lost to output rounding
 AdapterArg = Union[str, os.PathLike, tuple[Union[str, os.PathLike], float]]
@@ -127,7 +127,7 @@ def pick_device(device: str | torch.device) -> torch.device:
     raise SurgeonError(f"--device {device!r} is not a device surgeon merges on; use auto, cpu or cuda.")
 
 
-def _output_dtypes(base: Checkpoint, plan: MergePlan, target: str | None) -> dict[str, str]:
+def _output_dtypes(base: Checkpoint, target: str | None) -> dict[str, str]:
     """Per tensor: the requested dtype for floating tensors, else (auto) the base's own dtype."""
     out = {}
     for name, info in base.tensors.items():
@@ -227,7 +227,7 @@ def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, f
              target: str | None, dtype_arg: str, device: torch.device, max_shard_size: int | str, overwrite: bool,
              precision_report: str | os.PathLike[str] | None, started: float, base_arg: str) -> MergeReport:
     plan = plan_adapter_merge(ckpt, [(a, w) for a, (_, w) in zip(opened, parsed)])
-    dtypes = _output_dtypes(ckpt, plan, target)
+    dtypes = _output_dtypes(ckpt, target)
     specs = [TensorSpec(n, dtypes[n], ckpt.info(n).shape) for n in ckpt.keys()]
     adapters_info = [{"path": str(p), "peft_type": a.config.peft_type, "weight": w} for a, (p, w) in zip(opened, parsed)]
     record = provenance("merge", {"adapters": adapters_info, "dtype": dtype_arg, "device": str(device),
@@ -293,11 +293,11 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
     position = {n: i for i, n in enumerate(targets)}
     buffers, entries = _Buffers(), []
     saved_threads, collecting = torch.get_num_threads(), gc.isenabled()
-    gc.disable()  # the loop makes few objects; collections would only cost time
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io:
-        if device.type == "cpu":
-            torch.set_num_threads(1)
         try:
+            gc.disable()  # the loop makes few objects; collections would only cost time
+            if device.type == "cpu":
+                torch.set_num_threads(1)
             ahead = {n: reader.submit(buffers.read, ckpt, n, 0) for n in targets[:1]}
             pending: deque[Future[None]] = deque()
             for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):

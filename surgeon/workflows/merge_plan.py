@@ -71,10 +71,13 @@ class _Planner:
         self.base, self.names, self.adapter, self.idx, self.weight = base, names, adapter, idx, weight
         self.cfg = adapter.config.raw
         self.base_config = base.config() or {}
-        conv1d_model = self.base_config.get("model_type") in CONV1D_MODEL_TYPES
-        self.default_fifo = bool(self.cfg.get("fan_in_fan_out")) or conv1d_model
+        # Only for square weights, where shapes cannot tell: peft itself forces fan_in_fan_out by layer
+        # type (Conv1D: on, Linear: off), so the architecture decides; the adapter's flag only without one.
+        model_type = self.base_config.get("model_type")
+        self.default_fifo = model_type in CONV1D_MODEL_TYPES if model_type else bool(self.cfg.get("fan_in_fan_out"))
         self.where = str(adapter.folder)
         self.vera_dims: list[tuple[int, int]] = []
+        self.vera_rank = 0
 
     def shape(self, role_name: str) -> tuple[int, ...]:
         return self.adapter.weights.info(role_name).shape
@@ -132,10 +135,15 @@ class _Planner:
             )
         return [module.tensors[r] for r in roles]
 
-    def rank_alpha(self, module: AdapterModule, rows_of: str) -> tuple[int, float]:
+    def patterned_rank_alpha(self, module: AdapterModule) -> tuple[int, float]:
+        """r and α for one module: rank_pattern/alpha_pattern, else r/lora_alpha, else peft's defaults (8, 8)."""
         cfg = self.adapter.config
-        r = int(pattern_value(self.cfg.get("rank_pattern"), module.path, cfg.r))
-        alpha = float(pattern_value(self.cfg.get("alpha_pattern"), module.path, cfg.alpha if cfg.alpha is not None else r))
+        r = int(pattern_value(self.cfg.get("rank_pattern"), module.path, cfg.r if cfg.r is not None else 8))
+        alpha = pattern_value(self.cfg.get("alpha_pattern"), module.path, cfg.alpha if cfg.alpha is not None else 8)
+        return r, float(alpha)
+
+    def rank_alpha(self, module: AdapterModule, rows_of: str) -> tuple[int, float]:
+        r, alpha = self.patterned_rank_alpha(module)
         rows = self.shape(rows_of)[0]
         if rows != r:
             raise AdapterError(
@@ -157,6 +165,13 @@ class _Planner:
                 f"{self.where}: tensor {module.tensors[extra[0]]!r} is not part of a {kind} adapter; "
                 "adapter_config.json's peft_type does not match the weights. Re-save the adapter."
             )
+        for tensor in module.tensors.values():
+            if len(self.shape(tensor)) > 2:
+                raise AdapterError(
+                    f"{self.where}: adapter tensor {tensor!r} is {len(self.shape(tensor))}-dimensional (a convolution "
+                    "layer); surgeon merges linear, Conv1D and embedding layers only. Merge this adapter with peft's "
+                    "merge_and_unload()."
+                )
         return getattr(self, f"_plan_{kind.lower()}")(module)
 
     def _plan_lora(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
@@ -205,7 +220,8 @@ class _Planner:
                                  fan_in_fan_out=fifo, ranknum=init_r))]
 
     def _plan_vera(self, module: AdapterModule) -> list[tuple[str, MergeOp]]:
-        lb, _ = self.need(module, "vera_lambda_b", "vera_lambda_d")
+        lb, ld = self.need(module, "vera_lambda_b", "vera_lambda_d")
+        self.vera_rank = self.shape(ld)[0]
         target = self.target(module)
         stored = self.base.info(target).shape
         out = self.shape(lb)[0]
@@ -253,8 +269,7 @@ class _Planner:
         w1 = ["lokr_w1"] if "lokr_w1" in t else ["lokr_w1_a", "lokr_w1_b"]
         w2 = ["lokr_w2"] if "lokr_w2" in t else ["lokr_w2_a", "lokr_w2_b"]
         names = self.need(module, *w1, *w2)
-        r = int(pattern_value(self.cfg.get("rank_pattern"), module.path, self.adapter.config.r))
-        alpha = float(pattern_value(self.cfg.get("alpha_pattern"), module.path, self.adapter.config.alpha))
+        r, alpha = self.patterned_rank_alpha(module)
         s1 = self.shape(names[0]) if len(w1) == 1 else (self.shape(names[0])[0], self.shape(names[1])[1])
         s2 = self.shape(names[-1]) if len(w2) == 1 else (self.shape(names[-2])[0], self.shape(names[-1])[1])
         target = self.target(module)
@@ -279,7 +294,7 @@ class _Planner:
     def vera_shared(self, planned: list[tuple[str, MergeOp]], shared: dict[str, str]
                     ) -> tuple[list[tuple[str, MergeOp]], tuple[int, int, int, int] | None]:
         """Attach VeRA's shared projections: saved ones (checked), else the seed to regenerate them."""
-        r = int(self.adapter.config.r or 0)
+        r = self.vera_rank
         out = max(o for o, _ in self.vera_dims)
         inn = max(i for _, i in self.vera_dims)
         if "vera_A" in shared and "vera_B" in shared:
