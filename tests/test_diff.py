@@ -200,6 +200,17 @@ def test_cli_json_and_table(tiny_llama, merged32, tmp_path):
     assert set(load_file(tmp_path / "tau.safetensors")) == TARGET_TENSORS
 
 
+def test_output_folder_not_empty_is_refused(tiny_llama, merged32, tmp_path):
+    out = tmp_path / "tau"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["diff", str(merged32), str(tiny_llama), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {out}: output folder is not empty; choose another or pass --overwrite "
+                                     "to replace it.")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def test_cli_rejects_bad_rounding_dtype(tiny_llama):
     result = CliRunner().invoke(cli, ["diff", str(tiny_llama), str(tiny_llama), "--rounding-dtype", "int8"])
     assert result.exit_code == 1

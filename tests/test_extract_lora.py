@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from _diff_helpers import full_finetune, load_causal_lm, make_lora_adapter, merge_with_peft
 from surgeon.cli.main import cli
@@ -141,6 +141,19 @@ def test_identical_models_have_nothing_to_extract(tiny_llama, tmp_path):
         f"Error: {tiny_llama}: no tensor changed beyond rounding against {tiny_llama}, so there is nothing to "
         "extract; check that TUNED and BASE are not the same model.")
     assert not (tmp_path / "a").exists()
+
+
+def test_only_non_matrix_changes_are_refused(tiny_llama, tmp_path):
+    weights = load_file(tiny_llama / "model.safetensors")
+    weights["model.norm.weight"] = torch.full((32,), 2.0)
+    save_file(weights, tmp_path / "tuned.safetensors")
+    result = CliRunner().invoke(cli, ["extract-lora", str(tmp_path / "tuned.safetensors"), str(tiny_llama),
+                                      "-r", "4", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'tuned.safetensors'}: 1 tensor(s) changed (e.g. 'model.norm.weight') but none is a "
+        "Linear, Conv1D or Embedding weight, and peft cannot load an adapter without a LoRA module; carry these "
+        "changes with `surgeon diff -o TV` and `surgeon apply`.")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -91,3 +91,11 @@ def test_module_cannot_be_target_and_saved(tmp_path):
                            modules_to_save={Q0: {"weight": torch.zeros(32, 32)}})
     assert str(err.value) == (f"module {Q0!r} is both a LoRA target and in modules_to_save; peft allows one or the "
                               "other. Drop it from one of the two.")
+
+
+def test_an_adapter_needs_a_lora_module(tmp_path):
+    with pytest.raises(AdapterError) as err:
+        write_lora_adapter(tmp_path / "a", {}, base_model_name_or_path=None,
+                           modules_to_save={"model.norm": {"weight": torch.ones(32)}})
+    assert str(err.value) == (f"{tmp_path / 'a'}: no LoRA module to write; peft cannot load an adapter that targets "
+                              "no module (modules_to_save alone is not enough). Pass at least one (A, B) pair.")

@@ -81,7 +81,7 @@ def render(report: IntrudersReport) -> None:
     side = "c_j" if report.side == "left" else f"c_j ({report.side})"
     table(["tensor", "shape", "intruders", "ranks", f"min {side}", "energy", "random"],
           [(m.name, "x".join(map(str, m.shape)), len(m.intruders), ",".join(map(str, m.intruders)) or "-",
-            f"{min(_decisive(m)):.3f}", f"{m.energy_share:.1%}", f"{m.baseline_left or m.baseline_right:.3f}")
+            f"{min(m.decisive):.3f}", f"{m.energy_share:.1%}", f"{m.baseline_left or m.baseline_right:.3f}")
            for m in rows])
     if len(analysed) > len(rows):
         click.echo(f"... {len(analysed) - len(rows)} more matrices (all of them: --json)")
@@ -100,8 +100,3 @@ def render(report: IntrudersReport) -> None:
     for path in report.plots:
         info(f"wrote {path}")
 
-
-def _decisive(m) -> list[float]:  # type: ignore[no-untyped-def]
-    if m.cos_left is not None and m.cos_right is not None:
-        return [max(a, b) for a, b in zip(m.cos_left, m.cos_right)]
-    return m.cos_left or m.cos_right or [1.0]

@@ -165,6 +165,11 @@ def write_lora_adapter(
     ``record`` (from :func:`surgeon.provenance.provenance`) goes to the safetensors
     metadata and ``surgeon_provenance.json`` with ``report``.
     """
+    if not modules:
+        raise AdapterError(
+            f"{out}: no LoRA module to write; peft cannot load an adapter that targets no module "
+            "(modules_to_save alone is not enough). Pass at least one (A, B) pair."
+        )
     st = _resolve_dtype(dtype)
     ranks = {name: _check_factors(name, a, b) for name, (a, b) in modules.items()}
     alphas = _alphas(ranks, alpha, scaling)

@@ -187,8 +187,9 @@ def krylov_eigs(
         basis[:, d:d + width] = q
         image[:, d:d + width] = apply(q)
         d += width
-        h[:d, d - width:d] = basis[:, :d].T @ image[:, d - width:d]
-        h[d - width:d, :d] = h[:d, d - width:d].T
+        column = basis[:, :d].T @ image[:, d - width:d]
+        h[:d, d - width:d] = column
+        h[d - width:d, :d] = column.T
         if schedule.due(d) or d >= max_dim:
             found, excess = _ritz(basis[:, :d], image[:, :d], h[:d, :d], k, tol)
             if found is not None:

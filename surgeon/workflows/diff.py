@@ -23,7 +23,7 @@ from surgeon.errors import ShapeMismatchError, SurgeonError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.resolve import resolve_path
-from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, check_output
 from surgeon.ops.task_vector import (
     CHANGED, IDENTICAL, ROUNDING_ONLY, DeltaMeasure, RankStats, is_float_dtype, measure_delta, rank_stats, task_vector,
 )
@@ -259,8 +259,11 @@ def diff_checkpoints(
         checker = None
         if adapter is not None:
             checker = stack.enter_context(AdapterChecker(adapter, b_ckpt, tolerance=tolerance, device=opts.device))
+        if out is not None:  # refuse a bad output before the long analysis pass, not after it
+            check_output(Path(out), [tuned_path, base_path], overwrite=overwrite)
         floats = [n for n in pairs.common if _both_float(t_ckpt, b_ckpt, n)]
-        non_float = [n for n in pairs.common if n not in set(floats)]
+        float_set = set(floats)
+        non_float = [n for n in pairs.common if n not in float_set]
         record = provenance("diff", {"all": all_tensors, "rounding_dtype": opts.rounding_dtype or "auto",
                                      "strict": strict}, inputs={"tuned": str(tuned), "base": str(base)})
         if out is not None and all_tensors:
@@ -270,7 +273,7 @@ def diff_checkpoints(
             diffs = [d for d, _ in _measure_all(t_ckpt, b_ckpt, pairs.common, opts, checker)]
             written = []
             if out is not None:
-                changed = [d.name for d in diffs if d.status == CHANGED and d.name in set(floats)]
+                changed = [d.name for d in diffs if d.status == CHANGED and d.name in float_set]
                 written = _write_pass(t_ckpt, b_ckpt, changed, out, record, _summary_dict(pairs, diffs, non_float),
                                       max_shard_size, overwrite, [tuned_path, base_path])
         check = checker.finish(diffs, t_ckpt) if checker is not None else None

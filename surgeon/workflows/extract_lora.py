@@ -30,6 +30,7 @@ from surgeon.errors import SurgeonError
 from surgeon.io.adapter_writer import AdapterWritten, SavedTensor, write_lora_adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
+from surgeon.io.writer import check_output
 from surgeon.ops.lora_extract import LoraFactors, factorize
 from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
 from surgeon.progress import progress
@@ -198,6 +199,21 @@ def _saved_modules(tuned: Checkpoint, state: _State, kinds: dict[str, str], sour
     return saved
 
 
+def _refuse_empty(tuned: str, base: str, state: _State, targets: str | None) -> None:
+    """No LoRA module to write: peft cannot load an adapter that targets nothing."""
+    others = [n for names in state.leftovers.values() for n in names]
+    if not others:
+        raise SurgeonError(
+            f"{tuned}: no tensor changed beyond rounding against {base}, so there is nothing to extract; "
+            "check that TUNED and BASE are not the same model."
+        )
+    which = "matches --targets" if targets else "is a Linear, Conv1D or Embedding weight"
+    raise SurgeonError(
+        f"{tuned}: {len(others)} tensor(s) changed (e.g. {others[0]!r}) but none {which}, and peft cannot load "
+        "an adapter without a LoRA module; carry these changes with `surgeon diff -o TV` and `surgeon apply`."
+    )
+
+
 def extract_lora(
     tuned: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -223,6 +239,7 @@ def extract_lora(
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))
+        check_output(Path(out), [tuned_path, base_path], overwrite=overwrite)  # before the SVDs, not after
         pairs = pair_tensors(t_ckpt, b_ckpt)
         names = [n for n in pairs.common
                  if is_float_dtype(t_ckpt.info(n).torch_dtype) and is_float_dtype(b_ckpt.info(n).torch_dtype)]
@@ -231,11 +248,8 @@ def extract_lora(
         state = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank, pick_device(device))
         saved = _saved_modules(t_ckpt, state, kinds, source, modules_to_save)
         factors = {m: (f.A, f.B) for m, (_, f, _) in state.factors.items() if f.rank > 0}
-        if not factors and not saved:
-            raise SurgeonError(
-                f"{tuned}: no tensor changed beyond rounding against {base}, so there is nothing to extract; "
-                "check that TUNED and BASE are not the same model."
-            )
+        if not factors:
+            _refuse_empty(str(tuned), str(base), state, targets)
         matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy)
                     for m, (kind, f, shape) in state.factors.items()]
         record = provenance("extract-lora", {"rank": rank, "energy": energy, "max_rank": max_rank, "targets": targets,

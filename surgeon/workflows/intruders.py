@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from surgeon.errors import AdapterError, CheckpointFormatError, ShapeMismatchError, SurgeonError
-from surgeon.io.adapter import Adapter, is_adapter_folder
+from surgeon.io.adapter import Adapter, BaseNames, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import SvdCache, content_key
@@ -95,6 +95,13 @@ class MatrixIntruders:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "similarity"}
 
+    @property
+    def decisive(self) -> list[float]:
+        """The cosines the intruder test used: c_j of the side asked for (both: the larger of the two)."""
+        if self.cos_left is not None and self.cos_right is not None:
+            return [max(a, b) for a, b in zip(self.cos_left, self.cos_right)]
+        return self.cos_left or self.cos_right or []
+
 
 @dataclass(frozen=True)
 class IntrudersReport:
@@ -131,11 +138,22 @@ class Inputs:
     base_path: Path
     tuned_path: Path | None
     adapter_path: Path | None
+    _names: BaseNames | None = None
 
     @property
     def host(self) -> Checkpoint:
         """The checkpoint the adapter applies to."""
         return self.tuned if self.tuned is not None else self.base
+
+    def tuned_name(self, name: str) -> str | None:
+        """TUNED's name for base tensor ``name``: the same, or the one that differs by leading components
+        (``bert.encoder...`` against ``encoder...``, as when a task model is compared with its encoder)."""
+        assert self.tuned is not None
+        if name in self.tuned:
+            return name
+        if self._names is None:
+            self._names = BaseNames(self.tuned.keys())
+        return self._names.resolve(name, what=str(self.tuned_path))
 
 
 @contextmanager
@@ -195,21 +213,22 @@ def _tuned_matrix(inputs: Inputs, target: Target, raw0: bytearray, w0: torch.Ten
         return w.T.contiguous() if target.transposed else w
     if inputs.tuned is None:
         return None
-    if target.name not in inputs.tuned:
+    name = inputs.tuned_name(target.name)
+    if name is None:
         raise CheckpointFormatError(
             f"{inputs.tuned_path}: has no tensor {target.name!r}, which the base has; TUNED must be a fine-tune of "
             "BASE with the same tensor names. Check the two paths (or narrow --targets)."
         )
-    info = inputs.tuned.info(target.name)
+    info = inputs.tuned.info(name)
     if info.shape != inputs.base.info(target.name).shape:
         raise ShapeMismatchError(
-            f"{inputs.tuned_path}: tensor {target.name!r} is {list(info.shape)} but {list(target.shape)} in the base; "
+            f"{inputs.tuned_path}: tensor {name!r} is {list(info.shape)} but {list(target.shape)} in the base; "
             "TUNED is not a fine-tune of BASE. Check the two paths."
         )
-    raw = inputs.tuned.read_raw(target.name)
+    raw = inputs.tuned.read_raw(name)
     if info.dtype == inputs.base.info(target.name).dtype and raw == raw0:
         return None
-    w = linear_float64(raw, inputs.tuned, target)
+    w = linear_float64(raw, inputs.tuned, replace(target, name=name))
     return None if torch.equal(w, w0) else w
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import AdapterError, NumericalError, SurgeonError
+from surgeon.errors import AdapterError, CheckpointFormatError, NumericalError, SurgeonError
 from surgeon.io.adapter_writer import write_lora_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
@@ -138,9 +138,9 @@ def scale_intruders(
     with open_inputs(tuned, base, adapter) as inputs:
         if as_adapter:
             _check_as_adapter(inputs)
-        host = inputs.host
-        order = {name: i for i, name in enumerate(host.keys())}
-        chosen = sorted(resolve_targets(inputs.base, targets, what=str(base)), key=lambda t: order.get(t.name, -1))
+        by_host_name = _host_names(inputs, resolve_targets(inputs.base, targets, what=str(base)))
+        order = {name: i for i, name in enumerate(inputs.host.keys())}
+        chosen = [by_host_name[n] for n in sorted(by_host_name, key=order.__getitem__)]
         stream = analyse_stream(inputs, chosen, options, store, dev, counts, desc="scale-intruders")
         params = {"lambda": lam, "epsilon": options.epsilon, "top_k": options.top_k, "only_top": only_top,
                   "side": options.side, "targets": targets, "as_adapter": as_adapter}
@@ -150,8 +150,8 @@ def scale_intruders(
             if as_adapter:
                 rows, changes, written = _write_adapter(inputs, stream, out, lam, only_top, record, overwrite)
             else:
-                rows, changes, written = _write_model(inputs, {t.name: t for t in chosen}, stream, out, lam,
-                                                      only_top, record, max_shard_size, overwrite)
+                rows, changes, written = _write_model(inputs, by_host_name, stream, out, lam, only_top, record,
+                                                      max_shard_size, overwrite)
         finally:
             stream.close()
         return ScaleReport(
@@ -160,6 +160,22 @@ def scale_intruders(
             options.top_k, only_top, changes, sum(1 for r in rows if not _chosen_ranks(r, only_top)), totals(rows),
             written, time.perf_counter() - begin,
         )
+
+
+def _host_names(inputs: Inputs, targets: list[Target]) -> dict[str, Target]:
+    """Targets keyed by their name in the checkpoint being rewritten (TUNED may prefix the base's names)."""
+    if inputs.tuned is None:
+        return {t.name: t for t in targets}
+    out = {}
+    for t in targets:
+        name = inputs.tuned_name(t.name)
+        if name is None:
+            raise CheckpointFormatError(
+                f"{inputs.tuned_path}: has no tensor {t.name!r}, which the base has; TUNED must be a fine-tune of "
+                "BASE with the same tensor names. Check the two paths (or narrow --targets)."
+            )
+        out[name] = t
+    return out
 
 
 def _write_model(inputs: Inputs, targets: dict[str, Target], stream: Iterator[Analysis], out: str | os.PathLike[str],

@@ -202,7 +202,8 @@ def spectrum(
     dev = pick_device(device)
     store = SvdCache(cache) if (full and cache is not None) else SvdCache(None)
     counts = {"hits": 0, "misses": 0}
-    with Checkpoint.open(resolve_path(model)) as ckpt:
+    model_path = resolve_path(model)
+    with Checkpoint.open(model_path) as ckpt:
         chosen = resolve_targets(ckpt, targets, what=str(model))
         rows = [
             _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev, cache=store, counts=counts, method=method)
@@ -212,7 +213,7 @@ def spectrum(
     report = SpectrumReport(str(model), targets, None if full else top_k, full, str(dev), rows, counts,
                             str(output) if output is not None else None, time.perf_counter() - begin)
     if output is not None:
-        _write_output(Path(output), report, overwrite=overwrite)
+        _write_output(Path(output), report, source=model_path, overwrite=overwrite)
     return report
 
 
@@ -227,7 +228,7 @@ def _check_output(output: str | os.PathLike[str] | None, overwrite: bool) -> Non
         raise OutputError(f"{path}: output file exists; choose another or pass --overwrite to replace it.")
 
 
-def _write_output(path: Path, report: SpectrumReport, *, overwrite: bool) -> None:
+def _write_output(path: Path, report: SpectrumReport, *, source: Path, overwrite: bool) -> None:
     record = provenance("spectrum", {"targets": report.targets, "top_k": report.top_k, "full": report.full},
                         inputs={"model": report.model})
     if path.suffix == ".json":
@@ -238,6 +239,6 @@ def _write_output(path: Path, report: SpectrumReport, *, overwrite: bool) -> Non
         return
     specs = [TensorSpec(m.name, "F64", (len(m.singular_values),)) for m in report.matrices]
     with CheckpointWriter(path, specs, metadata=safetensors_metadata(record), overwrite=overwrite,
-                          inputs=[Path(report.model)]) as writer:
+                          inputs=[source]) as writer:
         for m in report.matrices:
             writer.write(m.name, torch.tensor(m.singular_values, dtype=torch.float64))

