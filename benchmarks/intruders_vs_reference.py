@@ -125,7 +125,8 @@ def _row(label: str, wall: float, ref_wall: float, n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/surgeon-bench")
-    parser.add_argument("--layers", type=int, default=2, help="Layers measured (7 matrices each; 22 is the whole model).")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="Layers measured (7 matrices each; 22 is the whole model).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--merged", action="store_true", help="Also time TUNED given as a merged checkpoint.")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -159,7 +160,8 @@ def main() -> None:
     failed = _report_agreement("adapter", ref, [cold, warm])
     print(f"\ncold/reference: {cold_wall / ref_wall:.3f}x (target <= 0.6x); "
           f"warm/reference: {warm_wall / ref_wall:.3f}x (target <= 0.1x)")
-    print(f"surgeon methods: {warm['methods']}; cache {cold['cache']['misses']} misses then {warm['cache']['hits']} hits")
+    print(f"surgeon methods: {warm['methods']}; "
+          f"cache {cold['cache']['misses']} misses then {warm['cache']['hits']} hits")
     if args.merged:
         failed |= _merged(model, adapter, args, work, cache, common)
     sys.exit(1 if failed else 0)

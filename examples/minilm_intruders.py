@@ -67,11 +67,12 @@ def make_data(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int
     return rows[:cut], rows[cut:]
 
 
-def load_classifier(base: Path):
+def load_classifier(folder: Path):
+    """MiniLM (or a saved fine-tune of it) with a 4-class head; the head's random init is seeded."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS), dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(LABELS), dtype=torch.float32)
 
 
 def train(model, tokenizer, data, *, epochs: int, lr: float, seed: int = 0) -> float:
@@ -120,54 +121,74 @@ def intruder_summary(report) -> dict:
             "sweep": t["sweep"], "per_module": t["per_module"]}
 
 
+def train_both(base: Path, work: Path, tokenizer, train_set, *, epochs: int, rank: int) -> dict[str, float]:
+    """Fine-tune with LoRA and fully; save the adapter and the whole full-FT model. Returns training seconds."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(load_classifier(base), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["query", "key", "value", "dense"], lora_dropout=0.0,
+        task_type="SEQ_CLS"))
+    seconds = {"lora": train(lora, tokenizer, train_set, epochs=epochs, lr=2e-3)}
+    lora.save_pretrained(work / "lora")
+    full = load_classifier(base)
+    seconds["full"] = train(full, tokenizer, train_set, epochs=epochs, lr=5e-5)
+    full.save_pretrained(work / "full-ft", safe_serialization=True)
+    return seconds
+
+
+def evaluate(model_dir: Path, base: Path, tokenizer, test_set, reference, *, adapter: bool) -> dict[str, float]:
+    from peft import PeftModel
+
+    if adapter:
+        model = PeftModel.from_pretrained(load_classifier(base), model_dir).eval()
+        encoder = model.base_model.model.bert
+    else:
+        model = load_classifier(model_dir).eval()
+        encoder = model.bert
+    return {"acc": accuracy(model, tokenizer, test_set), "drift": drift(encoder, reference, tokenizer)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/minilm-intruders")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--reuse", action="store_true", help="Reuse fine-tunes already in --workdir.")
     args = parser.parse_args()
-    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    base = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    minilm = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     train_set, test_set = make_data()
-    reference = embeddings(AutoModel.from_pretrained(base).eval(), tokenizer, GENERIC)
-    rows: list[dict] = []
-
-    lora = get_peft_model(load_classifier(base), LoraConfig(
-        r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=["query", "key", "value", "dense"],
-        lora_dropout=0.0, task_type="SEQ_CLS"))
-    seconds = train(lora, tokenizer, train_set, epochs=args.epochs, lr=2e-3)
-    lora.save_pretrained(work / "lora")
-    rows.append({"model": f"LoRA r={args.lora_rank}", "train_s": seconds, "acc": accuracy(lora, tokenizer, test_set),
-                 "drift": drift(lora.base_model.model.bert, reference, tokenizer)})
-
-    full = load_classifier(base)
-    seconds = train(full, tokenizer, train_set, epochs=args.epochs, lr=5e-5)
-    full.bert.save_pretrained(work / "full-ft", safe_serialization=True)  # the encoder: the base's tensor names
-    rows.append({"model": "full fine-tuning", "train_s": seconds, "acc": accuracy(full, tokenizer, test_set),
-                 "drift": drift(full.bert, reference, tokenizer)})
-
+    if not (args.reuse and (work / "full-ft").is_dir()):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        # the base as a classifier: MiniLM's encoder (same bytes) + the randomly initialised head the fine-tunes
+        # started from, so that adapters with the head in modules_to_save line up with it
+        load_classifier(minilm).save_pretrained(work / "base", safe_serialization=True)
+        seconds = train_both(minilm, work, tokenizer, train_set, epochs=args.epochs, rank=args.lora_rank)
+    else:
+        seconds = {"lora": float("nan"), "full": float("nan")}
+    base = work / "base"
+    reference = embeddings(AutoModel.from_pretrained(minilm).eval(), tokenizer, GENERIC)
     options = IntruderOptions(epsilon=0.5, top_k=10)
     cache = work / "svd-cache"
-    begin = time.perf_counter()
-    rows[0].update(intruder_summary(find_intruders(work / "lora", base, cache=cache, options=options)))
-    rows[0]["intruders_s"] = time.perf_counter() - begin
-    begin = time.perf_counter()
-    rows[1].update(intruder_summary(find_intruders(work / "full-ft", base, cache=cache, options=options)))
-    rows[1]["intruders_s"] = time.perf_counter() - begin
-
+    rows: list[dict] = []
+    for label, path, is_adapter, key in ((f"LoRA r={args.lora_rank}", work / "lora", True, "lora"),
+                                         ("full fine-tuning", work / "full-ft", False, "full")):
+        begin = time.perf_counter()
+        found = find_intruders(path, base, cache=cache, options=options)
+        rows.append({"model": label, "train_s": seconds[key], "intruders_s": time.perf_counter() - begin,
+                     **intruder_summary(found), **evaluate(path, base, tokenizer, test_set, reference,
+                                                           adapter=is_adapter)})
     for lam in (0.5, 0.0):
         out = work / f"lora-scaled-{lam:g}"
+        shutil.rmtree(out, ignore_errors=True)
         report = scale_intruders(work / "lora", base, out, lam=lam, as_adapter=True, cache=cache, options=options)
-        repaired = PeftModel.from_pretrained(load_classifier(base), out).eval()
-        rows.append({"model": f"LoRA, intruders scaled by λ={lam:g}", "acc": accuracy(repaired, tokenizer, test_set),
-                     "drift": drift(repaired.base_model.model.bert, reference, tokenizer),
-                     "scaled": sum(len(c.ranks) for c in report.changes)})
+        rows.append({"model": f"LoRA, intruders scaled by λ={lam:g}",
+                     "scaled": sum(len(c.ranks) for c in report.changes),
+                     **evaluate(out, base, tokenizer, test_set, reference, adapter=True)})
     print_table(rows, len(train_set), len(test_set))
 
 

@@ -41,7 +41,8 @@ def describe(label: str, report: DiffReport, top: int = 3) -> None:
           f"{s.rounding_only.tensors} rounding only, {s.identical.tensors} identical; ||tau|| = {s.norm:.4g}")
     changed = sorted((t for t in report.tensors if t.status == "changed"), key=lambda t: -(t.relative_norm or 0.0))
     for t in changed[:top]:
-        rank = f", rank {t.rank.rank}" if t.rank is not None else ""
+        rank = (f", numerical rank {t.rank.numerical_rank}, 99% of ||tau||^2 in {t.rank.rank_99} directions"
+                if t.rank is not None else "")
         print(f"  {t.name}: ||tau||/||W|| = {t.relative_norm:.3g}{rank}")
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _finetune_helpers import build_model, lm_rows, sentiment_rows, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = DemoSettings(epochs=3, batch_size=8, max_length=16, lora_rank=4, lora_alpha=8.0, lora_lr=1e-2, full_lr=1e-3,
+TINY = DemoSettings(epochs=3, batch_size=8, max_length=32, lora_rank=4, lora_alpha=8.0, lora_lr=1e-2, full_lr=1e-3,
                     lambdas=(0.0, 0.5, 1.0))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

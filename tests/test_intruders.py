@@ -215,3 +215,24 @@ def test_errors(tiny_llama, tiny_bert, llama_lora, tmp_path):
     missing = save_matrices(tmp_path / "m.safetensors", {"other.weight": w})
     result = run(str(missing), "--base", str(base), "--targets", "proj", "--no-cache")
     assert result.exit_code == 1 and f"{missing}: has no tensor '{NAME}', which the base has" in result.output
+
+
+def test_tuned_names_may_carry_a_prefix(tiny_bert, bert_lora, tmp_path):
+    # a task model (bert.encoder...) compared with its bare encoder (encoder...): names line up by suffix
+    merged = save_merged(tiny_bert, bert_lora, tmp_path / "merged", kind="seqcls")
+    with Checkpoint.open(tiny_bert) as ckpt:
+        encoder = {n.removeprefix("bert."): ckpt.get(n) for n in ckpt.keys() if n.startswith("bert.")}
+    bare = save_matrices(tmp_path / "encoder" / "model.safetensors", encoder)
+    (tmp_path / "encoder" / "config.json").write_text((tiny_bert / "config.json").read_text())
+    report = find_intruders(merged, bare.parent, targets="qv", use_cache=False)
+    direct = find_intruders(merged, tiny_bert, targets="qv", use_cache=False)
+    assert [r.name for r in report.matrices][0] == "encoder.layer.0.attention.self.query.weight"
+    assert [r.cos_left for r in report.matrices] == [r.cos_left for r in direct.matrices]
+
+
+def test_spectrum_full_warms_the_intruders_cache(tiny_llama, llama_lora, tmp_path):
+    from surgeon.workflows.spectrum import spectrum
+
+    spectrum(tiny_llama, full=True, cache=tmp_path / "c")
+    report = find_intruders(llama_lora, tiny_llama, cache=tmp_path / "c")
+    assert (report.cache["hits"], report.cache["misses"]) == (10, 0)

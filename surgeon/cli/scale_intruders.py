@@ -16,7 +16,8 @@ _SHOW_ROWS = 30
 @click.argument("tuned", required=False)
 @spectral_options
 @click.option("--lambda", "lam", required=True, type=float,
-              help="New singular value of each intruder, as a multiple of the old one (0 removes it, 1 changes nothing).")
+              help="New singular value of each intruder, as a multiple of the old one "
+                   "(0 removes it, 1 changes nothing).")
 @click.option("-o", "--output", "out", required=True, help="Output folder (or a .safetensors file).")
 @click.option("--only-top", "only_top", default=None, type=int, metavar="N",
               help="Scale only the N highest-ranking intruders of each matrix.")

@@ -18,7 +18,8 @@ _SHOWN_VALUES = 4
 @click.option("--top-k", "top_k", default=10, show_default=True, type=int,
               help="Compute only the k largest singular values (block Krylov, residual-checked).")
 @click.option("--full", is_flag=True, help="Compute every singular value, and the effective rank.")
-@click.option("--device", default="auto", show_default=True, help="Where to compute: auto (cuda if available), cpu, cuda.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where to compute: auto (cuda if available), cpu, cuda.")
 @click.option("--cache", "cache", default=None, metavar="DIR",
               help="With --full: keep (or reuse) each matrix's complete decomposition in DIR, so a later "
                    "`surgeon intruders --cache DIR` against this model starts warm.")

@@ -62,7 +62,9 @@ class SvdCache:
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).expanduser() if root is not None else None
         if self.root is not None and self.root.exists() and not self.root.is_dir():
-            raise OutputError(f"{self.root}: the SVD cache location is a file; give a folder with --cache or pass --no-cache.")
+            raise OutputError(
+                f"{self.root}: the SVD cache location is a file; give a folder with --cache or pass --no-cache."
+            )
 
     @property
     def enabled(self) -> bool:

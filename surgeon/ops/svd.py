@@ -266,7 +266,8 @@ def top_k_low_rank(w0: torch.Tensor, base: BaseBasis, left: torch.Tensor, right:
     C = LᵀQ and P = R·W₀ᵀ·Q (r × m). m > n is the same problem transposed.
     """
     if base.side == "right":
-        flipped = top_k_low_rank(w0.T, BaseBasis("left", base.basis, base.s), right.T, left.T, k, tol=tol, method=method)
+        flipped = top_k_low_rank(w0.T, BaseBasis("left", base.basis, base.s), right.T, left.T, k, tol=tol,
+                                 method=method)
         return Triplets(flipped.v, flipped.s, flipped.u, flipped.method, flipped.krylov_dim, flipped.residual)
     m, n = w0.shape
     k = min(k, m, n)

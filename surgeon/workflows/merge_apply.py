@@ -77,7 +77,8 @@ def additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torc
         return lora.adalora_delta(f("lora_A"), f("lora_B"), f("lora_E"), op.scaling, op.ranknum,
                                   fan_in_fan_out=op.fan_in_fan_out)
     if k == "loha":
-        return lycoris.loha_delta(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), op.scaling, tuple(shape))
+        return lycoris.loha_delta(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), op.scaling,
+                                  tuple(shape))
     if k == "lokr":
         w1 = f("lokr_w1") if "lokr_w1" in op.tensors else f("lokr_w1_a") @ f("lokr_w1_b")
         w2 = f("lokr_w2") if "lokr_w2" in op.tensors else f("lokr_w2_a") @ f("lokr_w2_b")
@@ -91,7 +92,7 @@ def additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torc
 
 
 def apply_op(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch.Tensor,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One operation: (W merged so far, unmerged W₀) -> (new W, new W₀)."""
     f = lambda role: factor(plan, op, role, device)  # noqa: E731
     k = op.kind

@@ -97,13 +97,16 @@ def _sweep(plt: Any, rows: Sequence[MatrixIntruders], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(folder: Path, rows: Sequence[MatrixIntruders], *, epsilon: float, select: str | None = None) -> list[str]:
+def write_plots(folder: Path, rows: Sequence[MatrixIntruders], *, epsilon: float,
+                select: str | None = None) -> list[str]:
     """Write the figures into ``folder`` (created); returns the files written."""
     plt = _pyplot()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the plot folder ({exc.strerror or exc}); choose another --plot DIR.") from None
+        raise OutputError(
+            f"{folder}: cannot create the plot folder ({exc.strerror or exc}); choose another --plot DIR."
+        ) from None
     written = []
     for row in choose(rows, select):
         path = folder / f"similarity-{_safe(row.name)}.png"

@@ -225,8 +225,8 @@ def _check_as_adapter(inputs: Inputs) -> None:
         for op in steps:
             if op.kind not in _KEPT_KINDS:
                 raise AdapterError(
-                    f"{inputs.adapter_path}: module {op.module!r} is {op.kind} (on {name!r}); --as-adapter extends plain "
-                    "LoRA factors only. Write the repaired model instead (drop --as-adapter)."
+                    f"{inputs.adapter_path}: module {op.module!r} is {op.kind} (on {name!r}); --as-adapter extends "
+                    "plain LoRA factors only. Write the repaired model instead (drop --as-adapter)."
                 )
 
 
@@ -265,7 +265,8 @@ def _write_adapter(inputs: Inputs, stream: Iterator[Analysis], out: str | os.Pat
         a_name = op.tensors.get("lora_A", op.tensors.get("lora_embedding_A"))
         b_name = op.tensors.get("lora_B", op.tensors.get("lora_embedding_B"))
         factor_dtype = adapter.weights.info(a_name).dtype
-        a_mat, b_mat = adapter.weights.get(a_name, dtype=torch.float64), adapter.weights.get(b_name, dtype=torch.float64)
+        a_mat = adapter.weights.get(a_name, dtype=torch.float64)
+        b_mat = adapter.weights.get(b_name, dtype=torch.float64)
         if op.kind == "lora_embedding":
             embeddings.append(module)
         elif name in edits:

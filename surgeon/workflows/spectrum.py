@@ -59,7 +59,7 @@ def resolve_targets(ckpt: Checkpoint, spec: str, *, what: str) -> list[Target]:
     return targets
 
 
-def read_ahead(items: Iterable[T], load: Callable[[T], R], *, depth: int = 2) -> Iterator[tuple[T, R]]:
+def read_ahead(items: Iterable[T], load: Callable[[T], R], *, depth: int = 1) -> Iterator[tuple[T, R]]:
     """Yield (item, load(item)) in order, loading up to ``depth`` items ahead on a thread.
 
     Reading and hashing release the GIL, so the next tensors come off the disk while the
@@ -139,7 +139,8 @@ def effective_rank(s: torch.Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def _summary(target: Target, w: torch.Tensor, s: torch.Tensor, *, full: bool, method: str, seconds: float) -> MatrixSpectrum:
+def _summary(target: Target, w: torch.Tensor, s: torch.Tensor, *, full: bool, method: str,
+             seconds: float) -> MatrixSpectrum:
     fro = float(w.norm())
     sigma1 = float(s[0]) if s.numel() else 0.0
     return MatrixSpectrum(
@@ -206,7 +207,8 @@ def spectrum(
     with Checkpoint.open(model_path) as ckpt:
         chosen = resolve_targets(ckpt, targets, what=str(model))
         rows = [
-            _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev, cache=store, counts=counts, method=method)
+            _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev, cache=store, counts=counts,
+                          method=method)
             for target, raw in progress(read_ahead(chosen, lambda t: ckpt.read_raw(t.name)), total=len(chosen),
                                         desc="spectrum")
         ]
