@@ -2,9 +2,11 @@
 
 Prints, side by side in one run: wall time and peak RSS of each command, against
 reading both checkpoints once (`cat`, the physical limit of a diff that writes
-nothing) and `cp -r` of the base (the yardstick for a command that writes a model).
+nothing), `cp -r` of the base with and without `sync` (the yardstick for a command
+that writes a model; surgeon fsyncs what it writes), and the fixed cost of starting
+Python and importing torch, which every surgeon command pays.
 
-    python benchmarks/diff_throughput.py [--scale 1.0] [--workdir /tmp/surgeon-bench] [--repeat 1]
+    python benchmarks/diff_throughput.py [--scale 1.0] [--workdir /tmp/surgeon-bench] [--repeat 1] [--skip-svd]
 
 The tuned model is `surgeon merge BASE LORA --dtype bf16`: the LoRA (all 7 projections)
 changes ~85% of the parameters and every other tensor is identical.
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/surgeon-bench")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--skip-svd", action="store_true", help="Skip the SVD-bound rows (diff + ranks, extract-lora).")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,21 +66,28 @@ def main() -> None:
     rows = {
         "cat base+tuned": timed(["bash", "-c", f"cat {base}/* {tuned}/* > /dev/null"], args.repeat),
         "cp -r base": timed(["cp", "-r", str(base), str(work / "bench-cp")], args.repeat, work / "bench-cp"),
+        "cp -r base + sync": timed(["bash", "-c", f"cp -r {base} {work / 'bench-cp'} && sync -f {work / 'bench-cp'}"],
+                                   args.repeat, work / "bench-cp"),
+        "python+torch start": timed([sys.executable, "-c", "import surgeon.workflows.diff"], args.repeat),
         "diff (report)": timed([*SURGEON, "diff", str(tuned), str(base), "--no-rank", "--json"], args.repeat),
-        "diff + ranks": timed([*SURGEON, "diff", str(tuned), str(base), "--json", "--device", "cpu"], 1),
+        "diff + ranks": None if args.skip_svd else timed([*SURGEON, "diff", str(tuned), str(base), "--json",
+                                                          "--device", "cpu"], 1),
         "diff -o tau": timed([*SURGEON, "diff", str(tuned), str(base), "--no-rank", "-o", str(tau)], args.repeat, tau),
         "diff --adapter": timed([*SURGEON, "diff", str(tuned), str(base), "--no-rank", "--adapter", str(lora),
                                  "--device", "cpu", "--json"], args.repeat),
         "apply base tau": timed([*SURGEON, "apply", str(base), str(tau), "-o", str(out)], args.repeat, out),
-        "extract-lora -r 16": timed([*SURGEON, "extract-lora", str(tuned), str(base), "-r", "16", "-o", str(extracted),
-                                     "--device", "cpu"], 1, extracted),
+        "extract-lora -r 16": None if args.skip_svd else timed([*SURGEON, "extract-lora", str(tuned), str(base), "-r",
+                                                                "16", "-o", str(extracted), "--device", "cpu"], 1, extracted),
     }
     shutil.rmtree(work / "bench-cp", ignore_errors=True)
     tau_gb = sum(p.stat().st_size for p in tau.glob("*.safetensors")) / 1e9
-    read, cp = rows["cat base+tuned"][0], rows["cp -r base"][0]
+    read, cp = rows["cat base+tuned"][0], rows["cp -r base"][0]  # type: ignore[index]
     print(f"model: {base.name}, {size:.2f} GB bf16 per checkpoint; task vector written: {tau_gb:.2f} GB float32")
     print(f"{'command':>20} {'wall s':>8} {'x cat':>7} {'x cp':>7} {'peak RSS MB':>11}")
-    for name, (t, rss) in rows.items():
+    for name, row in rows.items():
+        if row is None:
+            continue
+        t, rss = row
         print(f"{name:>20} {t:8.2f} {t / read:7.2f} {t / cp:7.2f} {rss:11.0f}")
 
 

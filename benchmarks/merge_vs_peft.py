@@ -1,7 +1,7 @@
 """Merge a rank-16 LoRA on all seven projections into the ~1.1B-parameter bf16 Llama-shaped
 checkpoint: `surgeon merge` vs peft (load + merge_and_unload + save_pretrained) vs `cp -r`.
 
-Prints, side by side in one run, the wall time and peak RSS of each (median / max over
+Prints, side by side in one run, the wall time, CPU time and peak RSS of each (median / max over
 --repeat runs, contenders interleaved, page cache warmed the same way before each), the
 ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB), and checks
 that surgeon's merged tensors equal peft's bit for bit on a sample.
@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import measure, warm_cache  # noqa: E402
+from benchmarks._measure import warm_cache  # noqa: E402
 from benchmarks._models import build_llama_checkpoint, build_lora_adapter  # noqa: E402
 
 PEFT_MERGE = """
@@ -33,6 +34,23 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys, time, json;"
+    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode; dt = time.perf_counter() - t;"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+    "print(json.dumps({'rc': rc, 'wall': dt, 'rss_kb': u.ru_maxrss, 'cpu': u.ru_utime + u.ru_stime}))"
+)
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds user+sys) of ``cmd`` in a child process."""
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{cmd} exited {result['rc']}:\n{out.stderr[-2000:]}")
+    return result["wall"], result["rss_kb"] / 1024, result["cpu"]
 
 
 def contenders(model: Path, adapter: Path, workdir: Path) -> dict[str, tuple[list[str], Path]]:
@@ -70,13 +88,15 @@ def main() -> None:
     runs = contenders(model, adapter, workdir)
     times: dict[str, list[float]] = {k: [] for k in runs}
     rss: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.repeat):
         for label, (cmd, out) in runs.items():
             shutil.rmtree(out, ignore_errors=True)
             warm_cache(str(model))
-            wall, peak = measure(cmd)
+            wall, peak, seconds = measure(cmd)
             times[label].append(wall)
             rss[label].append(peak)
+            cpu[label].append(seconds)
             if i < args.repeat - 1 or label == "cp -r":
                 shutil.rmtree(out, ignore_errors=True)
     compared, equal = same_as_peft(runs["surgeon merge"][1], runs["peft"][1])
@@ -87,13 +107,14 @@ def main() -> None:
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     print(f"model: {size:.2f} GB bf16, 3 shards; LoRA r=16 on 7 projections x {layers} layers; "
           f"{os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeat}")
-    print(f"{'contender':<14} {'wall s':>8} {'peak RSS MB':>12} {'x cp':>6}")
-    cp = statistics.median(times["cp -r"])
+    print(f"{'contender':<14} {'wall s':>8} {'x cp':>6} {'CPU s':>7} {'x cp':>6} {'peak RSS MB':>12}")
+    cp, cp_cpu = statistics.median(times["cp -r"]), statistics.median(cpu["cp -r"])
     for label in runs:
-        wall = statistics.median(times[label])
-        print(f"{label:<14} {wall:8.2f} {max(rss[label]):12.0f} {wall / cp:6.2f}")
+        wall, used = statistics.median(times[label]), statistics.median(cpu[label])
+        print(f"{label:<14} {wall:8.2f} {wall / cp:6.2f} {used:7.2f} {used / cp_cpu:6.2f} {max(rss[label]):12.0f}")
     ours, peft = statistics.median(times["surgeon merge"]), statistics.median(times["peft"])
-    print(f"\nsurgeon / cp:   {ours / cp:.2f}x  (target <= 1.5x)")
+    print(f"\nsurgeon / cp:   {ours / cp:.2f}x wall  (target <= 1.5x); CPU time (user+sys, robust to a busy machine): "
+          f"{statistics.median(cpu['surgeon merge']) / cp_cpu:.2f}x")
     print(f"surgeon / peft: {ours / peft:.2f}x  (target <= 0.5x)")
     print(f"surgeon peak RSS: {max(rss['surgeon merge']):.0f} MB  (target <= 1024 MB); peft: {max(rss['peft']):.0f} MB")
     print(f"bit-identical to peft's merge: {equal}/{compared} sampled tensors")

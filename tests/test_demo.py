@@ -304,3 +304,13 @@ def test_task_vectors_example_planted_changes_touch_only_their_layers(tmp_path):
     result = flow.run_flow(base, [tuned], [1.0], tmp_path / "work")
     assert result["changed"] == [6]  # query, key, value, attention output, intermediate, output of layer 1
     assert result["max_error"] == 0.0
+
+
+def test_best_tradeoff_keeps_accuracy_and_minimizes_drift():
+    from surgeon.workflows.demo import best_tradeoff
+
+    sweep = [{"lambda": 0.0, "accuracy": 0.51, "drift": 0.5}, {"lambda": 0.25, "accuracy": 0.825, "drift": 0.57},
+             {"lambda": 0.5, "accuracy": 0.8625, "drift": 0.70}, {"lambda": 1.0, "accuracy": 0.8625, "drift": 0.90}]
+    assert best_tradeoff(sweep, 0.8625)["lambda"] == 0.5
+    assert best_tradeoff(sweep, 0.83)["lambda"] == 0.25
+    assert best_tradeoff(sweep, 0.99)["lambda"] == 0.0  # nothing keeps the accuracy: least drift overall

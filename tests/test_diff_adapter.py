@@ -70,7 +70,8 @@ def test_true_adapter_is_equivalent_to_fp16_merge(tiny_llama, lora, merged16):
     assert check.equivalent and check.task_vector_only.tensors == 0
     # fp16 rounding makes the relative error exceed the default tolerance; the ulp criterion accepts it
     assert check.max_relative_error > 1e-4
-    assert all(t.max_ulps <= 2.0 for t in check.targets)
+    assert all(t.relative_error <= 1e-4 or t.max_ulps <= 2.0 for t in check.targets)
+    assert any(t.max_ulps is not None for t in check.targets)
 
 
 @pytest.mark.parametrize("merged_fixture", ["merged32", "merged16"])

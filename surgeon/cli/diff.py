@@ -10,7 +10,7 @@ from surgeon.workflows.diff_adapter import AdapterCheck
 
 
 def _num(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}g}"
+    return "-" if x is None else f"{x:.{digits}g}"  # None: not computed (not needed to decide)
 
 
 def _row(d: TensorDiff) -> list[str]:

@@ -112,9 +112,9 @@ def ulps_of(delta: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.T
     bits = x.to(torch.float32).view(torch.int32)
     exponent = ((bits >> 23) & 0xFF) - 127
     neg_k = (p - 1) - exponent.clamp_(min=e_min)
-    half = torch.div(neg_k, 2, rounding_mode="floor")
+    half = neg_k >> 1  # floor(neg_k / 2), also for negative neg_k
     out = delta.to(torch.float32).abs()
-    out.mul_(_pow2(half)).mul_(_pow2(neg_k - half))
+    out.mul_(_pow2(half)).mul_(_pow2(neg_k.sub_(half)))
     return out
 
 

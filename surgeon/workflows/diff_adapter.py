@@ -4,9 +4,9 @@ The adapter's effective ΔW per target tensor is ``merged_float32(base, plan, na
 θ_base`` from the merge workflow, i.e. exactly what ``surgeon merge`` would add in
 float32 (LoRA scaling, rank/alpha patterns, DoRA, modules_to_save, ...).
 
-Per target: cosine(τ, ΔW), max |τ − ΔW|, relative error ‖τ − ΔW‖_F / ‖ΔW‖_F and
-``max_ulps`` = max |τ − ΔW| / ulp_d(max(|θ_base|, |ΔW|)) with d the tuned tensor's
-stored dtype. A target is equivalent when the relative error is within ``tolerance``
+Per target: cosine(τ, ΔW), max |τ − ΔW|, relative error ‖τ − ΔW‖_F / ‖ΔW‖_F and,
+when that exceeds the tolerance, ``max_ulps`` = max |τ − ΔW| / ulp_d(max(|θ_base|, |ΔW|))
+with d the tuned tensor's stored dtype. A target is equivalent when the relative error is within ``tolerance``
 or when ``max_ulps`` ≤ 2: the most a merge carried out in d can be off, rounding W,
 ΔW and W + ΔW once each (½ + ½ + 1 ulp at that scale, since |W + ΔW| ≤ 2·max).
 That is how an fp16/bf16-merged model passes against the exact float32 merge. The
@@ -41,7 +41,7 @@ class TargetCheck:
     cosine: float
     max_abs_diff: float
     relative_error: float
-    max_ulps: float
+    max_ulps: float | None  # None when relative_error ≤ tolerance already decided
     delta_norm: float
     equivalent: bool
 
@@ -91,9 +91,13 @@ def compare_delta(
         cosine = 1.0 if d_norm == t_norm else 0.0
     relative = r_norm / d_norm if d_norm > 0 else (0.0 if r_norm == 0 else float("inf"))
     max_abs = float(residual.abs().max()) if residual.numel() else 0.0
-    scale = torch.maximum(base.abs(), adapter_delta.abs())
-    ulps = rounding_check(residual, scale, stored).max_ulps if is_float_dtype(stored) else float("inf")
-    equivalent = relative <= tolerance or ulps <= 2.0
+    ulps: float | None = None  # only needed when the relative error alone does not decide
+    if relative > tolerance:
+        if is_float_dtype(stored):
+            ulps = rounding_check(residual, torch.maximum(base.abs(), adapter_delta.abs()), stored).max_ulps
+        else:
+            ulps = float("inf")
+    equivalent = relative <= tolerance or (ulps is not None and ulps <= 2.0)
     return TargetCheck(name, status, cosine, max_abs, relative, ulps, d_norm, equivalent)
 
 

@@ -358,6 +358,7 @@ def find_intruders(
     with open_inputs(tuned, base, adapter) as inputs:
         chosen = resolve_targets(inputs.base, targets, what=str(base))
         rows = [a.row for a in analyse_stream(inputs, chosen, options, store, dev, counts)]
+        tuned_arg, adapter_arg = inputs.tuned_path, inputs.adapter_path
     methods: dict[str, int] = {}
     for row in rows:
         methods[row.method] = methods.get(row.method, 0) + 1
@@ -368,7 +369,8 @@ def find_intruders(
         plots = write_plots(Path(plot), rows, epsilon=options.epsilon, select=plot_matrices)
     cache_info = {"dir": str(store.root) if store.root else None, **counts}
     return IntrudersReport(
-        str(tuned) if tuned is not None else None, str(base), str(adapter) if adapter is not None else None, targets,
+        str(tuned_arg) if tuned_arg is not None else None, str(base),
+        str(adapter_arg) if adapter_arg is not None else None, targets,
         options.epsilon, options.top_k, options.side, str(dev), rows, totals(rows), cache_info, methods, plots,
         time.perf_counter() - begin,
     )
