@@ -56,13 +56,16 @@ def bert_config(**overrides):
 
 
 def build_model(kind: str, folder: Path) -> Path:
-    """kind: bert (BertModel, like MiniLM), bert-mlm, llama, gpt2. float32, seeded, with tokenizer."""
-    from transformers import (BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    """kind: bert (BertModel, like MiniLM), bert-cls, bert-mlm, llama, gpt2. float32, seeded, with tokenizer."""
+    from transformers import (BertForMaskedLM, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                               LlamaForCausalLM)
 
     torch.manual_seed(0)
     if kind == "bert":
         model = BertModel(bert_config())
+    elif kind == "bert-cls":  # a task base laid out as a classifier (head included), like the demo's
+        model = BertForSequenceClassification(bert_config(num_labels=2, id2label={0: "negative", 1: "positive"},
+                                                          label2id={"negative": 0, "positive": 1}))
     elif kind == "bert-mlm":
         model = BertForMaskedLM(bert_config())
     elif kind == "llama":

@@ -13,8 +13,6 @@ from _diff_helpers import make_lora_adapter, merge_with_peft, perturb_adapter
 from surgeon.cli.main import cli
 from surgeon.workflows.diff import diff_checkpoints
 
-pytest.importorskip("surgeon.workflows.merge", reason="diff --adapter needs the merge workflow")
-
 TARGETS = {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}.weight"
            for i in range(2) for t in ("q_proj", "v_proj", "down_proj")}
 

@@ -241,14 +241,23 @@ def test_cli_prints_the_report_and_json(ft, tmp_path):
 
 
 @pytest.mark.skipif(_load("merge") is None or _load("intruders") is None, reason="merge/intruders not built yet")
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "hira"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "pissa", "sparse-lora", "hira", "causal-lora"])
 def test_surgeon_merge_and_intruders_accept_the_adapter(ft, tmp_path, method):
+    """Merged by surgeon onto a base that has the head, the adapter gives the accuracy it was trained to."""
     out = tmp_path / method
-    run(ft, out, method=method, rank=4)
+    if method == "causal-lora":
+        base = build_model("llama", tmp_path / "llama-base")
+        run(ft, out, base=str(base), task="causal-lm", data=str(ft["lm"]), eval_data=None, rank=4)
+    else:
+        base = build_model("bert-cls", tmp_path / "cls-base")
+        report = run(ft, out, base=str(base), method=method, rank=4, **method_options(method))
     merged = tmp_path / "merged"
-    result = CliRunner().invoke(cli, ["merge", str(ft["bert"]), str(out), "-o", str(merged)])
+    result = CliRunner().invoke(cli, ["merge", str(base), str(out), "-o", str(merged)])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli, ["intruders", str(merged), "--base", str(ft["bert"])])
+    if method != "causal-lora":
+        again = evaluate(merged, data=ft["eval"], task="classification")
+        assert again.metrics.loss == pytest.approx(report.eval["loss"], abs=1e-4)
+    result = CliRunner().invoke(cli, ["intruders", str(merged), "--base", str(base)])
     assert result.exit_code == 0, result.output
 
 

@@ -63,7 +63,8 @@ def _render_check(c: AdapterCheck) -> None:
 @click.option("--all", "all_tensors", is_flag=True, help="Write every float tensor to OUT, not only the changed ones.")
 @click.option("--adapter", default=None, help="Check that τ equals this PEFT adapter's ΔW; exit 1 if not.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
-              help="Largest relative error ‖τ−ΔW‖/‖ΔW‖ still equivalent (with --adapter).")
+              help="With --adapter: largest ‖τ−ΔW‖/‖ΔW‖ still equivalent (a target within 2 ulps of the tuned "
+                   "dtype passes too: an fp16/bf16 merge).")
 @click.option("--strict", is_flag=True, help="Fail when keys or shapes differ instead of listing them.")
 @click.option("--rounding-dtype", default="auto", show_default=True,
               help="Precision for 'rounding only': auto (each tuned tensor's stored dtype), fp16, bf16, fp32.")

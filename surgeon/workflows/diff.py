@@ -9,7 +9,6 @@ the tensors to write (the header of the output must be known before its data). W
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,7 +28,7 @@ from surgeon.ops.task_vector import (
 )
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.diff_adapter import AdapterCheck, AdapterChecker
+from surgeon.workflows.diff_adapter import AdapterCheck, AdapterChecker, finite_or_none
 
 TASK_VECTOR_KIND = "task_vector"
 
@@ -96,17 +95,6 @@ class DiffReport:
 
     def to_dict(self) -> dict[str, Any]:
         return finite_or_none(asdict(self))
-
-
-def finite_or_none(value: Any) -> Any:
-    """The same structure with inf/NaN floats replaced by None (strict JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -276,7 +264,7 @@ def diff_checkpoints(
                 changed = [d.name for d in diffs if d.status == CHANGED and d.name in float_set]
                 written = _write_pass(t_ckpt, b_ckpt, changed, out, record, _summary_dict(pairs, diffs, non_float),
                                       max_shard_size, overwrite, [tuned_path, base_path])
-        check = checker.finish(diffs, t_ckpt) if checker is not None else None
+        check = checker.finish(diffs) if checker is not None else None
     return DiffReport(str(tuned), str(base), None if out is None else str(out), opts.rounding_dtype or "auto",
                       summarize(pairs, diffs, non_float), diffs, written, check)
 

@@ -15,6 +15,7 @@ adapter is equivalent when every target is and no tensor outside the targets cha
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.resolve import resolve_path
-from surgeon.ops.task_vector import CHANGED, is_float_dtype, rounding_check
+from surgeon.ops.task_vector import CHANGED, abs_max, is_float_dtype, rounding_check
 
 if TYPE_CHECKING:
     from surgeon.workflows.diff import TensorDiff
@@ -67,7 +68,18 @@ class AdapterCheck:
     min_cosine: float
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return finite_or_none(asdict(self))
+
+
+def finite_or_none(value: Any) -> Any:
+    """The same structure with inf/NaN floats replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 @torch.no_grad()
@@ -90,7 +102,7 @@ def compare_delta(
     else:
         cosine = 1.0 if d_norm == t_norm else 0.0
     relative = r_norm / d_norm if d_norm > 0 else (0.0 if r_norm == 0 else float("inf"))
-    max_abs = float(residual.abs().max()) if residual.numel() else 0.0
+    max_abs = abs_max(residual)
     ulps: float | None = None  # only needed when the relative error alone does not decide
     if relative > tolerance:
         if is_float_dtype(stored):
@@ -127,7 +139,7 @@ class AdapterChecker:
         self.results[name] = compare_delta(name, "", delta, adapter_delta, base,
                                            torch_dtype(tuned_dtype), self.tolerance)
 
-    def finish(self, diffs: list[TensorDiff], tuned: Checkpoint) -> AdapterCheck:
+    def finish(self, diffs: list[TensorDiff]) -> AdapterCheck:
         by_name = {d.name: d for d in diffs}
         checks = []
         for name in self.targets:

@@ -30,8 +30,14 @@ _QV_LEAVES = {"q_proj", "v_proj", "query", "value", "q", "v", "q_lin", "v_lin", 
 
 
 def default_lr(method: str) -> float:
-    """Full fine-tuning moves every weight and wants a small step; adapters start at zero and want a larger one."""
-    return 5e-5 if method == "full" else 1e-3
+    """Full fine-tuning moves every weight and wants a small step; adapters start at zero and want a larger one.
+
+    HiRA's update W ⊙ (B·A) is scaled by the base weights (|W| ~ 0.05 in MiniLM), so it needs about 10x
+    LoRA's step: on the bundled sentiment set it reaches 56% at 1e-3 and 89% at 1e-2 (3 epochs).
+    """
+    if method == "full":
+        return 5e-5
+    return 1e-2 if method == "hira" else 1e-3
 
 
 def default_alpha(rank: int) -> float:
