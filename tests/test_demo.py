@@ -168,7 +168,7 @@ def test_html_shows_the_json_numbers(demo):
         assert f"{card['text']} {card['label']}" in text
     for point in body["sweep"]:
         assert f"{point['lambda']:g} {point['scaled']} {pct(point['accuracy'])} {drift_text(point['drift'])}" in text
-    for key, label in (("base", "base (before)"), ("lora", "LoRA (after)"), ("full", "full fine-tuning (after)")):
+    for key, label in (("base", "base, untrained head (before)"), ("lora", "LoRA (after)"), ("full", "full fine-tuning (after)")):
         ev = body["eval"][key]
         assert f"{label} {pct(ev['accuracy'])} {drift_text(ev['drift'])}" in text
     intr = body["intruders"]

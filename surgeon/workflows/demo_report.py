@@ -29,7 +29,9 @@ def pct(x: float | None) -> str:
 def num(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "n/a"
-    if x != 0 and (abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5):
+    if x == 0:
+        return "0"  # also -0.0
+    if abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5:
         return f"{x:.2e}"
     return f"{x:.{digits}g}"
 
@@ -112,15 +114,15 @@ def plot_tradeoff(data: dict[str, Any], path: Path) -> None:
     ax1b.set_ylabel("drift from base (1 \u2212 cos)", color=FULL_COLOR)
     ax1.set_title("LoRA model as \u03bb varies", fontsize=10)
     ax2.plot(drift, acc, "o-", color=LORA_COLOR, label="LoRA, scaled intruders")
-    for x, y, lm in zip(drift, acc, lam):
-        ax2.annotate(f"\u03bb={lm:g}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    for i, (x, y, lm) in enumerate(zip(drift, acc, lam)):
+        ax2.annotate(f"\u03bb={lm:g}", (x, y), textcoords="offset points", xytext=(4, 6 if i % 2 else -12), fontsize=8)
     for key, color, label in (("base", BASE_COLOR, "base"), ("full", FULL_COLOR, "full fine-tuning")):
         if key in ev:
             ax2.plot([ev[key]["drift"]], [100 * ev[key]["accuracy"]], "D", color=color, label=label)
     ax2.set_xlabel("forgetting: embedding drift from base (1 \u2212 cos)")
     ax2.set_ylabel("task accuracy (%)")
     ax2.set_title("Accuracy vs forgetting", fontsize=10)
-    ax2.legend(frameon=False, fontsize=8, loc="lower right")
+    ax2.legend(frameon=True, framealpha=0.9, fontsize=8, loc="best")
     for ax in (ax1, ax2):
         ax.spines[["top"]].set_visible(False)
     fig.tight_layout()
@@ -231,7 +233,8 @@ def _finetune_section(d: dict[str, Any]) -> str:
 
 def _merge_section(d: dict[str, Any]) -> str:
     m = d["merge"]
-    rows = [("output", m["output"]), ("dtype", m["dtype"]), ("tensors merged", m["merged"]), ("tensors copied byte for byte", m["copied"]),
+    rows = [("output", m["output"]), ("dtype", m["dtype"]), ("tensors merged (W + s\u00b7B\u00b7A)", m["merged"]),
+            ("tensors replaced (the trained head)", m["replaced"]), ("tensors copied byte for byte", m["copied"]),
             ("time", secs(m["seconds"]))]
     return _section("2. Merge", "merge", "<p>The LoRA adapter merged into the base, tensor by tensor, one rounding.</p>" + _kv(rows))
 
@@ -282,7 +285,7 @@ def _sweep_section(d: dict[str, Any], root: Path) -> str:
 
 
 def _eval_section(d: dict[str, Any]) -> str:
-    labels = {"base": "base (before)", "lora": "LoRA (after)", "full": "full fine-tuning (after)"}
+    labels = {"base": "base, untrained head (before)", "lora": "LoRA (after)", "full": "full fine-tuning (after)"}
     rows = [(labels.get(k, k), pct(v["accuracy"]), drift_text(v["drift"])) for k, v in d["eval"].items()]
     text = (f"<p>Task accuracy on the {d['data']['test']} held-out examples; forgetting as embedding drift: "
             f"mean 1 \u2212 cosine similarity between the base's and the model's sentence embeddings on "

@@ -199,13 +199,12 @@ def evaluate_all(run: DemoRun) -> None:
 
 # -- spectral stages ------------------------------------------------------------------------------
 SIMILARITY_PLOTS = 2  # matrices whose similarity matrix is drawn, for LoRA and full alike
-SIMILARITY_COLUMNS = 40  # base singular vectors shown in each similarity plot
 
 
 def _intruder_options(run: DemoRun) -> Any:
     from surgeon.workflows.intruders import IntruderOptions
 
-    return IntruderOptions(epsilon=run.settings.epsilon, top_k=run.settings.top_k, plot_base=SIMILARITY_COLUMNS)
+    return IntruderOptions(epsilon=run.settings.epsilon, top_k=run.settings.top_k)
 
 
 def _intruders(run: DemoRun, key: str, select: str | None, plot_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:

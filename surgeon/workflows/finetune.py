@@ -30,7 +30,7 @@ from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.evaluate import TaskMetrics, causal_metrics, classification_metrics
 from surgeon.workflows.finetune_methods import (
-    ADAPTER_METHODS, DEFAULT_RANK, METHODS, SparseLoRA, check_method_available, default_alpha, default_lr,
+    DEFAULT_RANK, METHODS, SparseLoRA, check_method_available, default_alpha, default_lr,
 )
 from surgeon.workflows.finetune_model import Built, build_model
 from surgeon.workflows.textmodel import (
