@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option
 from surgeon.workflows.apply import apply_task_vectors, describe_tasks
 
@@ -16,10 +17,12 @@ from surgeon.workflows.apply import apply_task_vectors, describe_tasks
               help="Output dtype: auto (each base tensor's own), fp32, fp16, bf16.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@hub_options
+@push_to_option
 @json_option
 @global_options
 def command(base: str, tasks: tuple[str, ...], out: str, dtype: str, max_shard_size: str, overwrite: bool,
-            as_json: bool) -> None:
+            push_to: str | None, private: bool, as_json: bool) -> None:
     """Task arithmetic: θ = θ_base + Σ λ_i·τ_i, streamed, one rounding.
 
     Each TV is a task vector written by `surgeon diff -o`, optionally
@@ -37,8 +40,9 @@ def command(base: str, tasks: tuple[str, ...], out: str, dtype: str, max_shard_s
     """
     report = apply_task_vectors(base, list(tasks), out, dtype=dtype, max_shard_size=max_shard_size,
                                 overwrite=overwrite)
+    pushed = push_after(out, push_to, private=private, as_json=as_json)
     if as_json:
-        emit_json("apply", report.to_dict())
+        emit_json("apply", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return
     info(f"wrote {report.output} = base {describe_tasks(report)}: {report.tensors} tensors "
          f"({report.computed} computed, {report.copied} copied, {report.cast} cast), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, table
 from surgeon.workflows.merge import merge
 
@@ -22,10 +23,13 @@ _SHOW_ROWS = 10
 @click.option("--precision-report", "precision_report", default=None, metavar="FILE",
               help="Write the per-tensor rounding report (JSON) to FILE.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@hub_options
+@push_to_option
 @json_option
 @global_options
 def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: str, max_shard_size: str,
-            precision_report: str | None, overwrite: bool, as_json: bool) -> None:
+            precision_report: str | None, overwrite: bool,
+            push_to: str | None, private: bool, as_json: bool) -> None:
     """Merge PEFT adapters into BASE, streamed from the files, at a chosen precision.
 
     Each ADAPTER is a PEFT adapter folder (adapter_config.json +
@@ -44,8 +48,9 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
     """
     report = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
                    overwrite=overwrite, precision_report=precision_report)
+    pushed = push_after(out, push_to, private=private, as_json=as_json)
     if as_json:
-        emit_json("merge", report.to_dict())
+        emit_json("merge", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return
     info(f"wrote {report.output}: {report.merged} merged, {report.replaced} replaced, {report.cast_only} cast only, "
          f"{report.copied} copied unchanged; {human_bytes(report.bytes_written)} in {len(report.shards)} file(s), "
