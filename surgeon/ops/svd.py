@@ -28,7 +28,7 @@ DEFAULT_TOL = 1e-10
 METHODS = ("auto", "krylov", "dense")
 _SEED = 0
 _TINY = 1e-7  # σ_k/σ₁ below this: the Gram route loses the vector, use a full SVD
-_GRAM_FROM = 512  # from this size on, iterate with the Gram matrix (formed once) rather than W and Wᵀ
+_GRAM_FROM = 512  # rectangular W from this size on: iterate with its (smaller) Gram matrix, formed once
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def top_k(w: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL, method: str = "a
     if k == 0 or _use_dense(dim, block, method):
         return dense_top_k(w, k)
     left = m <= n
-    if dim >= _GRAM_FROM:  # one compute-bound GEMM instead of two memory-bound skinny ones per block
+    if dim >= _GRAM_FROM and max(m, n) >= 2 * dim:  # a compute-bound Gram once, then one small GEMM per block
         gram = w @ w.T if left else w.T @ w
         apply = gram.__matmul__
     else:
