@@ -204,7 +204,7 @@ def test_bad_options(tiny_llama, lora, tmp_path):
     expect_error(run(tiny_llama, lora, "-o", tmp_path / "out", "--dtype", "int8"),
                  "--dtype 'int8' is not a float dtype surgeon writes; use auto, fp32, fp16 or bf16.")
     expect_error(run(tiny_llama, lora, "-o", tmp_path / "out", "--device", "tpu"),
-                 "--device 'tpu' is not a device surgeon merges on; use auto, cpu or cuda.")
+                 "--device 'tpu' is not a device surgeon computes on; use auto, cpu, cuda or cuda:N.")
     if not torch.cuda.is_available():
         expect_error(run(tiny_llama, lora, "-o", tmp_path / "out", "--device", "cuda"),
                      "--device cuda: no CUDA device is available to torch here; use --device cpu (or auto).")

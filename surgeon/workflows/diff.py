@@ -20,6 +20,7 @@ import torch
 
 from surgeon.errors import ShapeMismatchError, SurgeonError
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, check_output
@@ -141,13 +142,6 @@ def refuse_mismatch(pairs: TensorPairs, first: str, second: str) -> None:
         f"{first} and {second}: {problems} tensor(s) differ in name or shape (e.g. {example}); "
         "compare checkpoints of the same architecture, or drop --strict to list them and go on."
     )
-
-
-def pick_device(device: str | None) -> str:
-    """'auto' (or None) -> 'cuda' when available, else 'cpu'."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def parse_rounding_dtype(name: str | None) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import torch
 
+from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.errors import NumericalError, SurgeonError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
@@ -111,20 +112,6 @@ def parse_adapter_arg(arg: AdapterArg) -> tuple[Path, float]:
                 raise SurgeonError(f"{text}: adapter weight {tail!r} is not a finite number; write e.g. {head}:0.5.")
             return resolve_path(head), weight
     return resolve_path(text), 1.0
-
-
-def pick_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    text = str(device).lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SurgeonError(f"--device {device}: no CUDA device is available to torch here; use --device cpu (or auto).")
-        return torch.device(text)
-    if text == "cpu":
-        return torch.device("cpu")
-    raise SurgeonError(f"--device {device!r} is not a device surgeon merges on; use auto, cpu or cuda.")
 
 
 def _output_dtypes(base: Checkpoint, target: str | None) -> dict[str, str]:

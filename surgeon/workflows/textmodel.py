@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.errors import CheckpointFormatError, SurgeonError
 from surgeon.io.adapter import is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
@@ -37,19 +38,6 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be a usable torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SurgeonError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SurgeonError(f"--device {name}: no CUDA device is available here; use --device cpu.")
-    return device
 
 
 def seed_everything(seed: int) -> None:
