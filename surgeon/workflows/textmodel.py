@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
-from surgeon.errors import CheckpointFormatError, SurgeonError
+from surgeon.errors import CheckpointFormatError
 from surgeon.io.adapter import is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.data import Example
