@@ -12,7 +12,7 @@ page cache), ratios to the reference (targets: cold <= 0.6x, warm <= 0.1x), and 
 matrices were measured. ``--merged`` also times TUNED given as a merged bf16 checkpoint
 (the dense-tuned route) against the reference on those stored weights.
 
-    python benchmarks/intruders_vs_reference.py [--layers 2] [--device cpu] [--merged]
+    python benchmarks/intruders_vs_reference.py [--layers 2] [--repeat 3] [--device cpu] [--merged]
 
 Random Gaussian weights are the hardest case for an iterative top-k (the top singular
 values sit at the edge of a flat bulk, 0.05% apart), so this measures the worst case.
@@ -24,6 +24,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -137,6 +138,22 @@ def _merged_checkpoint(model: Path, adapter: Path, layers: int, out: Path) -> Pa
     return out
 
 
+def _rounds(repeat: int, cache: Path, run_reference, args: list[str], work: Path, tag: str):  # type: ignore[no-untyped-def]
+    """Reference, cold, warm, ``repeat`` times in turn (so that load on a shared machine hits all three);
+    the median wall and CPU time of each."""
+    times: dict[str, list[tuple[float, float]]] = {"ref": [], "cold": [], "warm": []}
+    for _ in range(repeat):
+        shutil.rmtree(cache, ignore_errors=True)
+        t, ref = run_reference()
+        times["ref"].append(t)
+        t, cold = _surgeon(args, work / f"cold{tag}.json")
+        times["cold"].append(t)
+        t, warm = _surgeon(args, work / f"warm{tag}.json")
+        times["warm"].append(t)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
+    return med["ref"], ref, med["cold"], cold, med["warm"], warm
+
+
 def _row(label: str, times: tuple[float, float], ref: tuple[float, float], n: int) -> str:
     return (f"{label:<34} {times[0]:9.2f} {times[0] / ref[0]:8.3f} {times[1]:9.2f} {times[1] / ref[1]:8.3f} "
             f"{n:9d}")
@@ -152,6 +169,7 @@ def main() -> None:
                         help="Layers measured (7 matrices each; 22 is the whole model).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--merged", action="store_true", help="Also time TUNED given as a merged checkpoint.")
+    parser.add_argument("--repeat", type=int, default=1, help="Interleaved rounds; medians are printed.")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tuned", default=None, help=argparse.SUPPRESS)
@@ -167,15 +185,13 @@ def main() -> None:
     adapter = build_lora_adapter(model, work / "lora-all-linear-r16", rank=16)
     pattern = rf"model\.layers\.({'|'.join(str(i) for i in range(args.layers))})\.{PROJ}\.weight$"
     cache = work / "svd-cache-bench"
-    shutil.rmtree(cache, ignore_errors=True)
     warm_cache(str(model))
     common = ["--base", str(model), "--targets", pattern, "--device", args.device, "--cache", str(cache)]
-    ref_t, ref = _reference(model, pattern, work / "reference.json", adapter=adapter)
-    cold_t, cold = _surgeon([*common, "--adapter", str(adapter)], work / "cold.json")
-    warm_t, warm = _surgeon([*common, "--adapter", str(adapter)], work / "warm.json")
+    ref_t, ref, cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, lambda: _reference(
+        model, pattern, work / "reference.json", adapter=adapter), [*common, "--adapter", str(adapter)], work, "")
     n = len(ref)
     print(f"measured {n} matrices ({args.layers} of 22 layers x 7 projections), LoRA r=16 on all linear layers, "
-          f"device {args.device}\n")
+          f"device {args.device}; median of {args.repeat} interleaved round(s)\n")
     print(_HEADER)
     print(_row("reference (full SVD x2, float32)", ref_t, ref_t, n))
     print(_row("surgeon intruders, cold cache", cold_t, ref_t, len(cold["matrices"])))
@@ -203,10 +219,8 @@ def _report_agreement(label: str, ref: dict, bodies: list[dict]) -> bool:
 def _merged(model: Path, adapter: Path, args: argparse.Namespace, work: Path, cache: Path, common: list[str]) -> bool:
     merged = _merged_checkpoint(model, adapter, args.layers, work / f"merged-{args.layers}-layers")
     pattern = common[common.index("--targets") + 1]
-    shutil.rmtree(cache, ignore_errors=True)
-    ref_t, ref = _reference(model, pattern, work / "reference-merged.json", tuned=merged)
-    cold_t, cold = _surgeon([str(merged), *common], work / "cold-merged.json")
-    warm_t, warm = _surgeon([str(merged), *common], work / "warm-merged.json")
+    ref_t, ref, cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, lambda: _reference(
+        model, pattern, work / "reference-merged.json", tuned=merged), [str(merged), *common], work, "-merged")
     print(f"\nTUNED as a merged bf16 checkpoint ({len(ref)} matrices):")
     print(_HEADER)
     print(_row("reference (full SVD x2, float32)", ref_t, ref_t, len(ref)))

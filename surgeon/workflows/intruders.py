@@ -29,7 +29,7 @@ from surgeon.errors import AdapterError, CheckpointFormatError, ShapeMismatchErr
 from surgeon.io.adapter import Adapter, BaseNames, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
-from surgeon.io.svd_cache import SvdCache, content_key
+from surgeon.io.svd_cache import CachedBasis, SvdCache, content_key
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target
@@ -183,14 +183,21 @@ def open_inputs(tuned: str | os.PathLike[str] | None, base: str | os.PathLike[st
 # -- reading (on the read-ahead thread) ------------------------------------------------------------
 @dataclass
 class Loaded:
-    """One target, ready to decompose. W_t is ``tuned`` (dense) or W₀ + left·right (``factors``)."""
+    """One target. The reader thread fills the stored bytes, the cache entry and the LoRA factors
+    (I/O and hashing, which release the GIL); :func:`materialize` then converts on the main thread
+    (no second team of compute threads competing with the decomposition). W_t is ``tuned``
+    (dense, float64, nn.Linear orientation) or W₀ + left·right (``factors``)."""
 
     target: Target
-    w0: torch.Tensor
+    raw0: bytearray
     key: str
-    tuned: torch.Tensor | None
+    cached: CachedBasis | None
     factors: tuple[torch.Tensor, torch.Tensor] | None
-    unchanged: bool
+    tuned_raw: tuple[str, bytearray] | None = None
+    merge: bool = False
+    unchanged: bool = False
+    w0: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    tuned: torch.Tensor | None = None
 
 
 def _lora_factors(inputs: Inputs, target: Target) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -206,13 +213,9 @@ def _lora_factors(inputs: Inputs, target: Target) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
-def _tuned_matrix(inputs: Inputs, target: Target, raw0: bytearray, w0: torch.Tensor) -> torch.Tensor | None:
-    """Dense W_t (float64, Linear orientation), or None when it equals W₀ bit for bit."""
-    if inputs.plan is not None and target.name in inputs.plan.targets:
-        w = merged_float32(inputs.host, inputs.plan, target.name).to(torch.float64)
-        return w.T.contiguous() if target.transposed else w
-    if inputs.tuned is None:
-        return None
+def _tuned_bytes(inputs: Inputs, target: Target, raw0: bytearray) -> tuple[str, bytearray] | None:
+    """TUNED's name and stored bytes for ``target``, or None when they equal the base's."""
+    assert inputs.tuned is not None
     name = inputs.tuned_name(target.name)
     if name is None:
         raise CheckpointFormatError(
@@ -226,20 +229,38 @@ def _tuned_matrix(inputs: Inputs, target: Target, raw0: bytearray, w0: torch.Ten
             "TUNED is not a fine-tune of BASE. Check the two paths."
         )
     raw = inputs.tuned.read_raw(name)
-    if info.dtype == inputs.base.info(target.name).dtype and raw == raw0:
-        return None
-    w = linear_float64(raw, inputs.tuned, replace(target, name=name))
-    return None if torch.equal(w, w0) else w
+    return None if info.dtype == inputs.base.info(target.name).dtype and raw == raw0 else (name, raw)
 
 
-def load_target(inputs: Inputs, target: Target) -> Loaded:
+def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
+    """Everything ``target`` needs from disk (on the read-ahead thread)."""
     raw0 = inputs.base.read_raw(target.name)
     info = inputs.base.info(target.name)
     key = content_key(raw0, info.dtype, info.shape, transposed=target.transposed)
-    w0 = linear_float64(raw0, inputs.base, target)
-    factors = _lora_factors(inputs, target)
-    tuned = None if factors is not None else _tuned_matrix(inputs, target, raw0, w0)
-    return Loaded(target, w0, key, tuned, factors, unchanged=factors is None and tuned is None)
+    loaded = Loaded(target, raw0, key, cache.load(key, size=min(target.shape)), _lora_factors(inputs, target))
+    if loaded.factors is not None:
+        return loaded
+    if inputs.plan is not None and target.name in inputs.plan.targets:
+        loaded.merge = True
+    elif inputs.tuned is not None:
+        loaded.tuned_raw = _tuned_bytes(inputs, target, raw0)
+    loaded.unchanged = not loaded.merge and loaded.tuned_raw is None
+    return loaded
+
+
+def materialize(inputs: Inputs, loaded: Loaded) -> Loaded:
+    """W₀ and a dense W_t as float64 matrices in nn.Linear orientation (on the main thread)."""
+    target = loaded.target
+    loaded.w0 = linear_float64(loaded.raw0, inputs.base, target)
+    if loaded.merge:
+        w = merged_float32(inputs.host, inputs.plan, target.name).to(torch.float64)  # type: ignore[arg-type]
+        loaded.tuned = w.T.contiguous() if target.transposed else w
+    elif loaded.tuned_raw is not None:
+        name, raw = loaded.tuned_raw
+        w = linear_float64(raw, inputs.tuned, replace(target, name=name))  # type: ignore[arg-type]
+        loaded.tuned, loaded.unchanged = (None, True) if torch.equal(w, loaded.w0) else (w, False)
+    loaded.raw0, loaded.tuned_raw = bytearray(), None
+    return loaded
 
 
 # -- analysis ----------------------------------------------------------------------------------
@@ -253,8 +274,7 @@ class Analysis:
 
 
 def _base(loaded: Loaded, cache: SvdCache, device: torch.device, counts: dict[str, int]) -> tuple[svd.BaseBasis, str]:
-    size = min(loaded.w0.shape)
-    entry = cache.load(loaded.key, size=size)
+    entry = loaded.cached
     if entry is not None:
         counts["hits"] += 1
         return svd.BaseBasis(entry.side, entry.basis.to(device), entry.s.to(device)), "hit"
@@ -305,9 +325,10 @@ def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: Intru
 def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderOptions, cache: SvdCache,
                    device: torch.device, counts: dict[str, int], *, desc: str = "intruders") -> Iterator[Analysis]:
     """Analyse ``targets`` in order, reading ahead; yields one :class:`Analysis` per target."""
-    stream = read_ahead(targets, lambda t: load_target(inputs, t))
+    stream = read_ahead(targets, lambda t: read_target(inputs, t, cache))
     for target, loaded in progress(stream, total=len(targets), desc=desc):
         begin = time.perf_counter()
+        loaded = materialize(inputs, loaded)
         if loaded.unchanged:
             yield Analysis(_unchanged_row(target, time.perf_counter() - begin), loaded, None)
             continue
