@@ -48,3 +48,29 @@ def test_apply_push_to_refused_before_work_without_token(fake_hub: FakeHub, tiny
                                       "--push-to", "tester/applied"])
     assert result.exit_code == 1 and result.output.startswith("Error: ")
     assert not out.exists() and "tester/applied" not in fake_hub.repos
+
+
+def test_scale_intruders_push_to_records_the_surgery(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_llama, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = weights[name]
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
+    weights[name] = w + 3 * torch.linalg.matrix_norm(w, 2) * torch.outer(a / a.norm(), b / b.norm())
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "repaired"
+    result = CliRunner().invoke(cli, ["scale-intruders", str(tuned), "--base", str(tiny_llama), "--lambda", "0.5",
+                                      "-o", str(out), "--push-to", "tester/repaired", "--token", WRITE_TOKEN,
+                                      "--json", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["push"]["commit_oid"] == fake_hub.head("tester/repaired")
+    files = fake_hub.files("tester/repaired")
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    assert "scale-intruders" in card and "model.layers.0" in card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, table
 from surgeon.cli.intruders import spectral_options
 from surgeon.workflows.intruders import IntruderOptions
@@ -25,11 +26,14 @@ _SHOW_ROWS = 30
               help="TUNED is BASE + a LoRA: write a PEFT LoRA adapter whose merge onto BASE is the repaired model.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@hub_options
+@push_to_option
 @json_option
 @global_options
 def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, top_k: int, targets: str, side: str,
             device: str, cache: str | None, no_cache: bool, method: str, lam: float, out: str, only_top: int | None,
-            as_adapter: bool, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+            as_adapter: bool, max_shard_size: str, overwrite: bool,
+            push_to: str | None, private: bool, as_json: bool) -> None:
     """Rescale intruder dimensions and write the repaired checkpoint.
 
     Each intruder j of a matrix (found as by `surgeon intruders`) gets its singular
@@ -49,8 +53,9 @@ def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, t
                              as_adapter=as_adapter, device=device, cache=cache, use_cache=not no_cache,
                              max_shard_size=max_shard_size, overwrite=overwrite,
                              options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
+    pushed = push_after(out, push_to, private=private, as_json=as_json)
     if as_json:
-        emit_json("scale-intruders", report.to_dict())
+        emit_json("scale-intruders", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return
     if report.changes:
         table(["tensor", "ranks", "c_j", "σ before", "σ after", "‖ΔW‖"],
