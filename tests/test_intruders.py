@@ -96,7 +96,7 @@ def test_llama_lora_matches_dense_reference(tiny_llama, llama_lora, tmp_path, me
     assert report.totals["analysed"] == 10 and report.totals["unchanged"] == 4  # o_proj, up_proj untouched
     assert _check_against_reference(report, tiny_llama, state) > 0
     if method == "krylov":
-        assert set(report.methods) == {"krylov-lowrank", "unchanged"}
+        assert set(report.methods) == {"chebyshev-lowrank", "unchanged"}
     # the same fine-tune given as a merged checkpoint takes the dense-tuned route, same answer
     merged = save_merged(tiny_llama, llama_lora, tmp_path / "merged", kind="causal")
     dense = find_intruders(merged, tiny_llama, use_cache=False, options=IntruderOptions(method=method))

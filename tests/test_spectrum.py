@@ -82,7 +82,7 @@ def test_low_rank_update_equals_full_svd(shape, method):
     t = svd.top_k_low_rank(w0, svd.base_basis(w0), left, right, 10, method=method)
     _assert_triplets_match(t, w0 + left @ right, 10)
     if method == "krylov":
-        assert t.method == "krylov-lowrank"
+        assert t.method == "chebyshev-lowrank"
 
 
 def test_k_larger_than_the_matrix():
