@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
-from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option
+from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option
 from surgeon.workflows.apply import apply_task_vectors, describe_tasks
 
 
@@ -15,8 +15,8 @@ from surgeon.workflows.apply import apply_task_vectors, describe_tasks
 @click.option("-o", "--output", "out", required=True, help="Output model folder (or a .safetensors file).")
 @click.option("--dtype", default="auto", show_default=True,
               help="Output dtype: auto (each base tensor's own), fp32, fp16, bf16.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@max_shard_size_option
+@overwrite_option
 @hub_options
 @push_to_option
 @json_option

@@ -41,6 +41,9 @@ def global_options(func: F) -> F:
     return func
 
 
+max_shard_size_option = click.option("--max-shard-size", default="5GB", show_default=True,
+                                     help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option
+from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option
 from surgeon.workflows.convert import convert_checkpoint
 
 
@@ -12,8 +12,8 @@ from surgeon.workflows.convert import convert_checkpoint
 @click.argument("source")
 @click.option("-o", "--output", "out", required=True, help="Output folder (or a .safetensors file).")
 @click.option("--dtype", default="auto", show_default=True, help="Cast floating tensors: auto (keep), fp32, fp16, bf16.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@max_shard_size_option
+@overwrite_option
 @json_option
 @global_options
 def command(source: str, out: str, dtype: str, max_shard_size: str, overwrite: bool, as_json: bool) -> None:

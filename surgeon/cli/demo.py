@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, info, json_option, overwrite_option, table
 from surgeon.workflows.demo import run_demo
 
 
@@ -17,7 +17,7 @@ def _announce(i: int, n: int, title: str, seconds: float | None) -> None:
 
 @click.command("demo")
 @click.option("-o", "--output", "out", default="surgeon-demo", show_default=True, help="Folder for the report, JSON, plots and models.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@overwrite_option
 @json_option
 @global_options
 def command(out: str, overwrite: bool, as_json: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
 from surgeon.workflows.diff import DiffReport, TensorDiff, diff_checkpoints
 from surgeon.workflows.diff_adapter import AdapterCheck
 
@@ -72,7 +72,7 @@ def _render_check(c: AdapterCheck) -> None:
 @click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu, cuda, cuda:1.")
 @click.option("--tensors", "show_all", is_flag=True, help="List every tensor, not only the changed ones.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard of OUT, e.g. 5GB.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@overwrite_option
 @json_option
 @global_options
 @click.pass_context

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
 from surgeon.workflows.extract_lora import ExtractReport, extract_lora
 
 
@@ -41,7 +41,7 @@ def _render(report: ExtractReport, show_all: bool) -> None:
 @click.option("--dtype", default="fp32", show_default=True, help="dtype of the LoRA factors: fp32, bf16, fp16.")
 @click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu, cuda.")
 @click.option("--tensors", "show_all", is_flag=True, help="List every module even when there are many.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@overwrite_option
 @json_option
 @global_options
 def command(tuned: str, base: str, out: str, rank: int | None, energy: float | None, max_rank: int | None,

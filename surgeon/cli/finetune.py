@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, human_bytes, human_count, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, human_bytes, human_count, info, json_option, overwrite_option, table
 from surgeon.workflows.finetune import FinetuneOptions, FinetuneReport, finetune
 from surgeon.workflows.finetune_methods import METHODS
 
@@ -28,7 +28,7 @@ from surgeon.workflows.finetune_methods import METHODS
 @click.option("--sparsity", type=float, help="sparse-lora: fraction of zeros to prune A and B to by the last epoch.")
 @click.option("--continue-from", "continue_from", help="A previous finetune output to keep training on this task (continual learning).")
 @click.option("-o", "--output", "out", required=True, help="Output folder (adapter or complete model).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@overwrite_option
 @json_option
 @global_options
 def command(base: str, out: str, as_json: bool, **kwargs: object) -> None:

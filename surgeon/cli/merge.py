@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
-from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.workflows.merge import merge
 
 _SHOW_WARNINGS = 5
@@ -19,10 +19,10 @@ _SHOW_ROWS = 10
 @click.option("--dtype", default="auto", show_default=True,
               help="Output precision: auto (the base's dtype), fp32, fp16 or bf16. The arithmetic is float32 either way.")
 @click.option("--device", default="auto", show_default=True, help="Where to compute: auto (cuda if available), cpu, cuda.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
+@max_shard_size_option
 @click.option("--precision-report", "precision_report", default=None, metavar="FILE",
               help="Write the per-tensor rounding report (JSON) to FILE.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@overwrite_option
 @hub_options
 @push_to_option
 @json_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
-from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, table
+from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.cli.intruders import spectral_options
 from surgeon.workflows.intruders import IntruderOptions
 from surgeon.workflows.scale_intruders import scale_intruders
@@ -24,8 +24,8 @@ _SHOW_ROWS = 30
               help="Scale only the N highest-ranking intruders of each matrix.")
 @click.option("--as-adapter", "as_adapter", is_flag=True,
               help="TUNED is BASE + a LoRA: write a PEFT LoRA adapter whose merge onto BASE is the repaired model.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@max_shard_size_option
+@overwrite_option
 @hub_options
 @push_to_option
 @json_option
