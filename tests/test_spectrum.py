@@ -42,6 +42,15 @@ def test_top_k_equals_full_svd(shape, method):
     assert t.method == ("dense" if method == "dense" else "krylov" if method == "krylov" else t.method)
 
 
+@pytest.mark.parametrize("shape", [(1040, 520), (520, 1040)])
+def test_top_k_through_the_gram_matrix(shape):
+    # rectangular and large enough that the iteration runs on the smaller side's Gram matrix
+    w = _random(*shape, seed=4) + geometric_matrix(*shape, decay=0.7, scale=4.0)
+    t = svd.top_k(w, 10, method="krylov")
+    assert t.method == "krylov"
+    _assert_triplets_match(t, w, 10)
+
+
 def test_krylov_on_random_bulk_converges_or_falls_back():
     # a Gaussian matrix: the worst case for an iterative top-k (tiny relative gaps at the edge)
     w = _random(300, 300, seed=3)

@@ -86,7 +86,7 @@ class MatrixIntruders:
     baseline_right: float | None
     sweep: dict[str, int]
     method: str
-    krylov_dim: int
+    steps: int
     residual: float
     cache: str
     seconds: float
@@ -318,7 +318,7 @@ def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: Intru
         [i + 1 for i in match] if match is not None else None, ranks, [sigma[j - 1] for j in ranks],
         ops.energy_share(sigma, ranks), ops.random_baseline(m, size) if c_l is not None else None,
         ops.random_baseline(n, size) if c_r is not None else None, ops.sweep(decisive), trip.method,
-        trip.krylov_dim, trip.residual, cache_state, seconds, similarity,
+        trip.steps, trip.residual, cache_state, seconds, similarity,
     )
 
 

@@ -53,12 +53,14 @@ def choose(rows: Sequence[MatrixIntruders], select: str | None) -> list[MatrixIn
 def _similarity(plt: Any, row: MatrixIntruders, path: Path, epsilon: float) -> None:
     sim = row.similarity
     fig, ax = plt.subplots(figsize=(min(12, 2 + sim.shape[1] / 10), 3.2))
-    image = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xlabel(f"base singular vector (top {sim.shape[1]})")
+    k, n = sim.shape
+    image = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest",
+                      extent=(0.5, n + 0.5, k + 0.5, 0.5))  # ranks from 1 on both axes
+    ax.set_xlabel(f"base singular vector, by rank (top {n})")
     ax.set_ylabel("tuned singular vector")
-    ax.set_yticks(range(sim.shape[0]), [str(j + 1) for j in range(sim.shape[0])])
+    ax.set_yticks(range(1, k + 1))
     for j in row.intruders:
-        ax.annotate("intruder", (sim.shape[1] - 0.5, j - 1), color="red", fontsize=7, ha="right", va="center")
+        ax.annotate("intruder", (n + 0.3, j), color="red", fontsize=7, ha="right", va="center")
     ax.set_title(f"{row.name}: |cos| of singular vectors ({len(row.intruders)} intruders at ε={epsilon:g})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
