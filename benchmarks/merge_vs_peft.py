@@ -2,7 +2,8 @@
 checkpoint: `surgeon merge` vs peft (load + merge_and_unload + save_pretrained) vs `cp -r`.
 
 Prints, side by side in one run, the wall time, CPU time and peak RSS of each (median / max over
---repeat runs, contenders interleaved, page cache warmed the same way before each), the
+--repeat runs, contenders interleaved, page cache warmed and dirty pages synced the same way
+before each), the
 ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB), and checks
 that surgeon's merged tensors equal peft's bit for bit on a sample.
 
@@ -93,12 +94,14 @@ def main() -> None:
         for label, (cmd, out) in runs.items():
             shutil.rmtree(out, ignore_errors=True)
             warm_cache(str(model))
+            os.sync()  # each contender starts with no dirty pages of the one before being written back
             wall, peak, seconds = measure(cmd)
             times[label].append(wall)
             rss[label].append(peak)
             cpu[label].append(seconds)
             if i < args.repeat - 1 or label == "cp -r":
                 shutil.rmtree(out, ignore_errors=True)
+    startup = min(measure([sys.executable, "-c", "import torch"])[0] for _ in range(3))
     compared, equal = same_as_peft(runs["surgeon merge"][1], runs["peft"][1])
     for _, out in runs.values():
         shutil.rmtree(out, ignore_errors=True)
@@ -118,6 +121,8 @@ def main() -> None:
     print(f"surgeon / peft: {ours / peft:.2f}x  (target <= 0.5x)")
     print(f"surgeon peak RSS: {max(rss['surgeon merge']):.0f} MB  (target <= 1024 MB); peft: {max(rss['peft']):.0f} MB")
     print(f"bit-identical to peft's merge: {equal}/{compared} sampled tensors")
+    print(f"python + `import torch` alone: {startup:.2f} s = {startup / cp:.2f}x cp (a floor for any torch-based tool); "
+          f"surgeon's merge after it: {(ours - startup) / cp:.2f}x cp")
 
 
 if __name__ == "__main__":

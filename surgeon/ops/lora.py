@@ -31,6 +31,23 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, fa
 
 
 @torch.no_grad()
+def lora_delta_rows(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, rows: slice, *,
+                    fan_in_fan_out: bool = False, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of :func:`lora_delta` (in the base's layout) into ``out`` (flat float32, at least that many
+    elements), without the whole ΔW. The same bits as slicing the whole one for blocks of four rows or more
+    (a one-row product takes a matrix-vector kernel; tested in tests/test_merge_stream.py)."""
+    if fan_in_fan_out:  # W is (in × out): its rows are columns of B·A
+        block = torch.matmul(lora_B, lora_A[:, rows])
+        view = out[: block.numel()].view(block.shape[1], block.shape[0])
+        view.copy_(block.T)
+    else:
+        count = len(range(*rows.indices(lora_B.shape[0])))
+        view = out[: count * lora_A.shape[1]].view(count, lora_A.shape[1])
+        torch.matmul(lora_B[rows], lora_A, out=view)
+    return view.mul_(scaling).view(-1)
+
+
+@torch.no_grad()
 def lora_embedding_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """ΔW = s·(B·A)ᵀ for an embedding. A: (r × num_embeddings), B: (dim × r) -> (num_embeddings × dim)."""
     return (lora_B @ lora_A).T.mul_(scaling)

@@ -8,10 +8,12 @@ trips through memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Union
 
+import numpy
 import torch
 
 CHUNK = 1 << 16
@@ -43,11 +45,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
 
 
+Delta = Union[torch.Tensor, tuple[torch.Tensor, float], Callable[[int, int, torch.Tensor], torch.Tensor]]
+
+
 @torch.no_grad()
 def round_merged(
     stored: torch.Tensor, out_dtype: torch.dtype, *, merged: torch.Tensor | None = None,
-    deltas: Sequence[torch.Tensor | tuple[torch.Tensor, float]] = (), workers: int = 1,
-    out: torch.Tensor | None = None,
+    deltas: Sequence[Delta] = (), workers: int = 1, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RoundingStats]:
     """Round W' once to ``out_dtype`` and measure it against the base W.
 
@@ -62,47 +66,104 @@ def round_merged(
     if out is None:
         out = torch.empty(flat_s.shape, dtype=out_dtype, device=stored.device)
     out = out.reshape(-1)
-    flat_d = [(d[0].reshape(-1), d[1]) if isinstance(d, tuple) else (d.reshape(-1), None) for d in deltas]
-    job = _Job(flat_s, out, merged.reshape(-1) if merged is not None else None, flat_d)
     size = CHUNK if stored.device.type == "cpu" else max(1, flat_s.numel())
-    starts = list(range(0, flat_s.numel(), size))
-    if workers > 1 and len(starts) > 1:
-        step = -(-len(starts) // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(lambda k: job.run(starts[k : k + step], size), range(0, len(starts), step)))
-    else:
-        parts = [job.run(starts, size)]
-    dsq, esq, changed = ([x for part in parts for x in part[j]] for j in range(3))
-    rounds = out_dtype != torch.float32
-    return out.reshape(stored.shape), _stats(out, dsq, esq if rounds else [], changed, screen=esq)
+    job = _Job(lambda i, n, buf: flat_s[i : i + n], flat_s.dtype, out_dtype, stored.device, deltas,
+               merged.reshape(-1) if merged is not None else None, out=out)
+    stats = job.run_all(_spans(flat_s.numel(), size), workers)
+    return out.reshape(stored.shape), stats
+
+
+@torch.no_grad()
+def stream_merged(
+    shape: Sequence[int], stored_dtype: torch.dtype, out_dtype: torch.dtype, *,
+    read: Callable[[int, int, torch.Tensor], torch.Tensor], deltas: Sequence[Delta],
+    write: Callable[[int, torch.Tensor], None], workers: int = 1, chunk: int = CHUNK,
+    pool: ThreadPoolExecutor | None = None,
+) -> RoundingStats:
+    """:func:`round_merged` without a whole tensor anywhere: chunk by chunk, ``read(start, n, buf)`` gives
+    W's flat elements [start, start+n) (``buf``: a byte buffer it may fill), each delta is a tensor, a
+    ``(D, s)`` pair or a function ``fill(start, n, buf) -> ΔW[start:start+n]`` (``buf``: float32 scratch),
+    and ``write(start, rounded)`` receives the output while it is still in cache. Chunks cover whole rows
+    (of the last dimension), at least ``MIN_ROWS`` of them, so that a delta may be computed row block by
+    row block with the same bits as whole. Same arithmetic, same bits, same statistics. ``pool``: an
+    executor of at least ``workers`` threads to reuse across tensors."""
+    numel = math.prod(shape)
+    cols = shape[-1] if len(shape) > 1 and numel else max(1, numel)
+    rows = numel // cols if numel else 0
+    per = max(MIN_ROWS, chunk // cols)
+    spans = [(r * cols, min(per, rows - r) * cols) for r in range(0, rows, per)]
+    if len(spans) > 1 and spans[-1][1] < MIN_ROWS * cols:  # no tiny last block: fold it into the one before
+        (a, n), (_, m) = spans[-2], spans.pop()
+        spans[-1] = (a, n + m)
+    job = _Job(read, stored_dtype, out_dtype, torch.device("cpu"), deltas, None, write=write)
+    return job.run_all(spans, workers, pool)
+
+
+MIN_ROWS = 4  # a GEMM of fewer rows may take another kernel (other bits); see tests/test_merge_stream.py
+
+
+def _spans(numel: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(size, numel - i)) for i in range(0, numel, size)]
 
 
 class _Job:
-    """The chunk loop of :func:`round_merged`; each caller thread gets its own buffers."""
+    """The chunk loop shared by :func:`round_merged` and :func:`stream_merged`; each thread gets its own buffers."""
 
-    def __init__(self, flat_s: torch.Tensor, out: torch.Tensor, flat_m: torch.Tensor | None,
-                 flat_d: list[tuple[torch.Tensor, float | None]]) -> None:
-        self.flat_s, self.out, self.flat_m, self.flat_d = flat_s, out, flat_m, flat_d
+    def __init__(self, read: Callable[[int, int, torch.Tensor], torch.Tensor], stored_dtype: torch.dtype,
+                 out_dtype: torch.dtype, device: torch.device, deltas: Sequence[Delta],
+                 flat_m: torch.Tensor | None, *, out: torch.Tensor | None = None,
+                 write: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        self.read, self.stored_dtype, self.out_dtype, self.device = read, stored_dtype, out_dtype, device
+        self.deltas = [d if callable(d) else (d[0].reshape(-1), d[1]) if isinstance(d, tuple) else (d.reshape(-1), None)
+                       for d in deltas]
+        self.flat_m, self.out, self.write = flat_m, out, write
 
-    def run(self, starts: list[int], size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        flat_s, out, flat_m, flat_d = self.flat_s, self.out, self.flat_m, self.flat_d
-        size = min(size, max(1, flat_s.numel()))
-        m_buf = torch.empty(size, dtype=torch.float32, device=flat_s.device)
+    def run_all(self, spans: list[tuple[int, int]], workers: int, pool: ThreadPoolExecutor | None = None) -> RoundingStats:
+        if workers > 1 and len(spans) > 1:  # interleaved: the threads walk the tensor front to back together
+            if pool is None:
+                with ThreadPoolExecutor(workers) as own:
+                    parts = list(own.map(self.run, [spans[k::workers] for k in range(workers)]))
+            else:
+                parts = list(pool.map(self.run, [spans[k::workers] for k in range(workers)]))
+        else:
+            parts = [self.run(spans)]
+        dsq, esq, changed = ([x for part in parts for x in part[j]] for j in range(3))
+        numel = sum(n for _, n in spans)
+        rounds = self.out_dtype != torch.float32
+        if self.out is not None:  # exact count over the whole output, only asked when the cheap screen trips
+            count = lambda: self.out.numel() - int(torch.count_nonzero(torch.isfinite(self.out)))  # noqa: E731
+        else:  # streamed: counted chunk by chunk as they went
+            count = lambda: sum(part[3] for part in parts)  # noqa: E731
+        return _stats(numel, dsq, esq if rounds else [], changed, screen=esq, nonfinite=count)
+
+    def run(self, spans: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+        size = max((n for _, n in spans), default=1)
+        dev, out_dtype = self.device, self.out_dtype
+        m_buf = torch.empty(size, dtype=torch.float32, device=dev)
         e_buf, d_buf = torch.empty_like(m_buf), torch.empty_like(m_buf)
-        x_buf = torch.empty(size, dtype=_BITS[out.element_size()], device=flat_s.device)
-        cast_buf = None if flat_s.dtype == out.dtype else torch.empty(size, dtype=out.dtype, device=flat_s.device)
-        rounds = out.dtype != torch.float32
-        dsq, esq, changed = [], [], []
-        for i in starts:
-            s, o = flat_s[i : i + size], out[i : i + size]
-            n = s.numel()
+        x_buf = torch.empty(size, dtype=_BITS[out_dtype.itemsize], device=dev)
+        r_buf = torch.empty(size * self.stored_dtype.itemsize, dtype=torch.uint8, device=dev)
+        o_buf = torch.empty(size, dtype=out_dtype, device=dev) if self.out is None else None
+        cast_buf = None if self.stored_dtype == out_dtype else torch.empty(size, dtype=out_dtype, device=dev)
+        rounds = out_dtype != torch.float32
+        on_cpu = dev.type == "cpu"
+        x_np_buf = x_buf.numpy() if on_cpu else None
+        flat_m, deltas = self.flat_m, self.deltas
+        dsq, esq, changed, bad = [], [], [], 0
+        for i, n in spans:
+            s = self.read(i, n, r_buf)
+            o = self.out[i : i + n] if o_buf is None else o_buf[:n]
             m, e = m_buf[:n], e_buf[:n]
             if flat_m is None:
                 m.copy_(s)  # mixed-dtype ops would allocate a converted copy per chunk: convert into buffers
-                for delta, scale in flat_d:
-                    d_chunk = delta[i : i + n] if scale is None else torch.mul(delta[i : i + n], scale, out=d_buf[:n])
+                for delta in deltas:
+                    if callable(delta):
+                        d_chunk = delta(i, n, d_buf[:n])
+                    else:
+                        d_chunk = delta[0][i : i + n] if delta[1] is None else torch.mul(
+                            delta[0][i : i + n], delta[1], out=d_buf[:n])
                     m.add_(d_chunk)
-                if len(flat_d) != 1:
+                if len(deltas) != 1:
                     d_chunk = e.copy_(s).neg_().add_(m)
             else:
                 m = flat_m[i : i + n]
@@ -115,18 +176,27 @@ class _Job:
             else:
                 esq.append(torch.dot(m, m))  # not an error: a cheap screen for non-finite values
             base = s if cast_buf is None else cast_buf[:n].copy_(s)
-            changed.append(torch.count_nonzero(torch.bitwise_xor(_bits(o), _bits(base), out=x_buf[:n])))
-        return dsq, esq, changed
+            if on_cpu:  # numpy's integer xor and count are vectorised, torch's count is not: 3x cheaper
+                x_np = x_np_buf[:n]
+                numpy.bitwise_xor(_bits(o).numpy(), _bits(base).numpy(), out=x_np)
+                changed.append(numpy.count_nonzero(x_np))
+            else:
+                changed.append(torch.count_nonzero(torch.bitwise_xor(_bits(o), _bits(base), out=x_buf[:n])))
+            if self.write is not None:
+                if not math.isfinite(float(esq[-1]) + float(dsq[-1])):  # count now: the chunk is gone after
+                    bad += n - int(torch.count_nonzero(torch.isfinite(o)))
+                self.write(i, o)
+        return dsq, esq, changed, bad
 
 
-def _stats(out: torch.Tensor, dsq: list[torch.Tensor], esq: list[torch.Tensor], changed: list[torch.Tensor],
-           *, screen: list[torch.Tensor]) -> RoundingStats:
+def _stats(numel: int, dsq: list[torch.Tensor], esq: list[torch.Tensor], changed: list[torch.Tensor],
+           *, screen: list[torch.Tensor], nonfinite: Callable[[], int]) -> RoundingStats:
     def total(parts: list[torch.Tensor]) -> float:
-        return float(torch.stack(parts).double().sum()) if parts else 0.0
+        return float(torch.stack([torch.as_tensor(p) for p in parts]).double().sum()) if parts else 0.0
 
     delta_sq, lost_sq = total(dsq), total(esq)
-    nonfinite = 0
+    bad = 0
     if not all(map(math.isfinite, (delta_sq, total(screen)))):
-        nonfinite = out.numel() - int(torch.count_nonzero(torch.isfinite(out)))  # exact, only when the screen trips
-    return RoundingStats(numel=out.numel(), delta_norm=delta_sq ** 0.5, lost_norm=lost_sq ** 0.5,
-                         changed=int(total(changed)), nonfinite=nonfinite)
+        bad = nonfinite()
+    return RoundingStats(numel=numel, delta_norm=delta_sq ** 0.5, lost_norm=lost_sq ** 0.5,
+                         changed=int(total(changed)), nonfinite=bad)
