@@ -3,9 +3,9 @@ checkpoint: `surgeon merge` vs peft (load + merge_and_unload + save_pretrained) 
 
 Prints, side by side in one run, the wall time, CPU time and peak RSS of each (median / max over
 --repeat runs, contenders interleaved, page cache warmed and dirty pages synced the same way
-before each), the
-ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB), and checks
-that surgeon's merged tensors equal peft's bit for bit on a sample.
+before each), the ratios against the targets (surgeon <= 1.5x cp, <= 0.5x peft, peak RSS <= 1 GB),
+the cost of starting Python and importing torch (a floor no torch-based tool goes under), and
+checks that surgeon's merged tensors equal peft's bit for bit on a sample.
 
     python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2] [--scale 1.0]
 """
