@@ -169,6 +169,8 @@ def main() -> None:
                         help="Layers measured (7 matrices each; 22 is the whole model).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--merged", action="store_true", help="Also time TUNED given as a merged checkpoint.")
+    parser.add_argument("--merged-only", action="store_true",
+                        help="Time only TUNED given as a merged checkpoint (skip BASE + adapter).")
     parser.add_argument("--repeat", type=int, default=1, help="Interleaved rounds; medians are printed.")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
@@ -187,6 +189,8 @@ def main() -> None:
     cache = work / "svd-cache-bench"
     warm_cache(str(model))
     common = ["--base", str(model), "--targets", pattern, "--device", args.device, "--cache", str(cache)]
+    if args.merged_only:
+        sys.exit(1 if _merged(model, adapter, args, work, cache, common) else 0)
     ref_t, ref, cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, lambda: _reference(
         model, pattern, work / "reference.json", adapter=adapter), [*common, "--adapter", str(adapter)], work, "")
     n = len(ref)
