@@ -42,7 +42,16 @@ def test_top_k_equals_full_svd(shape, method):
     assert t.method == ("dense" if method == "dense" else "krylov" if method == "krylov" else t.method)
 
 
-@pytest.mark.parametrize("shape", [(1040, 520), (520, 1040)])
+@pytest.mark.parametrize("shape", [(1040, 530), (530, 1040), (600, 600), (300, 700)])
+def test_blocked_gram_is_the_symmetric_product(shape):
+    w = _random(*shape, seed=6)
+    g = svd.gram(w)
+    ref = w @ w.T if shape[0] <= shape[1] else w.T @ w
+    assert g.shape == ref.shape and torch.equal(g, g.T)
+    torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1040, 520), (520, 1040), (640, 640)])
 def test_top_k_through_the_gram_matrix(shape):
     # rectangular and large enough that the iteration runs on the smaller side's Gram matrix
     w = _random(*shape, seed=4) + geometric_matrix(*shape, decay=0.7, scale=4.0)
