@@ -147,3 +147,24 @@ def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, mon
     for name in whole:
         assert torch.equal(streamed[name].view(torch.uint8), whole[name].view(torch.uint8)), name
     assert os.listdir(tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("layout", ["one-file", "tiny-shards"])
+def test_streamed_merge_into_one_file_or_many_shards(tiny_llama, tmp_path, monkeypatch, layout):
+    """Reserved places land right whether the streamed tensor opens a new shard or shares one file."""
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    out = tmp_path / ("merged.safetensors" if layout == "one-file" else "merged")
+    shard = "1KB" if layout == "tiny-shards" else "5GB"
+    monkeypatch.setattr(merge_mod, "STREAM_CHUNK", 100)
+    report = merge_mod.merge(tiny_llama, [adapter], out, max_shard_size=shard)
+    assert report.merged > 0
+    reference = peft_merged(tiny_llama, [(adapter, 1.0)])
+    if layout == "one-file":
+        with Checkpoint.open(out) as ckpt:
+            got = {n: ckpt.get(n) for n in ckpt.keys()}
+    else:
+        got = read_folder(out)
+        assert len(list(out.glob("*.safetensors"))) > 5
+    assert sorted(got) == sorted(reference)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, reference[name]), name
