@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _diff_helpers import LLAMA_TARGETS, float32_merge_bound, lora_delta, make_lora_adapter, merge_with_peft
+from _diff_fixtures import lora, merged16, merged32  # noqa: F401 - module fixtures
+from _diff_helpers import LLAMA_TARGETS, float32_merge_bound, lora_delta
 from surgeon.cli.main import cli
 from surgeon.ops.task_vector import measure_delta, rank_stats, ulp, ulps_of
 from surgeon.workflows.diff import diff_checkpoints
@@ -18,21 +19,6 @@ from surgeon.workflows.diff import diff_checkpoints
 LAYERS = 2
 TARGET_TENSORS = {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}.weight"
                   for i in range(LAYERS) for t in LLAMA_TARGETS}
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_llama, tmp_path_factory):
-    return make_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora") / "adapter")
-
-
-@pytest.fixture(scope="module")
-def merged32(tiny_llama, lora, tmp_path_factory):
-    return merge_with_peft(tiny_llama, lora, tmp_path_factory.mktemp("m32") / "model")
-
-
-@pytest.fixture(scope="module")
-def merged16(tiny_llama, lora, tmp_path_factory):
-    return merge_with_peft(tiny_llama, lora, tmp_path_factory.mktemp("m16") / "model", dtype=torch.float16)
 
 
 def test_float32_merge_task_vector_is_s_b_a_on_exactly_the_targets(tiny_llama, lora, merged32, tmp_path):

@@ -9,27 +9,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from _diff_helpers import make_lora_adapter, merge_with_peft, perturb_adapter
+from _diff_fixtures import lora, merged16, merged32  # noqa: F401 - module fixtures
+from _diff_helpers import perturb_adapter
 from surgeon.cli.main import cli
 from surgeon.workflows.diff import diff_checkpoints
 
 TARGETS = {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}.weight"
            for i in range(2) for t in ("q_proj", "v_proj", "down_proj")}
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_llama, tmp_path_factory):
-    return make_lora_adapter(tiny_llama, tmp_path_factory.mktemp("lora") / "adapter")
-
-
-@pytest.fixture(scope="module")
-def merged32(tiny_llama, lora, tmp_path_factory):
-    return merge_with_peft(tiny_llama, lora, tmp_path_factory.mktemp("m32") / "model")
-
-
-@pytest.fixture(scope="module")
-def merged16(tiny_llama, lora, tmp_path_factory):
-    return merge_with_peft(tiny_llama, lora, tmp_path_factory.mktemp("m16") / "model", dtype=torch.float16)
 
 
 def _edited_adapter(adapter, out, *, keep=None, add_zero_k_proj=False):
