@@ -333,6 +333,8 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
             if device.type == "cpu":
                 torch.set_num_threads(1)
             ahead = {n: reader.submit(buffers.read, ckpt, n, 0) for n in in_memory[:1]}
+            if targets:
+                _read_ahead(ckpt, plan, targets[0])
             pending: deque[Future[None]] = deque()
             for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
                 info = ckpt.info(name)
@@ -341,7 +343,7 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
                         pending.popleft().result()
                     upcoming = targets[order[name] + 1 : order[name] + 2]
                     if upcoming:  # let the kernel read the next target ahead while this one is computed
-                        _read_ahead(ckpt, upcoming[0])
+                        _read_ahead(ckpt, plan, upcoming[0])
                     entries.append(_stream_tensor(ckpt, plan, name, dtypes[name], writer.reserve(name), workers,
                                                   pool))
                     continue
@@ -372,12 +374,17 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
     return entries
 
 
-def _read_ahead(ckpt: Checkpoint, name: str) -> None:
-    fd, start, length = ckpt.fd_and_span(name)
-    try:
-        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
-    except (AttributeError, OSError):  # not on every platform; only a hint
-        pass
+def _read_ahead(ckpt: Checkpoint, plan: MergePlan, name: str) -> None:
+    """Ask the kernel to start reading base tensor ``name`` and the adapter tensors acting on it."""
+    spans = [ckpt.fd_and_span(name)]
+    for op in plan.targets[name]:
+        weights = plan.adapters[op.adapter].weights
+        spans += [weights.fd_and_span(t) for t in op.tensors.values() if t in weights.tensors]
+    for fd, start, length in spans:
+        try:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):  # not on every platform; only a hint
+            return
 
 
 def _report(ckpt: Checkpoint, plan: MergePlan, adapters_info: list[dict[str, Any]], out: str | os.PathLike[str],
