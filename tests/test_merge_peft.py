@@ -206,3 +206,28 @@ def test_adapter_for_bare_model_onto_task_base_adds_prefix(tiny_llama, tmp_path)
     for name in reference:
         assert torch.equal(got["model." + name], reference[name]), name
     assert torch.equal(got["lm_head.weight"], load_model(tiny_llama).lm_head.weight)
+
+
+def test_classifier_adapter_onto_bare_base_says_how_to_make_the_task_base(tiny_bert, tmp_path):
+    """A SEQ_CLS adapter carries its head (modules_to_save); a bare BertModel has none. The refusal names the
+    fix, and following it (save the task model from the bare base, merge onto that) gives peft's merge."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    from surgeon.errors import AdapterError
+
+    bare = save_model(BertModel.from_pretrained(tiny_bert), tmp_path / "bare")
+    adapter = make_adapter(tiny_bert, tmp_path / "adapter",
+                           peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with pytest.raises(AdapterError) as err:
+        merge(bare, [adapter], tmp_path / "out")
+    message = str(err.value)
+    assert "classifier" in message and "AutoModelForSequenceClassification" in message and "num_labels=2" in message
+    assert not (tmp_path / "out").exists()
+    task_base = save_model(BertForSequenceClassification.from_pretrained(bare, num_labels=2), tmp_path / "task")
+    merge(task_base, [adapter], tmp_path / "out")
+    reference = peft_merged(tiny_bert, [(adapter, 1.0)])
+    got = read_folder(tmp_path / "out")
+    changed = [n for n in got if "classifier" in n or "query" in n or "value" in n]
+    assert len(changed) > 4
+    for name in changed:  # the merged layers and the adapter's head; the rest is the (same) bare model
+        assert torch.equal(got[name], reference[name]), name

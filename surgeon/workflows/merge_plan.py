@@ -316,11 +316,28 @@ class _Planner:
                     "linear and embedding layers only. Merge this adapter with peft's merge_and_unload()."
                 )
 
+    def _task_head(self, name: str) -> bool:
+        """A task head saved through modules_to_save (classifier, score, qa_outputs) of a task adapter."""
+        task = str(self.adapter.config.raw.get("task_type") or "")
+        return task in _TASK_MODELS and any(part in _HEADS for part in name.split(".")[:-1])
+
+    def _fail_head(self, source: str, name: str) -> AdapterError:
+        task = str(self.adapter.config.raw.get("task_type"))
+        labels = self.shape(source)[0] if self.shape(source) else "N"
+        return AdapterError(
+            f"{self.where}: adapter tensor {source!r} is its task head {name!r} (task_type {task}), and the base "
+            f"{self.base.root} is a bare model with no head to replace. Merge onto the task model instead: save "
+            f"transformers.{_TASK_MODELS[task]}.from_pretrained(BASE, num_labels={labels}).save_pretrained(TASK_BASE) "
+            "and give TASK_BASE as the base (its new head is replaced by the adapter's)."
+        )
+
     def plan_full(self) -> list[tuple[str, MergeOp]]:
         """Whole-tensor replacements: modules_to_save, trained biases, saved base_layer copies."""
         plan = []
         for full in adapter_layout(self.adapter.weights).full:
             target = self.resolve(full.name)
+            if target is None and self._task_head(full.name):
+                raise self._fail_head(full.source, full.name)
             if target is None:
                 raise AdapterError(
                     f"{self.where}: adapter tensor {full.source!r} replaces {full.name!r}, which the base {self.base.root} "
@@ -333,6 +350,11 @@ class _Planner:
             kind = "base_layer" if full.base_layer_copy else "replace"
             plan.append((target, MergeOp(kind, self.idx, full.name, {"tensor": full.source}, weight=self.weight)))
         return plan
+
+
+_TASK_MODELS = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+_HEADS = ("classifier", "score", "qa_outputs")
 
 
 _ROLES: dict[str, set[str]] = {
