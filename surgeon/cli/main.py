@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
 
 def _load(name: str) -> click.Command | None:
     module_name = COMMANDS[name]
+    if module_name in sys.modules:
+        return sys.modules[module_name].command
     collecting = gc.isenabled()
     gc.disable()  # importing torch makes ~10^5 long-lived objects and no garbage: collecting costs ~0.3 s
     try:
