@@ -67,7 +67,7 @@ def round_merged(
         out = torch.empty(flat_s.shape, dtype=out_dtype, device=stored.device)
     out = out.reshape(-1)
     size = CHUNK if stored.device.type == "cpu" else max(1, flat_s.numel())
-    job = _Job(lambda i, n, buf: flat_s[i : i + n], flat_s.dtype, out_dtype, stored.device, deltas,
+    job = _Job(lambda i, n, _: flat_s[i : i + n], flat_s.dtype, out_dtype, stored.device, deltas,
                merged.reshape(-1) if merged is not None else None, out=out)
     stats = job.run_all(_spans(flat_s.numel(), size), workers)
     return out.reshape(stored.shape), stats
@@ -142,7 +142,8 @@ class _Job:
         m_buf = torch.empty(size, dtype=torch.float32, device=dev)
         e_buf, d_buf = torch.empty_like(m_buf), torch.empty_like(m_buf)
         x_buf = torch.empty(size, dtype=_BITS[out_dtype.itemsize], device=dev)
-        r_buf = torch.empty(size * self.stored_dtype.itemsize, dtype=torch.uint8, device=dev)
+        # bytes for ``read`` to fill: only when streaming (in memory, ``read`` slices W and needs none)
+        r_buf = torch.empty(size * self.stored_dtype.itemsize, dtype=torch.uint8, device=dev) if self.write else None
         o_buf = torch.empty(size, dtype=out_dtype, device=dev) if self.out is None else None
         cast_buf = None if self.stored_dtype == out_dtype else torch.empty(size, dtype=out_dtype, device=dev)
         rounds = out_dtype != torch.float32
