@@ -15,6 +15,7 @@ from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec, pwrite_all
 from surgeon.ops.lora import lora_delta, lora_delta_rows
 from surgeon.ops.merge_rounding import MIN_ROWS, round_merged, stream_merged
+from surgeon.ops import native_merge
 from surgeon.workflows import merge as merge_mod
 
 SHAPES = [(64, 48), (37, 129), (256, 2048), (2048, 256), (5, 7)]
@@ -111,14 +112,28 @@ def test_reserved_tensor_filled_with_pwrite_reads_back(tmp_path):
         assert torch.equal(ckpt.get("c"), torch.tensor([7.0, 8.0]))
 
 
+@pytest.fixture(params=["native", "torch"])
+def engine(request, monkeypatch) -> list:
+    """Run the streamed merge on the native kernel, or (no kernel) on the torch streamer; returns a list
+    that grows each time the chosen route merges a tensor."""
+    if request.param == "native":
+        if native_merge.kernel() is None:
+            pytest.skip(f"the native kernel cannot be built here: {native_merge.build_error()}")
+        route = "_native_tensor"
+    else:
+        monkeypatch.setattr(native_merge, "kernel", lambda: None)
+        route = "_stream_tensor"
+    used: list = []
+    real = getattr(merge_mod, route)
+    monkeypatch.setattr(merge_mod, route, lambda *a, **k: used.append(1) or real(*a, **k))
+    return used
+
+
 @pytest.mark.parametrize("chunk", [1, 300])
-def test_merge_with_many_small_blocks_still_equals_peft(tiny_llama, tiny_gpt2, tmp_path, monkeypatch, chunk):
+def test_merge_with_many_small_blocks_still_equals_peft(tiny_llama, tiny_gpt2, tmp_path, monkeypatch, chunk, engine):
     """The peft comparisons elsewhere see one block per tensor (tiny models); here the blocks are 4+ rows,
     so every block boundary of the row-wise B·A is exercised, for Linear and Conv1D layouts."""
     monkeypatch.setattr(merge_mod, "STREAM_CHUNK", chunk)
-    used = []
-    real = merge_mod.stream_merged
-    monkeypatch.setattr(merge_mod, "stream_merged", lambda *a, **k: used.append(1) or real(*a, **k))
     cases = [(tiny_llama, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
              (tiny_gpt2, peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))]
     for k, (base, config) in enumerate(cases):
@@ -128,10 +143,10 @@ def test_merge_with_many_small_blocks_still_equals_peft(tiny_llama, tiny_gpt2, t
         got = read_folder(tmp_path / f"out{k}")
         for name, tensor in got.items():
             assert torch.equal(tensor, reference[name]), name
-    assert used, "the streamed path was not taken"
+    assert engine, "the streamed path was not taken"
 
 
-def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, monkeypatch):
+def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, monkeypatch, engine):
     """bf16 base, several blocks, two threads: every byte of every merged tensor was written
     (a missed block would read back as zeros) and equals round(W + ΔW) from the in-memory path."""
     from _merge_helpers import cast_base
@@ -140,7 +155,9 @@ def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, mon
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     monkeypatch.setattr(merge_mod, "STREAM_CHUNK", 200)
     merge_mod.merge(base, [adapter], tmp_path / "streamed")
+    assert engine, "the streamed path was not taken"
     monkeypatch.setattr(merge_mod, "_streamable", lambda *a: False)
+    monkeypatch.setattr(merge_mod, "_native", lambda *a: False)
     merge_mod.merge(base, [adapter], tmp_path / "whole")
     streamed, whole = read_folder(tmp_path / "streamed"), read_folder(tmp_path / "whole")
     assert sorted(streamed) == sorted(whole)
@@ -150,14 +167,14 @@ def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, mon
 
 
 @pytest.mark.parametrize("layout", ["one-file", "tiny-shards"])
-def test_streamed_merge_into_one_file_or_many_shards(tiny_llama, tmp_path, monkeypatch, layout):
+def test_streamed_merge_into_one_file_or_many_shards(tiny_llama, tmp_path, monkeypatch, layout, engine):
     """Reserved places land right whether the streamed tensor opens a new shard or shares one file."""
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     out = tmp_path / ("merged.safetensors" if layout == "one-file" else "merged")
     shard = "1KB" if layout == "tiny-shards" else "5GB"
     monkeypatch.setattr(merge_mod, "STREAM_CHUNK", 100)
     report = merge_mod.merge(tiny_llama, [adapter], out, max_shard_size=shard)
-    assert report.merged > 0
+    assert report.merged > 0 and engine
     reference = peft_merged(tiny_llama, [(adapter, 1.0)])
     if layout == "one-file":
         with Checkpoint.open(out) as ckpt:

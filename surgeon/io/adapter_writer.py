@@ -128,7 +128,7 @@ def lora_config_dict(
 
 def _resolve_dtype(dtype: str | torch.dtype) -> str:
     if isinstance(dtype, torch.dtype):
-        return next(k for k, (t, _) in DTYPES.items() if t == dtype)
+        return st_dtype(dtype)
     key = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
     if key not in ("F32", "F16", "BF16", "F64"):
         raise AdapterError(f"adapter dtype {dtype!r} is not a float dtype; use fp32, bf16 or fp16.")

@@ -14,13 +14,21 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy
 
-from surgeon.errors import CheckpointFormatError, CheckpointNotFoundError, PickleRefusedError
+from surgeon.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    PickleRefusedError,
+)
 from surgeon.io.format import FileHeader, TensorInfo, pread_into, read_header
 
+if TYPE_CHECKING:
+    import torch
+
+_NUMPY_FLOATS = {"F16": numpy.float16, "F32": numpy.float32, "F64": numpy.float64}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Files that describe weights rather than accompany them; never copied as "extra files".
@@ -244,6 +252,19 @@ class Checkpoint:
             pread_into(self._fd(info.file), memoryview(buf), info.start, info.file)
         return buf
 
+    def float32_array(self, name: str) -> numpy.ndarray:
+        """A floating tensor as a float32 numpy array, without torch (BF16/F16 widened exactly, F64 rounded
+        to nearest as torch's ``.float()`` does)."""
+        info = self.info(name)
+        raw = numpy.frombuffer(self.read_raw(name), dtype=numpy.uint8)
+        if info.dtype == "BF16":
+            out = numpy.left_shift(raw.view(numpy.uint16), 16, dtype=numpy.uint32).view(numpy.float32)
+        elif info.dtype in _NUMPY_FLOATS:
+            out = raw.view(_NUMPY_FLOATS[info.dtype]).astype(numpy.float32)
+        else:
+            raise CheckpointFormatError(f"{info.file}: tensor {name!r} is {info.dtype}, not a floating dtype.")
+        return out.reshape(info.shape)
+
     def fd_and_span(self, name: str) -> tuple[int, int, int]:
         """(file descriptor, absolute start, length) for zero-copy transfers."""
         info = self.info(name)
@@ -253,6 +274,8 @@ class Checkpoint:
         self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> torch.Tensor:
         """Load one tensor (stored dtype unless ``dtype`` is given) onto ``device`` (CPU by default)."""
+        import torch
+
         info = self.info(name)
         if info.numel == 0:
             tensor = torch.empty(info.shape, dtype=info.torch_dtype)

@@ -14,31 +14,33 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import CheckpointFormatError, IncompleteDownloadError
 
-# safetensors dtype string -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype string -> (name of the torch dtype, bytes per element). Names, not torch objects:
+# this module (and the streamed merge above it) must not import torch, which costs ~2 s to start.
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {t: name for name, (t, _) in DTYPES.items()}
+_TORCH_NAME_TO_ST = {torch_name: name for name, (torch_name, _) in DTYPES.items()}
 
 # Friendly names accepted on the command line (--dtype).
 DTYPE_ALIASES: dict[str, str] = {
@@ -57,12 +59,14 @@ def dtype_size(st_dtype: str) -> int:
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
-    return DTYPES[st_dtype][0]
+    import torch
+
+    return getattr(torch, DTYPES[st_dtype][0])
 
 
 def st_dtype(dtype: torch.dtype) -> str:
     try:
-        return TORCH_TO_ST[dtype]
+        return _TORCH_NAME_TO_ST[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise CheckpointFormatError(
             f"dtype {dtype} cannot be stored in safetensors; cast the tensor to one of "
@@ -91,7 +95,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import torch
+from typing import TYPE_CHECKING
 
 from surgeon.errors import CheckpointFormatError, OutputError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import DTYPES, build_header, st_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _STAGING_MARK = ".surgeon-staging-"
@@ -215,6 +217,8 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when contiguous."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")

@@ -10,35 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Union
 
 import numpy
 import torch
 
+from surgeon.ops.native_merge import RoundingStats
+
 CHUNK = 1 << 16
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-@dataclass(frozen=True)
-class RoundingStats:
-    """What rounding W' = W + ΔW to the output dtype kept of ΔW.
-
-    ``delta_norm`` = ‖ΔW‖ (float32), ``lost_norm`` = ‖round(W') − W'‖, ``changed`` =
-    elements whose stored bits in the output differ from the base's (cast to the output
-    dtype), ``nonfinite`` = non-finite outputs.
-    """
-
-    numel: int
-    delta_norm: float
-    lost_norm: float
-    changed: int
-    nonfinite: int
-
-    @property
-    def lost_fraction(self) -> float:
-        """‖round(W') − W'‖ / ‖ΔW‖ (0 when ΔW = 0)."""
-        return self.lost_norm / self.delta_norm if self.delta_norm > 0 else 0.0
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -131,9 +111,9 @@ class _Job:
         numel = sum(n for _, n in spans)
         rounds = self.out_dtype != torch.float32
         if self.out is not None:  # exact count over the whole output, only asked when the cheap screen trips
-            count = lambda: self.out.numel() - int(torch.count_nonzero(torch.isfinite(self.out)))  # noqa: E731
+            count = lambda: self.out.numel() - int(torch.count_nonzero(torch.isfinite(self.out)))
         else:  # streamed: counted chunk by chunk as they went
-            count = lambda: sum(part[3] for part in parts)  # noqa: E731
+            count = lambda: sum(part[3] for part in parts)
         return _stats(numel, dsq, esq if rounds else [], changed, screen=esq, nonfinite=count)
 
     def run(self, spans: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:

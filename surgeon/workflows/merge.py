@@ -19,24 +19,39 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import torch
-
-from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.errors import NumericalError, SurgeonError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
 from surgeon.io.resolve import resolve_path
-from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, pwrite_all
-from surgeon.ops.lora import lora_delta_rows
-from surgeon.ops.merge_rounding import RoundingStats, round_merged, stream_merged
+from surgeon.io.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    CheckpointWriter,
+    TensorSpec,
+    pwrite_all,
+)
+from surgeon.ops import native_merge
+from surgeon.ops.native_merge import LoraFactors, RoundingStats
 from surgeon.progress import progress
-from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
+from surgeon.provenance import (
+    PROVENANCE_FILE,
+    provenance,
+    provenance_file_text,
+    safetensors_metadata,
+)
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
-from surgeon.workflows.merge_apply import ADDITIVE, Scratch, additive_delta, apply_op, merge_one
+from surgeon.workflows.device import device_name, pick_device  # noqa: F401 - re-exported for callers
 from surgeon.workflows.merge_plan import MergeOp, MergePlan, plan_adapter_merge
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.workflows.merge_apply import Scratch
+
+# torch (~2 s to import) is imported only when a tensor needs it: a merge of LoRA-family deltas into a
+# bf16/fp16/fp32 base on the CPU runs on the native kernel (surgeon.ops.native_merge) without it.
 
 __all__ = ["MergeOp", "MergePlan", "MergeReport", "TensorMerge", "merge", "merged_float32", "parse_adapter_arg",
            "pick_device", "plan_adapter_merge"]
@@ -51,6 +66,10 @@ def merged_float32(base: Checkpoint, plan: MergePlan, name: str, *, device: str 
 
     Adapters apply in plan order; a tensor no adapter touches comes back as the base, upcast.
     """
+    import torch
+
+    from surgeon.workflows.merge_apply import merge_one
+
     return merge_one(base, plan, name, torch.device(device))[0]
 
 
@@ -140,6 +159,9 @@ def _merge_tensor(plan: MergePlan, name: str, dtype: str, device: torch.device, 
                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorMerge]:
     """W' rounded to ``dtype`` (on the CPU, in ``out`` if given) and its report entry. Additive-only
     targets skip the full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
+    from surgeon.ops.merge_rounding import round_merged
+    from surgeon.workflows.merge_apply import ADDITIVE, additive_delta, apply_op
+
     ops = plan.targets[name]
     stored = stored.to(device)
     out_dtype = torch_dtype(dtype)
@@ -165,15 +187,68 @@ def _check_finite(plan: MergePlan, name: str, dtype: str, stats: RoundingStats) 
         )
 
 
-def _streamable(plan: MergePlan, name: str, device: torch.device) -> bool:
-    return device.type == "cpu" and all(op.kind in ADDITIVE for op in plan.targets[name])
+def _streamable(plan: MergePlan, name: str, device: str) -> bool:
+    from surgeon.workflows.merge_apply import ADDITIVE
+
+    return device == "cpu" and all(op.kind in ADDITIVE for op in plan.targets[name])
+
+
+_NATIVE_FACTOR_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _native(ckpt: Checkpoint, plan: MergePlan, name: str, out_dtype: str) -> bool:
+    """Whether the native kernel merges this target: LoRA deltas only, on a 2-D bf16/fp16/fp32 weight."""
+    info = ckpt.info(name)
+    if len(info.shape) != 2 or info.numel == 0 or not {info.dtype, out_dtype} <= set(native_merge.DTYPE_CODES):
+        return False
+    for op in plan.targets[name]:
+        weights = plan.adapters[op.adapter].weights
+        if op.kind != "lora" or any(weights.info(op.tensors[role]).dtype not in _NATIVE_FACTOR_DTYPES
+                                    for role in ("lora_A", "lora_B")):
+            return False
+    return True
+
+
+def _native_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, dest: tuple[int, int], workers: int,
+                   pool: ThreadPoolExecutor, lib: Any) -> TensorMerge:
+    """A LoRA target merged by the native kernel from the base file straight into the output file: blocks of
+    rows are read, merged (every B·A element as torch computes it), rounded, measured and ``pwrite``-n while
+    in cache. No whole tensor is held; the same bits as the torch paths."""
+    info = ckpt.info(name)
+    fd_in, start, _ = ckpt.fd_and_span(name)
+    fd_out, offset = dest
+    factors = []
+    for op in plan.targets[name]:
+        weights = plan.adapters[op.adapter].weights
+        factors.append(LoraFactors.of(weights.float32_array(op.tensors["lora_A"]),
+                                      weights.float32_array(op.tensors["lora_B"]), op.scaling,
+                                      fan_in_fan_out=op.fan_in_fan_out))
+
+    def read(pos: int, nbytes: int, buf: memoryview) -> memoryview:
+        pread_into(fd_in, buf[:nbytes], start + pos, info.file)
+        return buf[:nbytes]
+
+    def write(pos: int, data: memoryview) -> None:
+        pwrite_all(fd_out, data, offset + pos)
+
+    stats = native_merge.stream_lora_merge(lib, info.shape, info.dtype, dtype, factors, read=read, write=write,
+                                           workers=workers, chunk=STREAM_CHUNK, pool=pool)
+    _check_finite(plan, name, dtype, stats)
+    return _tensor_entry(name, plan, dtype, stats)
 
 
 def _stream_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, dest: tuple[int, int],
                    workers: int, pool: ThreadPoolExecutor) -> TensorMerge:
-    """An additive-only target merged chunk by chunk from the base file straight into the output file:
-    read a block of rows, add each ΔW block (a LoRA's B·A computed per row block), round, measure, and
-    ``pwrite`` the block while it is still in cache. No whole tensor is held; same bits as the in-memory path."""
+    """An additive-only target the native kernel does not take (LoHa, LoKr, VeRA, ..., or no C compiler),
+    merged chunk by chunk in torch from the base file straight into the output file: read a block of rows,
+    add each ΔW block (a LoRA's B·A computed per row block), round, measure, and ``pwrite`` the block while
+    it is still in cache. No whole tensor is held; same bits as the in-memory path."""
+    import torch
+
+    from surgeon.ops.lora import lora_delta_rows
+    from surgeon.ops.merge_rounding import stream_merged
+    from surgeon.workflows.merge_apply import additive_delta
+
     info = ckpt.info(name)
     fd_in, start, _ = ckpt.fd_and_span(name)
     fd_out, offset = dest
@@ -237,7 +312,7 @@ def merge(
     """
     started = time.perf_counter()
     target = parse_dtype(dtype)
-    dev = pick_device(device)
+    dev = device_name(device)
     base_path = resolve_path(base)
     parsed = [parse_adapter_arg(a) for a in adapters]
     if not parsed:
@@ -254,13 +329,13 @@ def merge(
 
 
 def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, float]], out: str | os.PathLike[str], *,
-             target: str | None, dtype_arg: str, device: torch.device, max_shard_size: int | str, overwrite: bool,
+             target: str | None, dtype_arg: str, device: str, max_shard_size: int | str, overwrite: bool,
              precision_report: str | os.PathLike[str] | None, started: float, base_arg: str) -> MergeReport:
     plan = plan_adapter_merge(ckpt, [(a, w) for a, (_, w) in zip(opened, parsed)])
     dtypes = _output_dtypes(ckpt, target)
     specs = [TensorSpec(n, dtypes[n], ckpt.info(n).shape) for n in ckpt.keys()]
     adapters_info = [{"path": str(p), "peft_type": a.config.peft_type, "weight": w} for a, (p, w) in zip(opened, parsed)]
-    record = provenance("merge", {"adapters": adapters_info, "dtype": dtype_arg, "device": str(device),
+    record = provenance("merge", {"adapters": adapters_info, "dtype": dtype_arg, "device": device,
                                   "max_shard_size": str(max_shard_size)},
                         inputs={"base": base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(parsed)}})
     extra_files, extra_texts = _config_texts(ckpt, target)
@@ -278,15 +353,19 @@ def _execute(ckpt: Checkpoint, opened: list[Adapter], parsed: list[tuple[Path, f
 
 
 class _Buffers:
-    """Reused memory for streaming: two read buffers (one being prefetched) and a ring of output
+    """Reused memory for the torch paths: two read buffers (one being prefetched) and a ring of output
     buffers, each released only when the write that uses it has finished."""
 
     def __init__(self, ring: int = 3) -> None:
+        from surgeon.workflows.merge_apply import Scratch
+
         self.reads = [bytearray(), bytearray()]
         self.outs: list[tuple[torch.Tensor | None, Future[None] | None]] = [(None, None)] * ring
         self.scratch = Scratch()
 
     def read(self, ckpt: Checkpoint, name: str, slot: int) -> torch.Tensor:
+        import torch
+
         info = ckpt.info(name)
         if info.numel == 0:
             return ckpt.get(name)
@@ -297,6 +376,8 @@ class _Buffers:
         return torch.frombuffer(self.reads[slot], dtype=info.torch_dtype, count=info.numel).reshape(info.shape)
 
     def out(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
         buf, pending = self.outs[slot]
         if pending is not None:
             pending.result()
@@ -309,28 +390,46 @@ class _Buffers:
         self.outs[slot] = (self.outs[slot][0], future)
 
 
+def _cpu_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every platform
+        return max(1, os.cpu_count() or 1)
+
+
 def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: CheckpointWriter,
-            device: torch.device) -> list[TensorMerge]:
-    """Write every tensor in order: merged, cast or copied. On the CPU, additive-only targets (LoRA and
-    kin) stream from the base file to the output file block by block (:func:`_stream_tensor`); the others
-    are merged whole, with reading the next one and writing the previous output overlapping the
-    arithmetic (one reader and one writer thread) and memory reused rather than page-faulted anew for
-    every tensor. The chunk loop runs on its own threads with torch single-threaded (no per-chunk
-    barrier, which costs dearly on a busy machine)."""
-    workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+            device: str) -> list[TensorMerge]:
+    """Write every tensor in order: merged, cast or copied. On the CPU, LoRA targets go through the native
+    kernel (:func:`_native_tensor`) and other additive-only targets (LoHa, LoKr, ...) stream in torch
+    (:func:`_stream_tensor`), both block by block from the base file to the output file; the others are
+    merged whole, with reading the next one and writing the previous output overlapping the arithmetic (one
+    reader and one writer thread) and memory reused rather than page-faulted anew for every tensor. torch
+    is imported only if some tensor needs it. The block loops run on their own threads (torch single-threaded
+    then: no per-chunk barrier, which costs dearly on a busy machine)."""
+    on_cpu = device == "cpu"
+    targets = [n for n in ckpt.keys() if n in plan.targets]
+    lib = native_merge.kernel() if on_cpu and targets else None
+    native = {n for n in targets if lib is not None and _native(ckpt, plan, n, dtypes[n])}
+    torch_needed = len(native) < len(targets) or any(
+        dtypes[n] != ckpt.info(n).dtype for n in ckpt.keys() if n not in plan.targets)
+    workers = _cpu_workers() if on_cpu else 1
     for header in ckpt.headers:  # open every shard before threads share the checkpoint
         if header.tensors:
             ckpt.fd_and_span(next(iter(header.tensors)))
-    targets = [n for n in ckpt.keys() if n in plan.targets]
     order = {n: i for i, n in enumerate(targets)}
-    in_memory = [n for n in targets if not _streamable(plan, n, device)]
+    streamed = {n for n in targets if n in native or (torch_needed and _streamable(plan, n, device))}
+    in_memory = [n for n in targets if n not in streamed]
     position = {n: i for i, n in enumerate(in_memory)}
-    buffers, entries = _Buffers(), []
-    saved_threads, collecting = torch.get_num_threads(), gc.isenabled()
+    entries: list[TensorMerge] = []
+    torch = None
+    if torch_needed:
+        import torch
+    saved_threads, collecting = (torch.get_num_threads() if torch else 0), gc.isenabled()
+    buffers = _Buffers() if in_memory else None
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io, ThreadPoolExecutor(workers) as pool:
         try:
             gc.disable()  # the loop makes few objects; collections would only cost time
-            if device.type == "cpu":
+            if torch and on_cpu:
                 torch.set_num_threads(1)
             ahead = {n: reader.submit(buffers.read, ckpt, n, 0) for n in in_memory[:1]}
             if targets:
@@ -338,22 +437,26 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
             pending: deque[Future[None]] = deque()
             for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
                 info = ckpt.info(name)
-                if name in plan.targets and _streamable(plan, name, device):
+                if name in streamed:
                     while pending:  # the writer is strictly ordered: everything before this tensor first
                         pending.popleft().result()
                     upcoming = targets[order[name] + 1 : order[name] + 2]
                     if upcoming:  # let the kernel read the next target ahead while this one is computed
                         _read_ahead(ckpt, plan, upcoming[0])
-                    entries.append(_stream_tensor(ckpt, plan, name, dtypes[name], writer.reserve(name), workers,
-                                                  pool))
+                    if name in native:
+                        entry = _native_tensor(ckpt, plan, name, dtypes[name], writer.reserve(name), workers, pool,
+                                               lib)
+                    else:
+                        entry = _stream_tensor(ckpt, plan, name, dtypes[name], writer.reserve(name), workers, pool)
+                    entries.append(entry)
                     continue
                 if name in plan.targets:
                     k = position[name]
                     stored = ahead.pop(name).result()
                     ahead.update({n: reader.submit(buffers.read, ckpt, n, (k + 1) % 2) for n in in_memory[k + 1 : k + 2]})
                     out = buffers.out(k % len(buffers.outs), info.numel, torch_dtype(dtypes[name]))
-                    tensor, entry = _merge_tensor(plan, name, dtypes[name], device, stored, workers=workers,
-                                                  scratch=buffers.scratch, out=out)
+                    tensor, entry = _merge_tensor(plan, name, dtypes[name], torch.device(device), stored,
+                                                  workers=workers, scratch=buffers.scratch, out=out)
                     future = io.submit(writer.write, name, tensor)
                     buffers.written(k % len(buffers.outs), future)
                     entries.append(entry)
@@ -368,7 +471,8 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
             while pending:
                 pending.popleft().result()
         finally:
-            torch.set_num_threads(saved_threads)
+            if torch:
+                torch.set_num_threads(saved_threads)
             if collecting:
                 gc.enable()
     return entries
@@ -388,11 +492,11 @@ def _read_ahead(ckpt: Checkpoint, plan: MergePlan, name: str) -> None:
 
 
 def _report(ckpt: Checkpoint, plan: MergePlan, adapters_info: list[dict[str, Any]], out: str | os.PathLike[str],
-            dtype_arg: str, device: torch.device, entries: list[TensorMerge], specs: list[TensorSpec],
+            dtype_arg: str, device: str, entries: list[TensorMerge], specs: list[TensorSpec],
             writer: CheckpointWriter, started: float, precision_report: str | os.PathLike[str] | None) -> MergeReport:
     count = lambda action: sum(1 for e in entries if e.action == action)  # noqa: E731
     return MergeReport(
-        base=str(ckpt.root), adapters=adapters_info, output=str(out), dtype=dtype_arg, device=str(device),
+        base=str(ckpt.root), adapters=adapters_info, output=str(out), dtype=dtype_arg, device=device,
         tensors=len(specs), merged=count("merged"), replaced=count("replaced"), cast_only=count("cast only"),
         copied=len(specs) - len(entries), bytes_written=sum(s.nbytes for s in specs), shards=writer.shard_files,
         seconds=time.perf_counter() - started, warnings=[e.warning for e in entries if e.warning],
