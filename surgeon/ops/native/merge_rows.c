@@ -91,6 +91,29 @@ INLINE void chain_tile(const float *l, const float *r, size_t cols, int rank, fl
     _mm512_storeu_ps(acc + 32, a2);
     _mm512_storeu_ps(acc + 48, a3);
 }
+
+#define ROWS4 1
+/* chain_tile for four rows at once (left rows l, l + lstride, ...): each R vector loaded once serves four
+ * rows, 16 accumulators in registers. Every element's chain is the same as chain_tile's. */
+INLINE void chain_tile4(const float *l, size_t lstride, const float *r, int rank, float *acc) {
+    __m512 a[4][4];
+    for (int row = 0; row < 4; row++)
+        for (int v = 0; v < 4; v++) a[row][v] = _mm512_setzero_ps();
+    for (int k = 0; k < rank; k++) {
+        const float *rk = r + (size_t)k * TILE;
+        __m512 r0 = _mm512_loadu_ps(rk), r1 = _mm512_loadu_ps(rk + 16);
+        __m512 r2 = _mm512_loadu_ps(rk + 32), r3 = _mm512_loadu_ps(rk + 48);
+        for (int row = 0; row < 4; row++) {
+            __m512 lk = _mm512_set1_ps(l[row * lstride + k]);
+            a[row][0] = _mm512_fmadd_ps(lk, r0, a[row][0]);
+            a[row][1] = _mm512_fmadd_ps(lk, r1, a[row][1]);
+            a[row][2] = _mm512_fmadd_ps(lk, r2, a[row][2]);
+            a[row][3] = _mm512_fmadd_ps(lk, r3, a[row][3]);
+        }
+    }
+    for (int row = 0; row < 4; row++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + row * TILE + 16 * v, a[row][v]);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 INLINE void chain_tile(const float *l, const float *r, size_t cols, int rank, float *acc) {
@@ -110,10 +133,12 @@ INLINE void chain_tile(const float *l, const float *r, size_t cols, int rank, fl
 #endif
 
 /* One tile of ``width`` (<= TILE) elements of row i starting at column j0; wdt/odt are constants after
- * inlining, so every loop below is a straight vector loop. */
+ * inlining, so every loop below is a straight vector loop. ``given``: the first (only) delta's chain for
+ * this tile when the caller computed it, else NULL. */
 INLINE void tile(const void *w, int wdt, void *out, int odt, size_t i, size_t j0, size_t width, size_t cols,
                  int nd, const float *const *L, const size_t *lstride, const float *const *R, const float *const *Rp,
-                 const int *ranks, const float *scales, double *dsq, double *esq, int64_t *changed, int64_t *bad) {
+                 const int *ranks, const float *scales, double *dsq, double *esq, int64_t *changed, int64_t *bad,
+                 const float *given) {
     float base[TILE], m[TILE], d[TILE], back[TILE], e[TILE];
     uint32_t bits[TILE], before[TILE];
     size_t at = i * cols + j0;
@@ -121,7 +146,8 @@ INLINE void tile(const void *w, int wdt, void *out, int odt, size_t i, size_t j0
     for (int q = 0; q < nd; q++) {
         const float *l = L[q] + i * lstride[q];
         float acc[TILE];
-        if (width == TILE) chain_tile(l, Rp[q] + (j0 / TILE) * (size_t)ranks[q] * TILE, cols, ranks[q], acc);
+        if (given != NULL) memcpy(acc, given, sizeof acc); /* one delta, its chain already done for 4 rows */
+        else if (width == TILE) chain_tile(l, Rp[q] + (j0 / TILE) * (size_t)ranks[q] * TILE, cols, ranks[q], acc);
         else chain_part(l, R[q] + j0, cols, ranks[q], width, acc);
         float s = scales[q];
         for (size_t j = 0; j < width; j++) {
@@ -162,12 +188,33 @@ INLINE void rows_of(const void *w, int wdt, void *out, int odt, size_t rows, siz
                     const int *ranks, const float *scales, double *stats, int64_t *counts) {
     double dsq[LANES] = {0}, esq[LANES] = {0};
     int64_t changed[LANES] = {0}, bad[LANES] = {0};
-    for (size_t i = 0; i < rows; i++) {
+    size_t i = 0;
+#ifdef ROWS4
+    if (nd == 1) /* four rows at a time: the tile of R is read once for the four */
+        for (; i + 4 <= rows; i += 4) {
+            size_t j0 = 0;
+            for (; j0 + TILE <= cols; j0 += TILE) {
+                float acc4[4 * TILE];
+                chain_tile4(L[0] + i * lstride[0], lstride[0], Rp[0] + (j0 / TILE) * (size_t)ranks[0] * TILE, ranks[0],
+                            acc4);
+                for (size_t rr = 0; rr < 4; rr++)
+                    tile(w, wdt, out, odt, i + rr, j0, TILE, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq,
+                         changed, bad, acc4 + rr * TILE);
+            }
+            if (j0 < cols)
+                for (size_t rr = 0; rr < 4; rr++)
+                    tile(w, wdt, out, odt, i + rr, j0, cols - j0, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq,
+                         changed, bad, NULL);
+        }
+#endif
+    for (; i < rows; i++) {
         size_t j0 = 0;
         for (; j0 + TILE <= cols; j0 += TILE)
-            tile(w, wdt, out, odt, i, j0, TILE, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq, changed, bad);
+            tile(w, wdt, out, odt, i, j0, TILE, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq, changed, bad,
+                 NULL);
         if (j0 < cols)
-            tile(w, wdt, out, odt, i, j0, cols - j0, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq, changed, bad);
+            tile(w, wdt, out, odt, i, j0, cols - j0, cols, nd, L, lstride, R, Rp, ranks, scales, dsq, esq, changed, bad,
+                 NULL);
     }
     for (int l = 0; l < LANES; l++) {
         stats[0] += dsq[l];
