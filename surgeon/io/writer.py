@@ -207,6 +207,28 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def copy_span(source: Checkpoint, name: str, dst_fd: int, dst_offset: int) -> None:
+    """Copy tensor ``name``'s stored bytes from ``source`` to ``dst_fd`` at ``dst_offset`` (in-kernel where
+    possible; positional, so from any thread, into a place :meth:`CheckpointWriter.reserve` gave)."""
+    info = source.info(name)
+    fd, start, length = source.fd_and_span(name)
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(fd, dst_fd, min(length - done, 1 << 30), start + done, dst_offset + done)
+        except OSError:
+            n = -1
+        if n <= 0:
+            break
+        done += n
+    while done < length:
+        chunk = os.pread(fd, min(length - done, _COPY_CHUNK), start + done)
+        if not chunk:
+            raise CheckpointFormatError(f"{info.file}: file ended while copying {name!r}; it was truncated under us.")
+        pwrite_all(dst_fd, chunk, dst_offset + done)
+        done += len(chunk)
+
+
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
     view = memoryview(data).cast("B")
@@ -327,32 +349,19 @@ class CheckpointWriter:
         if spec is None:
             raise CheckpointFormatError(f"{self.out}: tensor {name!r} was not planned for writing.")
         self._next(name, spec.dtype, spec.shape)
+        return self._claim(spec.nbytes)
+
+    def _claim(self, nbytes: int) -> tuple[int, int]:
         fd = self._files[-1].fd
         offset = os.lseek(fd, 0, os.SEEK_CUR)
-        os.lseek(fd, spec.nbytes, os.SEEK_CUR)
+        os.lseek(fd, nbytes, os.SEEK_CUR)
         return fd, offset
 
     def copy_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
         """Copy a tensor's bytes unchanged from ``source`` (in-kernel where possible)."""
         info = source.info(name)
         self._next(as_name or name, info.dtype, info.shape)
-        fd, start, length = source.fd_and_span(name)
-        dst = self._files[-1].fd
-        done = 0
-        while done < length:
-            try:
-                n = os.copy_file_range(fd, dst, min(length - done, 1 << 30), start + done)
-            except OSError:
-                n = -1
-            if n <= 0:
-                break
-            done += n
-        while done < length:
-            chunk = os.pread(fd, min(length - done, _COPY_CHUNK), start + done)
-            if not chunk:
-                raise CheckpointFormatError(f"{info.file}: file ended while copying {name!r}; it was truncated under us.")
-            self._files[-1].write(chunk)
-            done += len(chunk)
+        copy_span(source, name, *self._claim(info.nbytes))
 
     # -- finishing ----------------------------------------------------------------------------
     def _finish(self) -> None:

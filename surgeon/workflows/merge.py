@@ -26,12 +26,7 @@ from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
 from surgeon.io.resolve import resolve_path
-from surgeon.io.writer import (
-    DEFAULT_MAX_SHARD_SIZE,
-    CheckpointWriter,
-    TensorSpec,
-    pwrite_all,
-)
+from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, copy_span, pwrite_all
 from surgeon.ops import native_merge
 from surgeon.ops.native_merge import LoraFactors, RoundingStats
 from surgeon.progress import progress
@@ -420,6 +415,9 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
     streamed = {n for n in targets if n in native or (torch_needed and _streamable(plan, n, device))}
     in_memory = [n for n in targets if n not in streamed]
     position = {n: i for i, n in enumerate(in_memory)}
+    # Everything merged in place or copied as is: copies go to their reserved places in the background,
+    # overlapping the merge (otherwise they keep the writer's order).
+    positional = not in_memory and not any(dtypes[n] != ckpt.info(n).dtype for n in ckpt.keys())
     entries: list[TensorMerge] = []
     torch = None
     if torch_needed:
@@ -435,8 +433,12 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
             if targets:
                 _read_ahead(ckpt, plan, targets[0])
             pending: deque[Future[None]] = deque()
+            copies: list[Future[None]] = []
             for name in progress(ckpt.keys(), total=len(ckpt), desc="merge"):
                 info = ckpt.info(name)
+                if positional and name not in streamed:
+                    copies.append(io.submit(copy_span, ckpt, name, *writer.reserve(name)))
+                    continue
                 if name in streamed:
                     while pending:  # the writer is strictly ordered: everything before this tensor first
                         pending.popleft().result()
@@ -470,6 +472,8 @@ def _stream(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], writer: C
                     pending.popleft().result()
             while pending:
                 pending.popleft().result()
+            for future in copies:
+                future.result()
         finally:
             if torch:
                 torch.set_num_threads(saved_threads)
