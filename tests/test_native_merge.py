@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -56,6 +57,24 @@ CASES = [  # rows, cols, rank, fan_in_fan_out: tails narrower than a 64-column t
 @pytest.mark.parametrize("rows,cols,rank,fan_in_fan_out", CASES)
 @pytest.mark.parametrize("adapters", [1, 2])
 def test_kernel_equals_torch_bit_for_bit(rows, cols, rank, fan_in_fan_out, adapters):
+    _check_case(rows, cols, rank, fan_in_fan_out, adapters)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 code paths")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_avx2_and_plain_c_paths_equal_torch(march, tmp_path, monkeypatch):
+    """The kernel as built for a CPU without AVX-512 (AVX2 + FMA: 8-wide accumulators, one row at a time)
+    and for baseline x86-64 (plain C, fmaf): the same bits."""
+    monkeypatch.setenv("SURGEON_NATIVE_MARCH", march)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native_merge, "_state", {})
+    if native_merge.kernel() is None:
+        pytest.skip(f"cannot build for {march}: {native_merge.build_error()}")
+    for case in CASES[::2]:
+        _check_case(*case, 1 + case[2] % 2)
+
+
+def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters: int) -> None:
     gen = torch.Generator().manual_seed(rows * cols + rank)
     for stored_dtype in DTYPES:
         for out_dtype in DTYPES:
@@ -131,3 +150,22 @@ def test_kernel_switched_off_gives_the_same_files(tiny_llama, tmp_path):
     assert sorted(outputs[0]) == sorted(outputs[1])
     for name in outputs[0]:
         assert torch.equal(outputs[0][name].view(torch.uint8), outputs[1][name].view(torch.uint8)), name
+
+
+def test_kernel_is_built_into_the_users_cache_and_never_loaded_from_a_shared_place(tmp_path, monkeypatch):
+    """First use builds into $XDG_CACHE_HOME/surgeon/native; a copy there that others may write is not
+    loaded (a shared directory could hold a planted library), nor built over."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_merge, "_state", {})
+    monkeypatch.setattr(native_merge.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native_merge.kernel() is not None
+    built = list((tmp_path / "cache" / "surgeon" / "native").glob("merge_rows-*.so"))
+    assert len(built) == 1
+    (tmp_path / "cache" / "surgeon" / "native").chmod(0o777)
+    (tmp_path / "tmp").mkdir(mode=0o777)
+    (tmp_path / "tmp").chmod(0o777)
+    (tmp_path / "tmp" / f"surgeon-native-{os.getuid()}").mkdir()
+    (tmp_path / "tmp" / f"surgeon-native-{os.getuid()}").chmod(0o777)
+    monkeypatch.setattr(native_merge, "_state", {})
+    assert native_merge.kernel() is None
+    assert "not this user's alone" in native_merge.build_error()

@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy
 
 SOURCE = Path(__file__).with_name("native") / "merge_rows.c"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+
+
+def _flags() -> tuple[str, ...]:
+    """The compiler flags: FLAGS and -march=native, or the CPU named in SURGEON_NATIVE_MARCH (tests use it to
+    check the AVX2 and plain-C code paths on a machine that would pick AVX-512)."""
+    return (*FLAGS, f"-march={os.environ.get('SURGEON_NATIVE_MARCH', 'native')}")
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # the kernel's enum
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 CHUNK = 1 << 17  # elements per block (whole rows)
@@ -77,19 +83,40 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _trusted(path: Path) -> bool:
+    """Ours alone: owned by this user and writable by no one else (a shared /tmp could hold a planted file)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _loadable(target: Path) -> bool:
+    return target.exists() and _trusted(target) and _trusted(target.parent)
+
+
 def _build(target: Path) -> bool:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, timeout=120,
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted(target.parent):
+            _state["error"] = f"{target.parent} is not this user's alone; not building there"
+            return False
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:  # e.g. a read-only home
+        _state["error"] = f"cannot write {target.parent}: {exc}"
+        return False
+    try:
+        done = subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE)], capture_output=True, timeout=120,
                               check=False)
         if done.returncode != 0:
             _state["error"] = done.stderr.decode(errors="replace")[-2000:]
             return False
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: another process may be building the same kernel
         return True
     except (OSError, subprocess.SubprocessError) as exc:
@@ -115,9 +142,12 @@ def kernel() -> ctypes.CDLL | None:
             return _state["lib"]  # type: ignore[return-value]
         lib = None
         if os.environ.get("SURGEON_NATIVE", "1") != "0" and sys.platform != "win32":
-            key = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:20]
-            target = _cache_dir() / f"merge_rows-{key}.so"
-            if target.exists() or _build(target):
+            key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags()).encode() + _cpu_flags().encode()).hexdigest()[:20]
+            places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
+            target = next((p / f"merge_rows-{key}.so" for p in places if _loadable(p / f"merge_rows-{key}.so")), None)
+            if target is None:
+                target = next((p / f"merge_rows-{key}.so" for p in places if _build(p / f"merge_rows-{key}.so")), None)
+            if target is not None:
                 try:
                     lib = ctypes.CDLL(str(target))
                     lib.merge_rows.restype = None
