@@ -30,9 +30,13 @@ import torch
 from surgeon.errors import AdapterError
 from surgeon.io.adapter import ADAPTER_CONFIG
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.format import DTYPE_ALIASES, DTYPES, st_dtype, torch_dtype
+from surgeon.io.format import DTYPE_ALIASES, st_dtype, torch_dtype
 from surgeon.io.writer import CheckpointWriter, TensorSpec
-from surgeon.provenance import PROVENANCE_FILE, provenance_file_text, safetensors_metadata
+from surgeon.provenance import (
+    PROVENANCE_FILE,
+    provenance_file_text,
+    safetensors_metadata,
+)
 
 PEFT_PREFIX = "base_model.model."
 # A modules_to_save parameter: a tensor, or (checkpoint, tensor name) to copy byte for byte.

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union
 
 import numpy
 import torch
 
-from surgeon.ops.native_merge import RoundingStats
+from surgeon.ops.native_merge import MIN_ROWS, RoundingStats, row_spans, run_interleaved  # noqa: F401 - MIN_ROWS re-exported
 
 CHUNK = 1 << 16
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -25,7 +24,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
 
 
-Delta = Union[torch.Tensor, tuple[torch.Tensor, float], Callable[[int, int, torch.Tensor], torch.Tensor]]
+Delta = torch.Tensor | tuple[torch.Tensor, float] | Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -67,19 +66,12 @@ def stream_merged(
     (of the last dimension), at least ``MIN_ROWS`` of them, so that a delta may be computed row block by
     row block with the same bits as whole. Same arithmetic, same bits, same statistics. ``pool``: an
     executor of at least ``workers`` threads to reuse across tensors."""
-    numel = math.prod(shape)
-    cols = shape[-1] if len(shape) > 1 and numel else max(1, numel)
-    rows = numel // cols if numel else 0
-    per = max(MIN_ROWS, chunk // cols)
-    spans = [(r * cols, min(per, rows - r) * cols) for r in range(0, rows, per)]
-    if len(spans) > 1 and spans[-1][1] < MIN_ROWS * cols:  # no tiny last block: fold it into the one before
-        (a, n), (_, m) = spans[-2], spans.pop()
-        spans[-1] = (a, n + m)
+    cols, rows = row_spans(shape, chunk)
+    spans = [(r * cols, n * cols) for r, n in rows]
     job = _Job(read, stored_dtype, out_dtype, torch.device("cpu"), deltas, None, write=write)
     return job.run_all(spans, workers, pool)
 
 
-MIN_ROWS = 4  # a GEMM of fewer rows may take another kernel (other bits); see tests/test_merge_stream.py
 
 
 def _spans(numel: int, size: int) -> list[tuple[int, int]]:
@@ -99,14 +91,7 @@ class _Job:
         self.flat_m, self.out, self.write = flat_m, out, write
 
     def run_all(self, spans: list[tuple[int, int]], workers: int, pool: ThreadPoolExecutor | None = None) -> RoundingStats:
-        if workers > 1 and len(spans) > 1:  # interleaved: the threads walk the tensor front to back together
-            if pool is None:
-                with ThreadPoolExecutor(workers) as own:
-                    parts = list(own.map(self.run, [spans[k::workers] for k in range(workers)]))
-            else:
-                parts = list(pool.map(self.run, [spans[k::workers] for k in range(workers)]))
-        else:
-            parts = [self.run(spans)]
+        parts = run_interleaved(self.run, spans, workers, pool)
         dsq, esq, changed = ([x for part in parts for x in part[j]] for j in range(3))
         numel = sum(n for _, n in spans)
         rounds = self.out_dtype != torch.float32

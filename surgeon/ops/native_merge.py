@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy
 
@@ -43,8 +44,9 @@ DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # the kernel's enum
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 CHUNK = 1 << 17  # elements per block (whole rows)
 TILE = 64  # the kernel's columns per tile
-MIN_ROWS = 4
+MIN_ROWS = 4  # a GEMM of fewer rows may take another kernel (other bits); see tests/test_merge_stream.py
 
+T, R = TypeVar("T"), TypeVar("R")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -202,6 +204,19 @@ def row_spans(shape: Sequence[int], chunk: int = CHUNK) -> tuple[int, list[tuple
     return cols, spans
 
 
+def run_interleaved(run: Callable[[list[T]], R], spans: list[T], workers: int,
+                    pool: ThreadPoolExecutor | None = None) -> list[R]:
+    """``run`` on ``workers`` interleaved shares of ``spans`` (block k to thread k mod workers, so that the
+    threads walk a tensor front to back together), on ``pool`` if given; the results of each share."""
+    if workers <= 1 or len(spans) <= 1:
+        return [run(spans)]
+    groups = [spans[k::workers] for k in range(workers)]
+    if pool is None:
+        with ThreadPoolExecutor(workers) as own:
+            return list(own.map(run, groups))
+    return list(pool.map(run, groups))
+
+
 def stream_lora_merge(
     lib: ctypes.CDLL, shape: Sequence[int], stored_dtype: str, out_dtype: str, factors: Sequence[LoraFactors], *,
     read: Callable[[int, int, memoryview], memoryview], write: Callable[[int, memoryview], None],
@@ -242,15 +257,7 @@ def stream_lora_merge(
             write(row * cols * out_size, dst_view[: n * cols * out_size])
         return float(stats[0]), float(stats[1]), int(counts[0]), int(counts[1])
 
-    if workers > 1 and len(spans) > 1:  # interleaved: the threads walk the tensor front to back together
-        groups = [spans[k::workers] for k in range(workers)]
-        if pool is None:
-            with ThreadPoolExecutor(workers) as own:
-                parts = list(own.map(run, groups))
-        else:
-            parts = list(pool.map(run, groups))
-    else:
-        parts = [run(spans)]
+    parts = run_interleaved(run, spans, workers, pool)
     delta_sq, lost_sq, changed, bad = (sum(p[j] for p in parts) for j in range(4))
     return RoundingStats(numel=math.prod(shape), delta_norm=math.sqrt(delta_sq), lost_norm=math.sqrt(lost_sq),
                          changed=changed, nonfinite=bad)

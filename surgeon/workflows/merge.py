@@ -26,7 +26,13 @@ from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
 from surgeon.io.resolve import resolve_path
-from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, copy_span, pwrite_all
+from surgeon.io.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    CheckpointWriter,
+    TensorSpec,
+    copy_span,
+    pwrite_all,
+)
 from surgeon.ops import native_merge
 from surgeon.ops.native_merge import LoraFactors, RoundingStats
 from surgeon.progress import progress
