@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,20 +210,14 @@ def _native(ckpt: Checkpoint, plan: MergePlan, name: str, out_dtype: str) -> boo
     return True
 
 
-def _native_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, dest: tuple[int, int], workers: int,
-                   pool: ThreadPoolExecutor, lib: Any) -> TensorMerge:
-    """A LoRA target merged by the native kernel from the base file straight into the output file: blocks of
-    rows are read, merged (every B·A element as torch computes it), rounded, measured and ``pwrite``-n while
-    in cache. No whole tensor is held; the same bits as the torch paths."""
+def _block_io(ckpt: Checkpoint, name: str, dest: tuple[int, int]
+              ) -> tuple[Callable[[int, int, memoryview], memoryview], Callable[[int, memoryview], None]]:
+    """``read(pos, nbytes, buf)``: base tensor ``name``'s stored bytes [pos, pos+nbytes) into ``buf`` (returned,
+    trimmed); ``write(pos, data)``: ``data`` at byte ``pos`` of the output tensor's reserved place ``dest``.
+    Positional both ways, so any thread may call them."""
     info = ckpt.info(name)
     fd_in, start, _ = ckpt.fd_and_span(name)
     fd_out, offset = dest
-    factors = []
-    for op in plan.targets[name]:
-        weights = plan.adapters[op.adapter].weights
-        factors.append(LoraFactors.of(weights.float32_array(op.tensors["lora_A"]),
-                                      weights.float32_array(op.tensors["lora_B"]), op.scaling,
-                                      fan_in_fan_out=op.fan_in_fan_out))
 
     def read(pos: int, nbytes: int, buf: memoryview) -> memoryview:
         pread_into(fd_in, buf[:nbytes], start + pos, info.file)
@@ -232,6 +226,22 @@ def _native_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, des
     def write(pos: int, data: memoryview) -> None:
         pwrite_all(fd_out, data, offset + pos)
 
+    return read, write
+
+
+def _native_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, dest: tuple[int, int], workers: int,
+                   pool: ThreadPoolExecutor, lib: Any) -> TensorMerge:
+    """A LoRA target merged by the native kernel from the base file straight into the output file: blocks of
+    rows are read, merged (every B·A element as torch computes it), rounded, measured and ``pwrite``-n while
+    in cache. No whole tensor is held; the same bits as the torch paths."""
+    info = ckpt.info(name)
+    read, write = _block_io(ckpt, name, dest)
+    factors = []
+    for op in plan.targets[name]:
+        weights = plan.adapters[op.adapter].weights
+        factors.append(LoraFactors.of(weights.float32_array(op.tensors["lora_A"]),
+                                      weights.float32_array(op.tensors["lora_B"]), op.scaling,
+                                      fan_in_fan_out=op.fan_in_fan_out))
     stats = native_merge.stream_lora_merge(lib, info.shape, info.dtype, dtype, factors, read=read, write=write,
                                            workers=workers, chunk=STREAM_CHUNK, pool=pool)
     _check_finite(plan, name, dtype, stats)
@@ -251,19 +261,18 @@ def _stream_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, des
     from surgeon.workflows.merge_apply import additive_delta
 
     info = ckpt.info(name)
-    fd_in, start, _ = ckpt.fd_and_span(name)
-    fd_out, offset = dest
+    read_bytes, write_bytes = _block_io(ckpt, name, dest)
     stored_dtype, out_dtype = info.torch_dtype, torch_dtype(dtype)
     in_size, out_size = stored_dtype.itemsize, out_dtype.itemsize
     cols = info.shape[-1] if len(info.shape) > 1 else 1
     cpu = torch.device("cpu")
 
     def read(i: int, n: int, buf: torch.Tensor) -> torch.Tensor:
-        pread_into(fd_in, memoryview(buf.numpy())[: n * in_size], start + i * in_size, info.file)
+        read_bytes(i * in_size, n * in_size, memoryview(buf.numpy()))
         return buf[: n * in_size].view(stored_dtype)
 
     def write(i: int, rounded: torch.Tensor) -> None:
-        pwrite_all(fd_out, memoryview(rounded.view(torch.uint8).numpy()), offset + i * out_size)
+        write_bytes(i * out_size, memoryview(rounded.view(torch.uint8).numpy()))
 
     def lora_rows(op: MergeOp):
         lora_A, lora_B = (plan.adapters[op.adapter].weights.get(op.tensors[r], dtype=torch.float32) for r in ("lora_A", "lora_B"))
