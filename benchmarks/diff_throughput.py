@@ -68,7 +68,7 @@ def main() -> None:
         "cp -r base": timed(["cp", "-r", str(base), str(work / "bench-cp")], args.repeat, work / "bench-cp"),
         "cp -r base + sync": timed(["bash", "-c", f"cp -r {base} {work / 'bench-cp'} && sync -f {work / 'bench-cp'}"],
                                    args.repeat, work / "bench-cp"),
-        "python+torch start": timed([sys.executable, "-c", "import surgeon.workflows.diff"], args.repeat),
+        "python+torch start": timed([sys.executable, "-c", "import surgeon.workflows.taskvec.diff"], args.repeat),
         "diff (report)": timed([*SURGEON, "diff", str(tuned), str(base), "--no-rank", "--json"], args.repeat),
         "diff + ranks": None if args.skip_svd else timed([*SURGEON, "diff", str(tuned), str(base), "--json",
                                                           "--device", "cpu"], 1),

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from surgeon.io.embedded import minilm_path
-from surgeon.workflows.intruders import IntruderOptions, find_intruders
-from surgeon.workflows.scale_intruders import scale_intruders
+from surgeon.workflows.spectral.intruders import IntruderOptions, find_intruders
+from surgeon.workflows.spectral.scale_intruders import scale_intruders
 
 TOPICS = {
     "sports": (["the striker", "our goalkeeper", "the coach", "the home team", "a young sprinter", "the captain"],

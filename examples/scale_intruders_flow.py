@@ -28,13 +28,13 @@ import torch
 
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec
-from surgeon.workflows.intruders import find_intruders
-from surgeon.workflows.scale_intruders import scale_intruders
+from surgeon.workflows.spectral.intruders import find_intruders
+from surgeon.workflows.spectral.scale_intruders import scale_intruders
 
 
 def drift(model: str | Path, base: str | Path, data: str | Path) -> float:
     """Forgetting: 1 - mean cosine between the model's and the base's sentence embeddings of ``data``'s texts."""
-    from surgeon.workflows.evaluate import evaluate
+    from surgeon.workflows.train.evaluate import evaluate
 
     report = evaluate(model, data=data, drift_from=base, device="cpu")
     assert report.drift is not None

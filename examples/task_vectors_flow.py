@@ -31,8 +31,8 @@ import torch
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import CheckpointWriter, TensorSpec
-from surgeon.workflows.apply import apply_task_vectors
-from surgeon.workflows.diff import DiffReport, diff_checkpoints
+from surgeon.workflows.taskvec.apply import apply_task_vectors
+from surgeon.workflows.taskvec.diff import DiffReport, diff_checkpoints
 
 
 def describe(label: str, report: DiffReport, top: int = 3) -> None:

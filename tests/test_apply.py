@@ -13,8 +13,8 @@ from _diff_helpers import full_finetune
 from surgeon.cli.main import cli
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops.task_vector import ulp
-from surgeon.workflows.apply import apply_task_vectors, parse_task
-from surgeon.workflows.diff import diff_checkpoints
+from surgeon.workflows.taskvec.apply import apply_task_vectors, parse_task
+from surgeon.workflows.taskvec.diff import diff_checkpoints
 
 
 @pytest.fixture(scope="module")

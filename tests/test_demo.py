@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from surgeon.cli.main import cli
 from surgeon.errors import CheckpointFormatError, DataError, OutputError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.demo import STAGES, DemoSettings, run_demo
-from surgeon.workflows.demo_report import HTML_NAME, JSON_NAME, drift_text, pct
+from surgeon.workflows.demo.run import STAGES, DemoSettings, run_demo
+from surgeon.workflows.demo.report import HTML_NAME, JSON_NAME, drift_text, pct
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _finetune_helpers import build_model, lm_rows, sentiment_rows, write_jsonl  # noqa: E402
@@ -307,7 +307,7 @@ def test_task_vectors_example_planted_changes_touch_only_their_layers(tmp_path):
 
 
 def test_best_tradeoff_keeps_accuracy_and_minimizes_drift():
-    from surgeon.workflows.demo import best_tradeoff
+    from surgeon.workflows.demo.run import best_tradeoff
 
     sweep = [{"lambda": 0.0, "accuracy": 0.51, "drift": 0.5}, {"lambda": 0.25, "accuracy": 0.825, "drift": 0.57},
              {"lambda": 0.5, "accuracy": 0.8625, "drift": 0.70}, {"lambda": 1.0, "accuracy": 0.8625, "drift": 0.90}]

@@ -14,7 +14,7 @@ from _diff_fixtures import lora, merged16, merged32  # noqa: F401 - module fixtu
 from _diff_helpers import LLAMA_TARGETS, float32_merge_bound, lora_delta
 from surgeon.cli.main import cli
 from surgeon.ops.task_vector import measure_delta, rank_stats, ulp, ulps_of
-from surgeon.workflows.diff import diff_checkpoints
+from surgeon.workflows.taskvec.diff import diff_checkpoints
 
 LAYERS = 2
 TARGET_TENSORS = {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}.weight"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from _diff_fixtures import lora, merged16, merged32  # noqa: F401 - module fixtures
 from _diff_helpers import perturb_adapter
 from surgeon.cli.main import cli
-from surgeon.workflows.diff import diff_checkpoints
+from surgeon.workflows.taskvec.diff import diff_checkpoints
 
 TARGETS = {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}.weight"
            for i in range(2) for t in ("q_proj", "v_proj", "down_proj")}

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from _finetune_helpers import build_model, lm_rows, sentiment_rows, write_jsonl
 from surgeon.cli.main import cli
-from surgeon.workflows.evaluate import evaluate, mask_tokens
-from surgeon.workflows.finetune import FinetuneOptions, finetune
+from surgeon.workflows.train.evaluate import evaluate, mask_tokens
+from surgeon.workflows.train.finetune import FinetuneOptions, finetune
 
 
 @pytest.fixture(scope="session")

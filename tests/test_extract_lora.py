@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from _diff_helpers import full_finetune, load_causal_lm, make_lora_adapter, merge_with_peft
 from surgeon.cli.main import cli
 from surgeon.ops.lora_extract import choose_rank, factorize
-from surgeon.workflows.extract_lora import extract_lora
+from surgeon.workflows.taskvec.extract_lora import extract_lora
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from surgeon.cli.main import _load, cli
 from surgeon.errors import SurgeonError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.provenance import PROVENANCE_FILE
-from surgeon.workflows.evaluate import evaluate
-from surgeon.workflows.finetune import FinetuneOptions, finetune
+from surgeon.workflows.train.evaluate import evaluate
+from surgeon.workflows.train.finetune import FinetuneOptions, finetune
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 ADAPTERS = ["lora", "dora", "rslora", "pissa", "sparse-lora", "hira"]

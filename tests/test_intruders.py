@@ -15,7 +15,7 @@ from _spectral_helpers import (bert_lora, geometric_matrix, gpt2_lora, llama_lor
 from surgeon.cli.main import cli
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import intruders as ops
-from surgeon.workflows.intruders import IntruderOptions, find_intruders
+from surgeon.workflows.spectral.intruders import IntruderOptions, find_intruders
 
 NAME = "model.layers.0.mlp.proj.weight"
 
@@ -231,7 +231,7 @@ def test_tuned_names_may_carry_a_prefix(tiny_bert, bert_lora, tmp_path):
 
 
 def test_spectrum_full_warms_the_intruders_cache(tiny_llama, llama_lora, tmp_path):
-    from surgeon.workflows.spectrum import spectrum
+    from surgeon.workflows.spectral.spectrum import spectrum
 
     spectrum(tiny_llama, full=True, cache=tmp_path / "c")
     report = find_intruders(llama_lora, tiny_llama, cache=tmp_path / "c")

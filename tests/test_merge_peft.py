@@ -17,7 +17,7 @@ import torch
 
 from _merge_helpers import load_model, make_adapter, peft_merged, read_folder, save_model
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.merge import merge
+from surgeon.workflows.merge.run import merge
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

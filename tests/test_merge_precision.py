@@ -16,7 +16,7 @@ import torch
 from _merge_helpers import cast_base, load_model, make_adapter, peft_merged, peft_model, read_folder
 from surgeon.errors import NumericalError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.merge import merge, merged_float32, plan_adapter_merge
+from surgeon.workflows.merge.run import merge, merged_float32, plan_adapter_merge
 from surgeon.io.adapter import Adapter
 
 LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])

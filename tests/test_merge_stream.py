@@ -16,7 +16,7 @@ from surgeon.io.writer import CheckpointWriter, TensorSpec, pwrite_all
 from surgeon.ops.lora import lora_delta, lora_delta_rows
 from surgeon.ops.merge_rounding import MIN_ROWS, round_merged, stream_merged
 from surgeon.ops import native_merge
-from surgeon.workflows import merge as merge_mod
+from surgeon.workflows.merge import run as merge_mod
 
 SHAPES = [(64, 48), (37, 129), (256, 2048), (2048, 256), (5, 7)]
 

@@ -16,7 +16,7 @@ from _merge_helpers import make_adapter, peft_merged, read_folder
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import lora as lora_ops
-from surgeon.workflows.merge import merge, merged_float32, plan_adapter_merge
+from surgeon.workflows.merge.run import merge, merged_float32, plan_adapter_merge
 
 WEIGHTED_WITH_PEFT = {
     "loha": peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"]),

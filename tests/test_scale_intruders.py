@@ -13,7 +13,7 @@ from _spectral_helpers import (bert_lora, geometric_matrix, gpt2_lora, llama_lor
                                plant, save_matrices, save_merged)
 from surgeon.cli.main import cli
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.scale_intruders import scale_intruders
+from surgeon.workflows.spectral.scale_intruders import scale_intruders
 
 NAME = "model.layers.0.mlp.proj.weight"
 

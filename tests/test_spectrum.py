@@ -15,7 +15,7 @@ from surgeon.cli.main import cli
 from surgeon.io.svd_cache import SvdCache, content_key
 from surgeon.ops import svd
 from surgeon.ops.targets import Target, compile_targets, layer_and_module, select_targets
-from surgeon.workflows.spectrum import effective_rank, spectrum
+from surgeon.workflows.spectral.spectrum import effective_rank, spectrum
 
 SHAPES = [(120, 120), (200, 90), (90, 200)]
 

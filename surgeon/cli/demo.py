@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, overwrite_option, table
-from surgeon.workflows.demo import run_demo
+from surgeon.workflows.demo.run import run_demo
 
 
 def _announce(i: int, n: int, title: str, seconds: float | None) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
-from surgeon.workflows.diff import DiffReport, TensorDiff, diff_checkpoints
-from surgeon.workflows.diff_adapter import AdapterCheck
+from surgeon.workflows.taskvec.diff import DiffReport, TensorDiff, diff_checkpoints
+from surgeon.workflows.taskvec.adapter_check import AdapterCheck
 
 
 def _num(x: float | None, digits: int = 3) -> str:

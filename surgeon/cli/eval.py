@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, json_option
-from surgeon.workflows.evaluate import EvalReport, evaluate
+from surgeon.workflows.train.evaluate import EvalReport, evaluate
 
 
 @click.command("eval")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
-from surgeon.workflows.extract_lora import ExtractReport, extract_lora
+from surgeon.workflows.taskvec.extract_lora import ExtractReport, extract_lora
 
 
 def _render(report: ExtractReport, show_all: bool) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_bytes, human_count, info, json_option, overwrite_option, table
-from surgeon.workflows.finetune import FinetuneOptions, FinetuneReport, finetune
-from surgeon.workflows.finetune_methods import METHODS
+from surgeon.workflows.train.finetune import FinetuneOptions, FinetuneReport, finetune
+from surgeon.workflows.train.methods import METHODS
 
 
 @click.command("finetune")

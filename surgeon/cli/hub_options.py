@@ -25,7 +25,7 @@ import click
 
 from surgeon.cli.common import info
 from surgeon.errors import SurgeonError
-from surgeon.workflows.push import PushReport, preflight_push, push_folder, set_hub_defaults
+from surgeon.workflows.publish.push import PushReport, preflight_push, push_folder, set_hub_defaults
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -6,7 +6,7 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
-from surgeon.workflows.intruders import SIDES, IntruderOptions, IntrudersReport, find_intruders
+from surgeon.workflows.spectral.intruders import SIDES, IntruderOptions, IntrudersReport, find_intruders
 
 _SHOW_ROWS = 30
 

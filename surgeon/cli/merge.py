@@ -6,7 +6,7 @@ import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
-from surgeon.workflows.merge import merge
+from surgeon.workflows.merge.run import merge
 
 _SHOW_WARNINGS = 5
 _SHOW_ROWS = 10

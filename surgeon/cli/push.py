@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option
-from surgeon.workflows.push import push_folder
+from surgeon.workflows.publish.push import push_folder
 
 
 @click.command("push")

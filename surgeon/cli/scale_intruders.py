@@ -7,8 +7,8 @@ import click
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.cli.intruders import spectral_options
-from surgeon.workflows.intruders import IntruderOptions
-from surgeon.workflows.scale_intruders import scale_intruders
+from surgeon.workflows.spectral.intruders import IntruderOptions
+from surgeon.workflows.spectral.scale_intruders import scale_intruders
 
 _SHOW_ROWS = 30
 

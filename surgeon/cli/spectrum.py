@@ -6,7 +6,7 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
-from surgeon.workflows.spectrum import spectrum
+from surgeon.workflows.spectral.spectrum import spectrum
 
 _SHOWN_VALUES = 4
 

@@ -23,7 +23,7 @@ from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 
 if TYPE_CHECKING:
-    from surgeon.workflows.demo import DemoRun
+    from surgeon.workflows.demo.settings import DemoRun
 
 DATA_FILES = ("train.jsonl", "test.jsonl", "probe.jsonl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -122,7 +122,7 @@ def per_layer(names: Iterable[str], counts: Iterable[int], layers: int) -> list[
 
 # -- fine-tuning, merge, diff -----------------------------------------------------------------------
 def _finetune(run: DemoRun, method: str, out: Path) -> dict[str, Any]:
-    from surgeon.workflows.finetune import FinetuneOptions, finetune
+    from surgeon.workflows.train.finetune import FinetuneOptions, finetune
 
     s = run.settings
     lora = method != "full"
@@ -149,7 +149,7 @@ def finetune_full(run: DemoRun) -> None:
 
 
 def merge_lora(run: DemoRun) -> None:
-    from surgeon.workflows.merge import merge
+    from surgeon.workflows.merge.run import merge
 
     run.paths["lora"] = run.out / "models" / "lora-merged"
     r = merge(run.paths["base"], [run.paths["lora_adapter"]], run.paths["lora"], dtype="auto", device="cpu")
@@ -158,7 +158,7 @@ def merge_lora(run: DemoRun) -> None:
 
 
 def _diff(run: DemoRun, key: str, adapter: Path | None) -> dict[str, Any]:
-    from surgeon.workflows.diff import diff_checkpoints
+    from surgeon.workflows.taskvec.diff import diff_checkpoints
 
     r = diff_checkpoints(run.paths[key], run.paths["base"], None, ranks=False, adapter=adapter, device="cpu")
     s = r.summary
@@ -180,7 +180,7 @@ def diff_models(run: DemoRun) -> None:
 # -- evaluation -------------------------------------------------------------------------------------
 def measure(run: DemoRun, model: Path) -> dict[str, float]:
     """Task accuracy on the test set and drift (1 - mean cosine to the base's embeddings) on the probe set."""
-    from surgeon.workflows.evaluate import evaluate
+    from surgeon.workflows.train.evaluate import evaluate
 
     sizes = dict(batch_size=64, max_length=run.settings.max_length, device="cpu")
     task = evaluate(model, data=run.paths["test"], task="classification", **sizes)
@@ -202,15 +202,15 @@ SIMILARITY_PLOTS = 2  # matrices whose similarity matrix is drawn, for LoRA and 
 
 
 def _intruder_options(run: DemoRun) -> Any:
-    from surgeon.workflows.intruders import IntruderOptions
+    from surgeon.workflows.spectral.intruders import IntruderOptions
 
     return IntruderOptions(epsilon=run.settings.epsilon, top_k=run.settings.top_k)
 
 
 def _intruders(run: DemoRun, key: str, select: str | None, plot_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """Intruder summary of model ``key`` against the base, and {matrix name: its similarity plot}."""
-    from surgeon.workflows.intruders import find_intruders
-    from surgeon.workflows.plots import choose
+    from surgeon.workflows.spectral.intruders import find_intruders
+    from surgeon.workflows.spectral.plots import choose
 
     r = find_intruders(run.paths[key], run.paths["base"], options=_intruder_options(run), device="cpu",
                        cache=run.paths["svd_cache"], plot=plot_dir, plot_matrices=select)
@@ -256,7 +256,7 @@ def find_intruders(run: DemoRun) -> None:
 
 def scale_sweep(run: DemoRun) -> None:
     """The merged LoRA model with its intruders' singular values scaled by each lambda."""
-    from surgeon.workflows.scale_intruders import scale_intruders
+    from surgeon.workflows.spectral.scale_intruders import scale_intruders
 
     points = []
     for lam in run.settings.lambdas:

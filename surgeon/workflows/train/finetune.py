@@ -1,7 +1,7 @@
 """`surgeon finetune`: companion fine-tuning that produces inputs for surgery.
 
 Trains a local safetensors model on a JSONL/CSV task with one of the methods
-in :mod:`surgeon.workflows.finetune_methods` and writes either a complete
+in :mod:`surgeon.workflows.train.methods` and writes either a complete
 model folder (full) or a standard PEFT adapter folder (the classification head
 as ``modules_to_save``), each with the tokenizer and ``surgeon_provenance.json``.
 Output is built in a scratch folder beside the target and published through
@@ -28,43 +28,19 @@ from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import _STAGING_MARK, CheckpointWriter, TensorSpec, check_output, clean_stale_staging
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.evaluate import TaskMetrics, causal_metrics, classification_metrics
-from surgeon.workflows.finetune_methods import (
+from surgeon.workflows.train.evaluate import TaskMetrics, causal_metrics, classification_metrics
+from surgeon.workflows.train.methods import (
     DEFAULT_RANK, METHODS, SparseLoRA, check_method_available, default_alpha, default_lr,
 )
-from surgeon.workflows.finetune_model import Built, build_model
-from surgeon.workflows.textmodel import (
+from surgeon.workflows.train.model import Built, build_model
+from surgeon.workflows.train.options import FinetuneOptions, Previous
+from surgeon.workflows.train.textmodel import (
     PeakMemory, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
     load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance, seed_everything,
 )
 
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """Everything one `surgeon finetune` run needs (None: the method's default)."""
-
-    base: str
-    data: str
-    out: str
-    task: str = "classification"
-    method: str = "lora"
-    eval_data: str | None = None
-    rank: int | None = None
-    alpha: float | None = None
-    targets: str | None = None
-    lr: float | None = None
-    epochs: int = 3
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    device: str = "auto"
-    l1: float | None = None
-    sparsity: float | None = None
-    continue_from: str | None = None
-    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,17 +81,6 @@ class FinetuneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "eval": self.eval}
-
-
-@dataclass(frozen=True)
-class Previous:
-    """A previous stage of continual fine-tuning (a surgeon finetune output)."""
-
-    folder: Path
-    is_adapter: bool
-    method: str | None
-    labels: list[str] | None
-    stage: int
 
 
 def _check_options(o: FinetuneOptions) -> None:

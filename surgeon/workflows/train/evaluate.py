@@ -25,7 +25,7 @@ from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.data import TaskData, load_task_data
 from surgeon.io.resolve import resolve_path
 from surgeon.progress import progress
-from surgeon.workflows.textmodel import (
+from surgeon.workflows.train.textmodel import (
     IGNORE_INDEX, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
     load_task_model, load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance,
 )

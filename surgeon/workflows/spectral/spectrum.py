@@ -33,7 +33,7 @@ from surgeon.ops.targets import DEFAULT_PRESET, Target, TargetSpecError, select_
 from surgeon.progress import progress
 from surgeon.provenance import provenance, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES
-from surgeon.workflows.merge import pick_device
+from surgeon.workflows.merge.run import pick_device
 
 T = TypeVar("T")
 R = TypeVar("R")

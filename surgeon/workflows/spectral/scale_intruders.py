@@ -30,10 +30,10 @@ from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSp
 from surgeon.ops import intruders as ops
 from surgeon.ops.targets import DEFAULT_PRESET, Target
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.intruders import (Analysis, Inputs, IntruderOptions, MatrixIntruders, analyse_stream,
+from surgeon.workflows.spectral.intruders import (Analysis, Inputs, IntruderOptions, MatrixIntruders, analyse_stream,
                                          open_inputs, totals)
-from surgeon.workflows.merge import merged_float32, pick_device
-from surgeon.workflows.spectrum import open_cache, resolve_targets
+from surgeon.workflows.merge.run import merged_float32, pick_device
+from surgeon.workflows.spectral.spectrum import open_cache, resolve_targets
 
 
 @dataclass(frozen=True)

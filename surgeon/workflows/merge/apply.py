@@ -15,7 +15,7 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import lora, lycoris
-from surgeon.workflows.merge_plan import MergeOp, MergePlan
+from surgeon.workflows.merge.plan import MergeOp, MergePlan
 
 ADDITIVE = {"lora", "lora_embedding", "lora_bias", "adalora", "loha", "lokr", "vera"}
 

@@ -34,97 +34,9 @@ from surgeon.ops import intruders as ops
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target
 from surgeon.progress import progress
-from surgeon.workflows.merge import MergePlan, merged_float32, pick_device, plan_adapter_merge
-from surgeon.workflows.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
-
-SIDES = ("left", "right", "both")
-
-
-@dataclass(frozen=True)
-class IntruderOptions:
-    """``epsilon``: threshold on c_j; ``top_k``: tuned directions examined; ``side``: left (the
-    paper's), right, or both (an intruder on both sides); ``method``: auto, krylov or dense;
-    ``plot_base``: base vectors kept per matrix for the similarity plot."""
-
-    epsilon: float = 0.5
-    top_k: int = 10
-    side: str = "left"
-    method: str = "auto"
-    tol: float = svd.DEFAULT_TOL
-    plot_base: int = 100
-
-    def check(self) -> None:
-        if not 0 < self.epsilon <= 1:
-            raise SurgeonError(f"--epsilon {self.epsilon}: a cosine threshold must be in (0, 1]; the paper uses 0.5.")
-        if self.top_k < 1:
-            raise SurgeonError(f"--top-k {self.top_k}: examine at least one singular vector (the paper uses 10).")
-        if self.side not in SIDES:
-            raise SurgeonError(f"--side {self.side!r}: use left (the paper's definition), right or both.")
-        if self.method not in svd.METHODS:
-            raise SurgeonError(f"--method {self.method!r}: use {', '.join(svd.METHODS)}.")
-
-
-@dataclass(frozen=True)
-class MatrixIntruders:
-    """One matrix. Ranks are 1-based (rank 1 = σ₁); ``match_left[j]`` is the 1-based rank of the
-    base vector closest to u_j. ``status`` "unchanged": W_t == W₀ bit for bit, not decomposed."""
-
-    name: str
-    layer: int | None
-    module: str
-    shape: list[int]
-    transposed: bool
-    status: str
-    sigma: list[float]
-    cos_left: list[float] | None
-    cos_right: list[float] | None
-    match_left: list[int] | None
-    intruders: list[int]
-    intruder_sigma: list[float]
-    energy_share: float
-    baseline_left: float | None
-    baseline_right: float | None
-    sweep: dict[str, int]
-    method: str
-    steps: int
-    residual: float
-    cache: str
-    seconds: float
-    similarity: np.ndarray | None = field(default=None, compare=False, repr=False)  # top-k × top-N |U_tᵀU₀|
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "similarity"}
-
-    @property
-    def decisive(self) -> list[float]:
-        """The cosines the intruder test used: c_j of the side asked for (both: the larger of the two)."""
-        if self.cos_left is not None and self.cos_right is not None:
-            return [max(a, b) for a, b in zip(self.cos_left, self.cos_right)]
-        return self.cos_left or self.cos_right or []
-
-
-@dataclass(frozen=True)
-class IntrudersReport:
-    tuned: str | None
-    base: str
-    adapter: str | None
-    targets: str
-    epsilon: float
-    top_k: int
-    side: str
-    device: str
-    matrices: list[MatrixIntruders]
-    totals: dict[str, Any]
-    cache: dict[str, Any]
-    methods: dict[str, int]
-    plots: list[str]
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        body = asdict(self)
-        body["matrices"] = [m.to_dict() for m in self.matrices]
-        return body
-
+from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
+from surgeon.workflows.spectral.results import SIDES, IntruderOptions, IntrudersReport, MatrixIntruders
+from surgeon.workflows.spectral.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
 
 # -- inputs -----------------------------------------------------------------------------------
 @dataclass
@@ -385,7 +297,7 @@ def find_intruders(
         methods[row.method] = methods.get(row.method, 0) + 1
     plots: list[str] = []
     if plot is not None:
-        from surgeon.workflows.plots import write_plots
+        from surgeon.workflows.spectral.plots import write_plots
 
         plots = write_plots(Path(plot), rows, epsilon=options.epsilon, select=plot_matrices)
     cache_info = {"dir": str(store.root) if store.root else None, **counts}

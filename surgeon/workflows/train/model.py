@@ -14,13 +14,13 @@ from surgeon.errors import AdapterError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
-from surgeon.workflows.finetune_methods import (
+from surgeon.workflows.train.methods import (
     nf4_quantization, peft_config, resolve_targets, uses_conv1d,
 )
-from surgeon.workflows.textmodel import head_modules, load_task_model
+from surgeon.workflows.train.textmodel import head_modules, load_task_model
 
 if TYPE_CHECKING:
-    from surgeon.workflows.finetune import FinetuneOptions, Previous
+    from surgeon.workflows.train.options import FinetuneOptions, Previous
 
 _PEFT_PREFIX = "base_model.model."
 _TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}

@@ -29,58 +29,10 @@ from surgeon.ops.task_vector import (
 )
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.diff_adapter import AdapterCheck, AdapterChecker, finite_or_none
+from surgeon.workflows.taskvec.adapter_check import AdapterCheck, AdapterChecker, finite_or_none
+from surgeon.workflows.taskvec.results import ClassCount, DiffSummary, ShapeMismatch, TensorDiff
 
 TASK_VECTOR_KIND = "task_vector"
-
-
-@dataclass(frozen=True)
-class TensorDiff:
-    """One tensor's τ. ``max_ulps``: max |τ| / ulp of ``rounding_dtype`` at |θ_base|;
-    ``beyond_rounding``: elements with |τ| > ½ ulp (both None when max |τ| alone shows the
-    tensor changed, and for non-float tensors); ``rank``: 2-D changed tensors only."""
-
-    name: str
-    status: str
-    dtype: str
-    base_dtype: str
-    rounding_dtype: str
-    shape: list[int]
-    parameters: int
-    norm: float
-    base_norm: float
-    relative_norm: float | None
-    max_abs: float
-    max_ulps: float | None
-    beyond_rounding: int | None
-    rank: RankStats | None = None
-
-
-@dataclass(frozen=True)
-class ClassCount:
-    tensors: int = 0
-    parameters: int = 0
-
-
-@dataclass(frozen=True)
-class ShapeMismatch:
-    name: str
-    tuned_shape: list[int]
-    base_shape: list[int]
-
-
-@dataclass(frozen=True)
-class DiffSummary:
-    """Counts per class, and what could not be compared (keys/shapes on one side only)."""
-
-    identical: ClassCount
-    rounding_only: ClassCount
-    changed: ClassCount
-    norm: float  # ‖τ‖ over all compared tensors
-    only_in_tuned: list[str]
-    only_in_base: list[str]
-    shape_mismatches: list[ShapeMismatch]
-    non_float: list[str]  # compared, never written to a task vector
 
 
 @dataclass(frozen=True)
@@ -228,7 +180,7 @@ def diff_checkpoints(
 
     Only ``changed`` tensors are written unless ``all_tensors``. With ``adapter``,
     also check that τ equals the adapter's ΔW on every target (see
-    :mod:`surgeon.workflows.diff_adapter`).
+    :mod:`surgeon.workflows.taskvec.adapter_check`).
     """
     opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device))
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)

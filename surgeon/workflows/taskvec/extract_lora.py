@@ -36,7 +36,7 @@ from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
 from surgeon.progress import progress
 from surgeon.provenance import provenance
 from surgeon.workflows.convert import parse_dtype
-from surgeon.workflows.diff import load_pair, pair_tensors, pick_device
+from surgeon.workflows.taskvec.diff import load_pair, pair_tensors, pick_device
 
 LORA_KINDS = ("linear", "conv1d", "embedding")
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")

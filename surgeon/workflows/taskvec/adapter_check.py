@@ -29,7 +29,7 @@ from surgeon.io.resolve import resolve_path
 from surgeon.ops.task_vector import CHANGED, abs_max, is_float_dtype, rounding_check
 
 if TYPE_CHECKING:
-    from surgeon.workflows.diff import TensorDiff
+    from surgeon.workflows.taskvec.results import TensorDiff
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class AdapterChecker:
     """Collects per-target checks while the diff streams; ``finish`` adds the counts."""
 
     def __init__(self, adapter: str | os.PathLike[str], base: Checkpoint, *, tolerance: float, device: str) -> None:
-        from surgeon.workflows.merge import merged_float32, plan_adapter_merge
+        from surgeon.workflows.merge.run import merged_float32, plan_adapter_merge
 
         self.name = str(adapter)
         self.adapter = Adapter.open(resolve_path(adapter))

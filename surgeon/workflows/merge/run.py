@@ -44,12 +44,12 @@ from surgeon.provenance import (
 )
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
 from surgeon.workflows.device import device_name, pick_device  # noqa: F401 - re-exported for callers
-from surgeon.workflows.merge_plan import MergeOp, MergePlan, plan_adapter_merge
+from surgeon.workflows.merge.plan import MergeOp, MergePlan, plan_adapter_merge
 
 if TYPE_CHECKING:
     import torch
 
-    from surgeon.workflows.merge_apply import Scratch
+    from surgeon.workflows.merge.apply import Scratch
 
 # torch (~2 s to import) is imported only when a tensor needs it: a merge of LoRA-family deltas into a
 # bf16/fp16/fp32 base on the CPU runs on the native kernel (surgeon.ops.native_merge) without it.
@@ -69,7 +69,7 @@ def merged_float32(base: Checkpoint, plan: MergePlan, name: str, *, device: str 
     """
     import torch
 
-    from surgeon.workflows.merge_apply import merge_one
+    from surgeon.workflows.merge.apply import merge_one
 
     return merge_one(base, plan, name, torch.device(device))[0]
 
@@ -161,7 +161,7 @@ def _merge_tensor(plan: MergePlan, name: str, dtype: str, device: torch.device, 
     """W' rounded to ``dtype`` (on the CPU, in ``out`` if given) and its report entry. Additive-only
     targets skip the full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
     from surgeon.ops.merge_rounding import round_merged
-    from surgeon.workflows.merge_apply import ADDITIVE, additive_delta, apply_op
+    from surgeon.workflows.merge.apply import ADDITIVE, additive_delta, apply_op
 
     ops = plan.targets[name]
     stored = stored.to(device)
@@ -189,7 +189,7 @@ def _check_finite(plan: MergePlan, name: str, dtype: str, stats: RoundingStats) 
 
 
 def _streamable(plan: MergePlan, name: str, device: str) -> bool:
-    from surgeon.workflows.merge_apply import ADDITIVE
+    from surgeon.workflows.merge.apply import ADDITIVE
 
     return device == "cpu" and all(op.kind in ADDITIVE for op in plan.targets[name])
 
@@ -258,7 +258,7 @@ def _stream_tensor(ckpt: Checkpoint, plan: MergePlan, name: str, dtype: str, des
 
     from surgeon.ops.lora import lora_delta_rows
     from surgeon.ops.merge_rounding import stream_merged
-    from surgeon.workflows.merge_apply import additive_delta
+    from surgeon.workflows.merge.apply import additive_delta
 
     info = ckpt.info(name)
     read_bytes, write_bytes = _block_io(ckpt, name, dest)
@@ -367,7 +367,7 @@ class _Buffers:
     buffers, each released only when the write that uses it has finished."""
 
     def __init__(self, ring: int = 3) -> None:
-        from surgeon.workflows.merge_apply import Scratch
+        from surgeon.workflows.merge.apply import Scratch
 
         self.reads = [bytearray(), bytearray()]
         self.outs: list[tuple[torch.Tensor | None, Future[None] | None]] = [(None, None)] * ring
