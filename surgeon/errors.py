@@ -57,3 +57,20 @@ class HubError(SurgeonError):
 
 class DataError(SurgeonError):
     """A training or evaluation data file is unusable."""
+
+
+class OptionError(SurgeonError):
+    """An option or argument has a bad value, is missing, or options that cannot go together were given."""
+
+
+class DeviceError(OptionError):
+    """The ``--device`` asked for is not one surgeon computes on, or is not available to torch here."""
+
+
+class DependencyError(SurgeonError):
+    """An optional package a feature needs is missing, too old, or installed but does not load."""
+
+
+class IncompatibleInputError(SurgeonError):
+    """Inputs that are each well-formed do not fit the command or each other (an encoder given to a
+    causal-LM task, a full model continued as an adapter, a fine-tune identical to its base, ...)."""

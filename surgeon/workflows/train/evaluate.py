@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgeon.errors import AdapterError, CheckpointFormatError, SurgeonError
+from surgeon.errors import AdapterError, CheckpointFormatError, DataError, OptionError
 from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.data import TaskData, load_task_data
 from surgeon.io.resolve import resolve_path
@@ -115,7 +115,7 @@ def causal_metrics(model: Any, tokenizer: Any, data: TaskData, *, batch_size: in
 
 def _lm_result(kind: str, examples: int, loss_sum: float, tokens: int) -> TaskMetrics:
     if tokens == 0:
-        raise SurgeonError("the evaluation data has no tokens to predict after truncation; raise --max-length.")
+        raise DataError("the evaluation data has no tokens to predict after truncation; raise --max-length.")
     loss = loss_sum / tokens
     return TaskMetrics(kind, examples, loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens)
 
@@ -251,9 +251,9 @@ def evaluate(
 ) -> EvalReport:
     """Measure ``task`` skill on ``data`` and/or embedding drift from ``drift_from``."""
     if task is None and drift_from is None:
-        raise SurgeonError("nothing to measure; give --task classification|causal-lm, --drift-from BASE, or both.")
+        raise OptionError("nothing to measure; give --task classification|causal-lm, --drift-from BASE, or both.")
     if batch_size < 1 or max_length < 2:
-        raise SurgeonError(f"--batch-size must be >= 1 and --max-length >= 2 (got {batch_size}, {max_length}).")
+        raise OptionError(f"--batch-size must be >= 1 and --max-length >= 2 (got {batch_size}, {max_length}).")
     quiet_transformers()
     clock = Stopwatch()
     model_path, adapter_path = _split_model_arg(model, adapter)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import AdapterError, SurgeonError
+from surgeon.errors import AdapterError, IncompatibleInputError, NumericalError, OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.data import TaskData, load_task_data
@@ -85,30 +85,30 @@ class FinetuneReport:
 
 def _check_options(o: FinetuneOptions) -> None:
     if o.method not in METHODS:
-        raise SurgeonError(f"--method {o.method!r} is unknown; use one of: {', '.join(METHODS)}.")
+        raise OptionError(f"--method {o.method!r} is unknown; use one of: {', '.join(METHODS)}.")
     numbers = {"--epochs": o.epochs, "--batch-size": o.batch_size, "--rank": o.rank}
     for flag, value in numbers.items():
         if value is not None and value < 1:
-            raise SurgeonError(f"{flag} must be a positive integer (got {value}).")
+            raise OptionError(f"{flag} must be a positive integer (got {value}).")
     if o.max_length < 2:
-        raise SurgeonError(f"--max-length must be at least 2 tokens (got {o.max_length}).")
+        raise OptionError(f"--max-length must be at least 2 tokens (got {o.max_length}).")
     if o.lr is not None and not (o.lr > 0 and math.isfinite(o.lr)):
-        raise SurgeonError(f"--lr must be a positive number (got {o.lr}).")
+        raise OptionError(f"--lr must be a positive number (got {o.lr}).")
     if o.method == "full" and (o.rank or o.alpha or o.targets):
-        raise SurgeonError("--rank, --alpha and --targets are for adapter methods; --method full trains every weight.")
+        raise OptionError("--rank, --alpha and --targets are for adapter methods; --method full trains every weight.")
     if o.method != "sparse-lora" and (o.l1 is not None or o.sparsity is not None):
-        raise SurgeonError("--l1 and --sparsity apply to --method sparse-lora only.")
+        raise OptionError("--l1 and --sparsity apply to --method sparse-lora only.")
     if o.method == "sparse-lora":
         if o.l1 is None and o.sparsity is None:
-            raise SurgeonError("--method sparse-lora needs --l1 LAMBDA and/or --sparsity FRACTION (e.g. --sparsity 0.5).")
+            raise OptionError("--method sparse-lora needs --l1 LAMBDA and/or --sparsity FRACTION (e.g. --sparsity 0.5).")
         if o.sparsity is not None and not 0.0 <= o.sparsity < 1.0:
-            raise SurgeonError(f"--sparsity is the fraction of zeros in A and B, in [0, 1) (got {o.sparsity}).")
+            raise OptionError(f"--sparsity is the fraction of zeros in A and B, in [0, 1) (got {o.sparsity}).")
         if o.l1 is not None and o.l1 < 0:
-            raise SurgeonError(f"--l1 must be >= 0 (got {o.l1}).")
+            raise OptionError(f"--l1 must be >= 0 (got {o.l1}).")
     if o.continue_from and o.method != "full" and (o.alpha is not None or o.targets):
-        raise SurgeonError("--alpha and --targets come from the previous stage when continuing an adapter; omit them.")
+        raise OptionError("--alpha and --targets come from the previous stage when continuing an adapter; omit them.")
     if o.method == "hira" and o.alpha is not None:
-        raise SurgeonError("--alpha does not apply to --method hira (HiRA has no scaling factor).")
+        raise OptionError("--alpha does not apply to --method hira (HiRA has no scaling factor).")
     check_method_available(o.method)
 
 
@@ -121,15 +121,15 @@ def _previous(o: FinetuneOptions) -> Previous | None:
     prev = Previous(folder, is_adapter_folder(folder), params.get("method"),
                     report.get("labels"), int(report.get("stage") or 1))
     if o.method == "full" and prev.is_adapter:
-        raise SurgeonError(f"{folder}: is an adapter; continue it with its adapter method, not --method full.")
+        raise IncompatibleInputError(f"{folder}: is an adapter; continue it with its adapter method, not --method full.")
     if o.method != "full" and not prev.is_adapter:
-        raise SurgeonError(f"{folder}: is a full model; continue a full fine-tune with --method full.")
+        raise IncompatibleInputError(f"{folder}: is a full model; continue a full fine-tune with --method full.")
     if prev.method and prev.method != o.method:
-        raise SurgeonError(f"{folder}: was trained with --method {prev.method}; continue it with the same method.")
+        raise IncompatibleInputError(f"{folder}: was trained with --method {prev.method}; continue it with the same method.")
     if prev.is_adapter:
         with Adapter.open(folder) as adapter:
             if o.rank is not None and adapter.config.r not in (o.rank, 2 * o.rank):
-                raise SurgeonError(f"{folder}: has rank {adapter.config.r}; --rank {o.rank} cannot continue it (omit --rank).")
+                raise IncompatibleInputError(f"{folder}: has rank {adapter.config.r}; --rank {o.rank} cannot continue it (omit --rank).")
     return prev
 
 
@@ -149,7 +149,7 @@ def finetune(options: FinetuneOptions) -> FinetuneReport:
     base = resolve_path(o.base)
     config = read_model_config(base)
     if o.task == "causal-lm" and not is_decoder_config(config):
-        raise SurgeonError(f"{base}: is an encoder ({config.get('model_type')}); --task causal-lm needs a decoder model (GPT-2, Llama, ...).")
+        raise IncompatibleInputError(f"{base}: is an encoder ({config.get('model_type')}); --task causal-lm needs a decoder model (GPT-2, Llama, ...).")
     prev = _previous(options)  # before defaults: an omitted --rank means "the previous stage's"
     out = Path(o.out)
     inputs = [base, Path(o.data)] + ([Path(o.eval_data)] if o.eval_data else []) + ([prev.folder] if prev else [])
@@ -238,7 +238,7 @@ def _train(o: FinetuneOptions, built: Built, tokenizer: Any, train: TaskData, ev
                               total=steps, desc=f"epoch {epoch + 1}/{o.epochs}", unit="batch"):
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise SurgeonError(f"training diverged (loss {float(loss.detach())}) in epoch {epoch + 1}; lower --lr (now {o.lr}).")
+                raise NumericalError(f"training diverged (loss {float(loss.detach())}) in epoch {epoch + 1}; lower --lr (now {o.lr}).")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             lr_now = optimizer.param_groups[0]["lr"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import AdapterError, SurgeonError
+from surgeon.errors import AdapterError, DependencyError
 
 METHODS = ("full", "lora", "dora", "rslora", "pissa", "sparse-lora", "hira", "qlora")
 ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
@@ -50,20 +50,20 @@ def check_method_available(method: str) -> None:
     import peft
 
     if method == "hira" and not hasattr(peft, "HiraConfig"):
-        raise SurgeonError(
+        raise DependencyError(
             f"--method hira needs peft's HiRA tuner (peft.HiraConfig), which peft {peft.__version__} lacks; "
             "run pip install -U peft."
         )
     if method == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise SurgeonError(
+            raise DependencyError(
                 "--method qlora needs bitsandbytes for the 4-bit NF4 base, and it is not installed; "
                 "run pip install bitsandbytes (CPU wheels exist for Linux x86-64) or use --method lora."
             )
         try:
             import bitsandbytes  # noqa: F401
         except Exception as exc:  # a broken native library raises anything
-            raise SurgeonError(
+            raise DependencyError(
                 f"--method qlora: bitsandbytes is installed but does not load ({str(exc).splitlines()[0]}); "
                 "reinstall it with pip install -U bitsandbytes or use --method lora."
             ) from None
