@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgeon.errors import AdapterError, CheckpointFormatError, ShapeMismatchError, SurgeonError
+from surgeon.errors import AdapterError, CheckpointFormatError, OptionError, ShapeMismatchError
 from surgeon.io.adapter import Adapter, BaseNames, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
@@ -80,7 +80,7 @@ def open_inputs(tuned: str | os.PathLike[str] | None, base: str | os.PathLike[st
                                "adapter once (as TUNED or as --adapter).")
         tuned_path, adapter_path = None, tuned_path
     if tuned_path is None and adapter_path is None:
-        raise SurgeonError("no fine-tune given: pass TUNED (a checkpoint or an adapter folder) or --adapter ADAPTER.")
+        raise OptionError("no fine-tune given: pass TUNED (a checkpoint or an adapter folder) or --adapter ADAPTER.")
     base_path = resolve_path(base)
     with ExitStack() as stack:
         base_ckpt = stack.enter_context(Checkpoint.open(base_path))

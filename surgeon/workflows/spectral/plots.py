@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgeon.errors import OutputError, SurgeonError
+from surgeon.errors import OptionError, OutputError
 from surgeon.report import figures
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def choose(rows: Sequence[MatrixIntruders], select: str | None) -> list[MatrixIn
         try:
             pattern = re.compile(select)
         except re.error as exc:
-            raise SurgeonError(f"--plot-matrices {select!r} is not a valid regular expression ({exc}).") from None
+            raise OptionError(f"--plot-matrices {select!r} is not a valid regular expression ({exc}).") from None
         return [r for r in analysed if pattern.search(r.name)]
     ranked = sorted(analysed, key=lambda r: (-r.energy_share, -len(r.intruders)))
     return ranked[:DEFAULT_SIMILARITY_PLOTS]

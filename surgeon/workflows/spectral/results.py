@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OptionError
 from surgeon.ops import svd
 
 if TYPE_CHECKING:
@@ -29,13 +29,13 @@ class IntruderOptions:
 
     def check(self) -> None:
         if not 0 < self.epsilon <= 1:
-            raise SurgeonError(f"--epsilon {self.epsilon}: a cosine threshold must be in (0, 1]; the paper uses 0.5.")
+            raise OptionError(f"--epsilon {self.epsilon}: a cosine threshold must be in (0, 1]; the paper uses 0.5.")
         if self.top_k < 1:
-            raise SurgeonError(f"--top-k {self.top_k}: examine at least one singular vector (the paper uses 10).")
+            raise OptionError(f"--top-k {self.top_k}: examine at least one singular vector (the paper uses 10).")
         if self.side not in SIDES:
-            raise SurgeonError(f"--side {self.side!r}: use left (the paper's definition), right or both.")
+            raise OptionError(f"--side {self.side!r}: use left (the paper's definition), right or both.")
         if self.method not in svd.METHODS:
-            raise SurgeonError(f"--method {self.method!r}: use {', '.join(svd.METHODS)}.")
+            raise OptionError(f"--method {self.method!r}: use {', '.join(svd.METHODS)}.")
 
 
 @dataclass(frozen=True)

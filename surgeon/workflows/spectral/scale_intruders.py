@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import AdapterError, CheckpointFormatError, NumericalError, SurgeonError
+from surgeon.errors import AdapterError, CheckpointFormatError, IncompatibleInputError, NumericalError, OptionError
 from surgeon.io.adapter_writer import write_lora_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
@@ -105,9 +105,9 @@ def _rounded(w: torch.Tensor, target: Target, dtype: str) -> torch.Tensor:
 
 def _validate(lam: float, only_top: int | None) -> None:
     if not math.isfinite(lam) or lam < 0:
-        raise SurgeonError(f"--lambda {lam}: give a finite scale ≥ 0 (0 removes the intruders, 1 changes nothing).")
+        raise OptionError(f"--lambda {lam}: give a finite scale ≥ 0 (0 removes the intruders, 1 changes nothing).")
     if only_top is not None and only_top < 1:
-        raise SurgeonError(f"--only-top {only_top}: give at least 1 (the number of strongest intruders per matrix).")
+        raise OptionError(f"--only-top {only_top}: give at least 1 (the number of strongest intruders per matrix).")
 
 
 def scale_intruders(
@@ -215,8 +215,8 @@ _KEPT_KINDS = ("lora", "lora_embedding", "replace")
 def _check_as_adapter(inputs: Inputs) -> None:
     plan = inputs.plan
     if plan is None or inputs.tuned is not None or inputs.adapter is None:
-        raise SurgeonError("--as-adapter writes a LoRA adapter for BASE, so TUNED must be BASE + a LoRA adapter: "
-                           "give the adapter folder as TUNED (or --adapter) and no other checkpoint.")
+        raise IncompatibleInputError("--as-adapter writes a LoRA adapter for BASE, so TUNED must be BASE + a LoRA adapter: "
+                                     "give the adapter folder as TUNED (or --adapter) and no other checkpoint.")
     if inputs.adapter.config.peft_type != "LORA":
         raise AdapterError(f"{inputs.adapter_path}: --as-adapter needs a LoRA adapter, not "
                            f"{inputs.adapter.config.peft_type}; write the repaired model instead (drop --as-adapter).")

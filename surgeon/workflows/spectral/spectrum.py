@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from surgeon.errors import OutputError, SurgeonError
+from surgeon.errors import OptionError, OutputError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import SvdCache, content_key
@@ -48,10 +48,10 @@ def resolve_targets(ckpt: Checkpoint, spec: str, *, what: str) -> list[Target]:
     try:
         targets = select_targets(shapes, spec, model_type=model_type, floating=floating)
     except TargetSpecError as exc:
-        raise SurgeonError(f"{exc}; e.g. --targets 'layers\\.\\d+\\..*_proj\\.weight'.") from None
+        raise OptionError(f"{exc}; e.g. --targets 'layers\\.\\d+\\..*_proj\\.weight'.") from None
     if not targets:
         two_d = [n for n, s in shapes.items() if len(s) == 2][:3]
-        raise SurgeonError(
+        raise OptionError(
             f"{what}: --targets {spec!r} selects no 2-D floating-point weight (its 2-D tensors are named like "
             f"{', '.join(two_d) or 'nothing'}); give a preset that fits this architecture or a regex, "
             "e.g. --targets 'attention.*weight'."
@@ -197,7 +197,7 @@ def spectrum(
     vector of singular values per matrix).
     """
     if top_k < 1:
-        raise SurgeonError(f"--top-k {top_k}: give a positive number of singular values (or --full for all).")
+        raise OptionError(f"--top-k {top_k}: give a positive number of singular values (or --full for all).")
     _check_output(output, overwrite)
     begin = time.perf_counter()
     dev = pick_device(device)
