@@ -55,6 +55,10 @@ class HubError(SurgeonError):
     """A Hugging Face Hub operation failed."""
 
 
+class DistributedError(SurgeonError):
+    """A run over several processes failed: a rank raised, died or timed out."""
+
+
 class DataError(SurgeonError):
     """A training or evaluation data file is unusable."""
 
