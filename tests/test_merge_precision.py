@@ -16,8 +16,7 @@ import torch
 from _merge_helpers import cast_base, load_model, make_adapter, peft_merged, peft_model, read_folder
 from surgeon.errors import NumericalError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.merge.run import merge, merged_float32, plan_adapter_merge
-from surgeon.io.adapter import Adapter
+from surgeon.workflows.merge.run import merge
 
 LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 DORA = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
@@ -102,19 +101,24 @@ def test_fp16_output_of_fp32_model_reports_cast_only_not_changed(tiny_llama, tmp
 
 
 def test_precision_report_measures_a_vanishing_delta(tiny_llama_bf16, tmp_path):
-    """ΔW far below half a bf16 ulp mostly vanishes: the report says how much, and warns."""
+    """ΔW far below half a bf16 ulp mostly vanishes: the report says how much, and warns.
+
+    The exact W + ΔW is peft's float32 merge_and_unload on the exactly upcast base, not surgeon's.
+    """
     adapter = make_adapter(tiny_llama_bf16, tmp_path / "a", peft.LoraConfig(r=2, target_modules=["q_proj"]), scale=1e-5)
     report = merge(tiny_llama_bf16, [adapter], tmp_path / "out", precision_report=tmp_path / "p.json")
-    with Checkpoint.open(tiny_llama_bf16) as base, Adapter.open(adapter) as ad:
-        plan = plan_adapter_merge(base, [(ad, 1.0)])
-        for entry in report.entries:
-            exact = merged_float32(base, plan, entry.name).double()
-            stored = base.get(entry.name).double()
-            rounded = exact.to(torch.bfloat16).double()
-            lost = (rounded - exact).norm() / (exact - stored).norm()
-            assert entry.lost_fraction == pytest.approx(float(lost), rel=1e-4)
-            assert entry.changed == int((rounded != stored).sum())
-            assert entry.lost_fraction > 0.5 and entry.warning is not None and "--dtype fp32" in entry.warning
+    exact_all = peft_merged(cast_base(tiny_llama_bf16, tmp_path / "upcast", torch.float32), [(adapter, 1.0)])
+    base = read_folder(tiny_llama_bf16)
+    assert sorted(e.name for e in report.entries) == sorted(
+        n for n in base if not torch.equal(exact_all[n], base[n].float()))
+    for entry in report.entries:
+        exact = exact_all[entry.name].double()
+        stored = base[entry.name].double()
+        rounded = exact.to(torch.bfloat16).double()
+        lost = (rounded - exact).norm() / (exact - stored).norm()
+        assert entry.lost_fraction == pytest.approx(float(lost), rel=1e-4)
+        assert entry.changed == int((rounded != stored).sum())
+        assert entry.lost_fraction > 0.5 and entry.warning is not None and "--dtype fp32" in entry.warning
     assert len(report.warnings) == 2
     wide = merge(tiny_llama_bf16, [adapter], tmp_path / "wide", dtype="fp32")
     assert not wide.warnings
