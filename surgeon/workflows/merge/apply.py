@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import UnsupportedAdapterError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import lora, lycoris
 from surgeon.workflows.merge.plan import MergeOp, MergePlan
@@ -88,7 +88,7 @@ def additive_delta(plan: MergePlan, op: MergeOp, shape: torch.Size, device: torc
         delta = lora.vera_delta(vera_A, vera_B, f("vera_lambda_b"), f("vera_lambda_d"), out_features=op.features[0],
                                 in_features=op.features[1], fan_in_fan_out=op.fan_in_fan_out)
         return delta if op.weight == 1.0 else delta * op.weight
-    raise SurgeonError(f"internal: unknown merge operation {k!r}")
+    raise UnsupportedAdapterError(f"internal: unknown merge operation {k!r}")
 
 
 def apply_op(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch.Tensor,

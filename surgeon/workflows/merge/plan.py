@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from surgeon.errors import AdapterError, SurgeonError
+from surgeon.errors import AdapterError, OptionError
 from surgeon.io.adapter import Adapter, AdapterModule, BaseNames, adapter_layout, check_mergeable, pattern_value
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.workflows.convert import FLOAT_DTYPES
@@ -395,7 +395,7 @@ def plan_adapter_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter, float
     for idx, (adapter, weight) in enumerate(adapters):
         check_mergeable(adapter)
         if not math.isfinite(weight):
-            raise SurgeonError(f"{adapter.folder}: adapter weight {weight} is not a finite number; give e.g. ADAPTER:0.5.")
+            raise OptionError(f"{adapter.folder}: adapter weight {weight} is not a finite number; give e.g. ADAPTER:0.5.")
         planner = _Planner(base, names, adapter, idx, float(weight))
         layout = adapter_layout(adapter.weights)
         planned = planner.plan_full()  # base_layer copies first: later ops act on the saved base

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from surgeon.errors import NumericalError, SurgeonError
+from surgeon.errors import NumericalError, OptionError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
@@ -131,7 +131,7 @@ def parse_adapter_arg(arg: AdapterArg) -> tuple[Path, float]:
             weight = None
         if weight is not None:
             if not math.isfinite(weight):
-                raise SurgeonError(f"{text}: adapter weight {tail!r} is not a finite number; write e.g. {head}:0.5.")
+                raise OptionError(f"{text}: adapter weight {tail!r} is not a finite number; write e.g. {head}:0.5.")
             return resolve_path(head), weight
     return resolve_path(text), 1.0
 
@@ -326,7 +326,7 @@ def merge(
     base_path = resolve_path(base)
     parsed = [parse_adapter_arg(a) for a in adapters]
     if not parsed:
-        raise SurgeonError("no adapter given; name at least one adapter folder after the base.")
+        raise OptionError("no adapter given; name at least one adapter folder after the base.")
     with Checkpoint.open(base_path) as ckpt:
         opened = [Adapter.open(path) for path, _ in parsed]
         try:
