@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OptionError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.resolve import resolve_path
@@ -39,7 +39,7 @@ def parse_dtype(name: str | None) -> str | None:
         return None
     key = DTYPE_ALIASES.get(name.lower(), name.upper())
     if key not in FLOAT_DTYPES:
-        raise SurgeonError(f"--dtype {name!r} is not a float dtype surgeon writes; use auto, fp32, fp16 or bf16.")
+        raise OptionError(f"--dtype {name!r} is not a float dtype surgeon writes; use auto, fp32, fp16 or bf16.")
     return key
 
 def convert_checkpoint(

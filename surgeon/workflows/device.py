@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import DeviceError
 
 if TYPE_CHECKING:
     import torch
@@ -33,9 +33,9 @@ def pick_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise SurgeonError(f"--device {name!r} is not a device surgeon computes on; use auto, cpu, cuda or cuda:N.") from None
+        raise DeviceError(f"--device {name!r} is not a device surgeon computes on; use auto, cpu, cuda or cuda:N.") from None
     if device.type not in ("cpu", "cuda"):
-        raise SurgeonError(f"--device {name!r} is not a device surgeon computes on; use auto, cpu, cuda or cuda:N.")
+        raise DeviceError(f"--device {name!r} is not a device surgeon computes on; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SurgeonError(f"--device {name}: no CUDA device is available to torch here; use --device cpu (or auto).")
+        raise DeviceError(f"--device {name}: no CUDA device is available to torch here; use --device cpu (or auto).")
     return device

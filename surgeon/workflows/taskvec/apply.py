@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import torch
 
-from surgeon.errors import CheckpointFormatError, ShapeMismatchError, SurgeonError
+from surgeon.errors import CheckpointFormatError, OptionError, ShapeMismatchError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.resolve import resolve_path
@@ -73,7 +73,7 @@ def parse_task(arg: TaskArg) -> tuple[str, float]:
         except ValueError:
             return text, 1.0
         if not math.isfinite(weight):
-            raise SurgeonError(f"{text}: λ must be a finite number, got {tail!r}; write TV:0.5 or TV:-1.")
+            raise OptionError(f"{text}: λ must be a finite number, got {tail!r}; write TV:0.5 or TV:-1.")
         return head, weight
     return text, 1.0
 
@@ -123,7 +123,7 @@ def apply_task_vectors(
     Terms with λ = 0 are dropped, so applying only zero weights copies the base byte for byte.
     """
     if not tasks:
-        raise SurgeonError("no task vectors given; pass at least one TV[:λ] (e.g. ./tau:0.5).")
+        raise OptionError("no task vectors given; pass at least one TV[:λ] (e.g. ./tau:0.5).")
     target = parse_dtype(dtype)
     parsed = [parse_task(t) for t in tasks]
     base_path = resolve_path(base)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import ShapeMismatchError, SurgeonError
+from surgeon.errors import OptionError, ShapeMismatchError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
@@ -102,7 +102,7 @@ def parse_rounding_dtype(name: str | None) -> str | None:
         return None
     key = DTYPE_ALIASES.get(name.lower(), name.upper())
     if key not in ("F16", "BF16", "F32"):
-        raise SurgeonError(f"--rounding-dtype {name!r} is not a float dtype; use auto, fp16, bf16 or fp32.")
+        raise OptionError(f"--rounding-dtype {name!r} is not a float dtype; use auto, fp16, bf16 or fp32.")
     return key
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import IncompatibleInputError, OptionError
 from surgeon.io.adapter_writer import AdapterWritten, SavedTensor, write_lora_adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
@@ -119,19 +119,19 @@ def guess_kind(module: str, model_type: str | None) -> str:
 
 def _validate(rank: int | None, energy: float | None, max_rank: int | None, targets: str | None) -> re.Pattern[str] | None:
     if (rank is None) == (energy is None):
-        raise SurgeonError("give exactly one of -r/--rank R or --energy F (e.g. -r 16 or --energy 0.99).")
+        raise OptionError("give exactly one of -r/--rank R or --energy F (e.g. -r 16 or --energy 0.99).")
     if rank is not None and rank < 1:
-        raise SurgeonError(f"-r/--rank must be at least 1, got {rank}.")
+        raise OptionError(f"-r/--rank must be at least 1, got {rank}.")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise SurgeonError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99% of ‖τ‖².")
+        raise OptionError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99% of ‖τ‖².")
     if max_rank is not None and max_rank < 1:
-        raise SurgeonError(f"--max-rank must be at least 1, got {max_rank}.")
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}.")
     if targets is None:
         return None
     try:
         return re.compile(targets)
     except re.error as exc:
-        raise SurgeonError(f"--targets {targets!r} is not a valid regular expression ({exc}).") from None
+        raise OptionError(f"--targets {targets!r} is not a valid regular expression ({exc}).") from None
 
 
 @dataclass
@@ -203,12 +203,12 @@ def _refuse_empty(tuned: str, base: str, state: _State, targets: str | None) -> 
     """No LoRA module to write: peft cannot load an adapter that targets nothing."""
     others = [n for names in state.leftovers.values() for n in names]
     if not others:
-        raise SurgeonError(
+        raise IncompatibleInputError(
             f"{tuned}: no tensor changed beyond rounding against {base}, so there is nothing to extract; "
             "check that TUNED and BASE are not the same model."
         )
     which = "matches --targets" if targets else "is a Linear, Conv1D or Embedding weight"
-    raise SurgeonError(
+    raise IncompatibleInputError(
         f"{tuned}: {len(others)} tensor(s) changed (e.g. {others[0]!r}) but none {which}, and peft cannot load "
         "an adapter without a LoRA module; carry these changes with `surgeon diff -o TV` and `surgeon apply`."
     )
