@@ -142,13 +142,18 @@ class _Planner:
         alpha = pattern_value(self.cfg.get("alpha_pattern"), module.path, cfg.alpha if cfg.alpha is not None else 8)
         return r, float(alpha)
 
-    def rank_alpha(self, module: AdapterModule, rows_of: str) -> tuple[int, float]:
+    def rank_alpha(self, module: AdapterModule, rows_of: str, cols_of: str | None = None) -> tuple[int, float]:
         r, alpha = self.patterned_rank_alpha(module)
         rows = self.shape(rows_of)[0]
         if rows != r:
             raise AdapterError(
                 f"{self.where}: adapter_config.json gives module {module.path!r} rank {r} (r/rank_pattern) but "
                 f"{rows_of!r} has {rows} rows; the config does not belong to these weights. Re-save the adapter."
+            )
+        if cols_of is not None and self.shape(cols_of)[-1] != r:
+            raise AdapterError(
+                f"{self.where}: {cols_of!r} has {self.shape(cols_of)[-1]} columns but {rows_of!r} has {r} rows (the "
+                "rank); the two factors must agree. Re-save the adapter from the model it was trained on."
             )
         return r, alpha
 
@@ -178,7 +183,7 @@ class _Planner:
         rslora = bool(self.cfg.get("use_rslora"))
         if "lora_embedding_A" in module.tensors:
             a, b = self.need(module, "lora_embedding_A", "lora_embedding_B")
-            r, alpha = self.rank_alpha(module, a)
+            r, alpha = self.rank_alpha(module, a, b)
             target = self.target(module)
             got = (self.shape(a)[1], self.shape(b)[0])
             if self.base.info(target).shape != got:
@@ -188,7 +193,7 @@ class _Planner:
             roles = ["lora_embedding_A", "lora_embedding_B"] + (["magnitude"] if dora else [])
             return [(target, self.op("dora_embedding" if dora else "lora_embedding", module, roles, scaling=scaling))]
         a, b = self.need(module, "lora_A", "lora_B")
-        r, alpha = self.rank_alpha(module, a)
+        r, alpha = self.rank_alpha(module, a, b)
         target = self.target(module)
         fifo = self.orientation(target, (self.shape(b)[0], self.shape(a)[1]), a)
         scaling = self.weight * alpha / (math.sqrt(r) if rslora else r)
