@@ -12,11 +12,11 @@ import peft
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from _merge_helpers import make_adapter, peft_merged, read_folder
-from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.ops import lora as lora_ops
-from surgeon.workflows.merge.run import merge, merged_float32, plan_adapter_merge
+from surgeon.workflows.merge.run import merge
 
 WEIGHTED_WITH_PEFT = {
     "loha": peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"]),
@@ -53,19 +53,39 @@ def test_weight_zero_gives_back_the_base(case, tiny_llama, tmp_path):
             assert torch.equal(tensor, base.get(name)), name
 
 
+def _adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _vera_delta(tensors: dict[str, torch.Tensor], key: str, shape: torch.Size) -> torch.Tensor:
+    """peft's VeRA ΔW by hand: (λ_b ⊙ B[:out]) @ (λ_d ⊙ A[:, :in]) from the shared A, B in the adapter file."""
+    out_f, in_f = shape
+    shared_a, shared_b = tensors["base_model.vera_A"][:, :in_f], tensors["base_model.vera_B"][:out_f]
+    lambda_b, lambda_d = tensors[f"{key}.vera_lambda_b"], tensors[f"{key}.vera_lambda_d"]
+    return (lambda_b[:, None] * shared_b) @ (lambda_d[:, None] * shared_a)
+
+
 def test_weighted_ia3_and_vera_scale_the_change(tiny_llama, tmp_path):
+    """No set_scale in peft for these: IA3 at 0.5 is W ⊙ (1 + 0.5(l - 1)), VeRA at 1/3 is W + ΔW/3, by hand."""
     ia3 = make_adapter(tiny_llama, tmp_path / "ia3", ZERO_WEIGHT["ia3"])
     vera = make_adapter(tiny_llama, tmp_path / "vera", ZERO_WEIGHT["vera"])
+    base = read_folder(tiny_llama)
+    merge(tiny_llama, [(ia3, 0.5)], tmp_path / "ia3_half")
+    merge(tiny_llama, [(vera, 1 / 3)], tmp_path / "vera_third")
+    half, third = read_folder(tmp_path / "ia3_half"), read_folder(tmp_path / "vera_third")
+
     name = "model.layers.0.self_attn.k_proj.weight"
-    with Checkpoint.open(tiny_llama) as base, Adapter.open(ia3) as a, Adapter.open(vera) as v:
-        w = base.get(name)
-        l_vec = a.weights.get("base_model.model.model.layers.0.self_attn.k_proj.ia3_l")
-        half = merged_float32(base, plan_adapter_merge(base, [(a, 0.5)]), name)
-        assert torch.equal(half, w * (1 + 0.5 * (l_vec - 1)))
-        q = "model.layers.0.self_attn.q_proj.weight"
-        full = merged_float32(base, plan_adapter_merge(base, [(v, 1.0)]), q) - base.get(q)
-        third = merged_float32(base, plan_adapter_merge(base, [(v, 1 / 3)]), q) - base.get(q)
-        assert torch.allclose(third, full / 3, rtol=1e-5, atol=1e-7)
+    l_vec = _adapter_tensors(ia3)["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"]
+    assert torch.equal(half[name], base[name] * (1 + 0.5 * (l_vec - 1)))
+
+    tensors, full = _adapter_tensors(vera), peft_merged(tiny_llama, [(vera, 1.0)])
+    for module in ("self_attn.q_proj", "mlp.up_proj"):
+        for layer in (0, 1):
+            name = f"model.layers.{layer}.{module}.weight"
+            delta = _vera_delta(tensors, f"base_model.model.model.layers.{layer}.{module}", base[name].shape)
+            assert torch.allclose(full[name], base[name] + delta, rtol=0, atol=1e-6), name  # the hand formula is peft's
+            assert not torch.equal(third[name], base[name]), name
+            assert torch.allclose(third[name], base[name] + delta / 3, rtol=1e-5, atol=1e-7), name
 
 
 def test_mixed_types_apply_in_order(tiny_llama, tmp_path):
@@ -76,9 +96,9 @@ def test_mixed_types_apply_in_order(tiny_llama, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
     assert {e.name: e.operations for e in report.entries}[name] == "lora(a0)+ia3(a1)"
     key = "base_model.model.model.layers.1.self_attn.k_proj"
-    with Checkpoint.open(tiny_llama) as base, Adapter.open(lora) as la, Adapter.open(ia3) as ia:
-        delta = lora_ops.lora_delta(la.weights.get(f"{key}.lora_A.weight"), la.weights.get(f"{key}.lora_B.weight"), 8 / 4)
-        expected = (base.get(name) + delta) * ia.weights.get(f"{key}.ia3_l")
+    la, ia = _adapter_tensors(lora), _adapter_tensors(ia3)
+    delta = (la[f"{key}.lora_B.weight"] @ la[f"{key}.lora_A.weight"]) * (8 / 4)  # s = lora_alpha / r
+    expected = (read_folder(tiny_llama)[name] + delta) * ia[f"{key}.ia3_l"]
     assert torch.equal(read_folder(tmp_path / "out")[name], expected)
 
 
