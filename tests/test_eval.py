@@ -78,6 +78,38 @@ def test_causal_loss_counts_only_completion_tokens(ev):
     assert report.metrics.perplexity == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
 
 
+def _documented_masks(texts: list[list[int]], special: set[int], mask_id: int, seed: int):
+    """The rule README/DESIGN promise, written here: one generator seeded with ``seed`` walks the texts in
+    order; in each, round(15%) (at least one) of the non-special positions, drawn as the first entries of a
+    random permutation of them, become [MASK] and are the only labelled positions."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for ids in texts:
+        free = [i for i, t in enumerate(ids) if t not in special]
+        picked = {free[k] for k in torch.randperm(len(free), generator=gen)[: max(1, round(0.15 * len(free)))]}
+        out.append(([mask_id if i in picked else t for i, t in enumerate(ids)],
+                    [t if i in picked else -100 for i, t in enumerate(ids)]))
+    return out
+
+
+def test_mask_tokens_masks_fifteen_percent_of_the_non_special_positions():
+    """Hand-set: [CLS]=101 / [SEP]=102 never masked; 40 free positions -> 6 masked, 3 -> 1, none -> 0."""
+    special, mask_id = {101, 102}, 103
+    ids = [101] + list(range(1, 41)) + [102]
+    masked, labels = mask_tokens(ids, special, mask_id, torch.Generator().manual_seed(0))
+    picked = [i for i, x in enumerate(masked) if x == mask_id]
+    assert len(picked) == 6 and all(0 < i < 41 for i in picked)
+    assert [i for i, x in enumerate(labels) if x != -100] == picked
+    assert all(labels[i] == ids[i] == i for i in picked)
+    assert all(masked[i] == ids[i] for i in range(len(ids)) if i not in picked)
+    again, _ = mask_tokens(ids, special, mask_id, torch.Generator().manual_seed(0))
+    assert again == masked  # seeded
+    short, short_labels = mask_tokens([101, 7, 8, 9, 102], special, mask_id, torch.Generator().manual_seed(3))
+    assert short.count(mask_id) == 1 and short[0] == 101 and short[-1] == 102
+    assert sum(x != -100 for x in short_labels) == 1
+    assert mask_tokens([101, 102], special, mask_id, torch.Generator()) == ([101, 102], [-100, -100])
+
+
 def test_masked_lm_loss_for_encoders_with_an_mlm_head(ev):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -85,11 +117,9 @@ def test_masked_lm_loss_for_encoders_with_an_mlm_head(ev):
     assert report.metrics.kind == "masked-lm"
     model = AutoModelForMaskedLM.from_pretrained(str(ev["bert-mlm"])).eval()
     tok = AutoTokenizer.from_pretrained(str(ev["bert-mlm"]))
-    gen = torch.Generator().manual_seed(5)
+    texts = [tok(json.loads(line)["text"])["input_ids"] for line in ev["lm"].read_text().splitlines()]
     total, count = 0.0, 0
-    for line in ev["lm"].read_text().splitlines():
-        ids = tok(json.loads(line)["text"])["input_ids"]
-        masked, labels = mask_tokens(ids, set(tok.all_special_ids), tok.mask_token_id, gen)
+    for masked, labels in _documented_masks(texts, set(tok.all_special_ids), tok.mask_token_id, seed=5):
         n = sum(1 for x in labels if x != -100)
         with torch.no_grad():
             total += float(model(input_ids=torch.tensor([masked]), labels=torch.tensor([labels])).loss) * n
@@ -97,6 +127,7 @@ def test_masked_lm_loss_for_encoders_with_an_mlm_head(ev):
     assert report.metrics.tokens == count
     assert report.metrics.loss == pytest.approx(total / count, rel=1e-5)
     assert evaluate(ev["bert-mlm"], data=ev["lm"], task="causal-lm", seed=5).metrics.loss == report.metrics.loss
+    assert evaluate(ev["bert-mlm"], data=ev["lm"], task="causal-lm", seed=6).metrics.loss != report.metrics.loss
 
 
 def test_drift_is_one_for_the_base_and_less_after_fine_tuning(ev):
