@@ -6,7 +6,10 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
-from surgeon.workflows.spectral.intruders import SIDES, IntruderOptions, IntrudersReport, find_intruders
+from surgeon.workflows.spectral.entry import run_intruders
+from surgeon.workflows.spectral.intruders import SIDES, IntruderOptions, IntrudersReport
+from surgeon.workflows.spectral.multi import ManyReport, model_label
+from surgeon.workflows.spectral.sequence import SequenceReport
 
 _SHOW_ROWS = 30
 
@@ -37,17 +40,23 @@ def spectral_options(func):  # type: ignore[no-untyped-def]
 
 
 @click.command("intruders")
-@click.argument("tuned", required=False)
+@click.argument("tuned", nargs=-1)
 @spectral_options
+@click.option("--sequence", is_flag=True,
+              help="The TUNED are stages of one continual run, in order: report new, persisting and vanished intruders.")
+@click.option("--match", default=0.9, show_default=True, type=float,
+              help="With --sequence: |cos| of two stages' singular vectors at which an intruder persists.")
 @click.option("--plot", "plot", default=None, metavar="DIR",
               help="Write PNG figures to DIR (similarity matrices, counts per layer, ε sweep); needs surgeon[plot].")
 @click.option("--plot-matrices", "plot_matrices", default=None, metavar="REGEX",
               help="Matrices drawn as similarity figures [default: the 4 with the most intruder energy].")
+@click.option("--html", "html", default=None, metavar="FILE",
+              help="Write a self-contained report page (cards, counts, ε sweep, heat-maps, spectra); needs surgeon[plot].")
 @json_option
 @global_options
-def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, top_k: int, targets: str, side: str,
-            device: str, cache: str | None, no_cache: bool, method: str, plot: str | None, plot_matrices: str | None,
-            as_json: bool) -> None:
+def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: float, top_k: int, targets: str,
+            side: str, device: str, cache: str | None, no_cache: bool, method: str, sequence: bool, match: float,
+            plot: str | None, plot_matrices: str | None, html: str | None, as_json: bool) -> None:
     """Find intruder dimensions: new high-ranking singular vectors a fine-tune introduced.
 
     For each of the top-k left singular vectors u_j of the tuned matrix W_t
@@ -59,19 +68,65 @@ def command(tuned: str | None, base: str, adapter: str | None, epsilon: float, t
     its top-k. The random baseline is c_j of a random direction: when ε is near
     it, every direction looks like an intruder.
 
+    Several TUNED (checkpoints and adapters, mixed) are reported side by side,
+    each base matrix decomposed once for all; --json then has "models": [...], one
+    one-model report per TUNED in order. With --sequence the TUNED are the stages
+    of one continual run: per stage, intruders new, persisting from an earlier
+    stage (|cos| of the singular vectors ≥ --match, with the stage each was born
+    in) and vanished, cumulative counts, and each one's c_j (the ε at which it
+    would stop counting).
+
     \b
     Example:
       surgeon intruders ./my-lora --base ./Llama-3.2-1B
       surgeon intruders ./full-ft --base ./Llama-3.2-1B --targets qv --plot figs/
       surgeon intruders --base ./bert --adapter ./lora --epsilon 0.3 --json
+      surgeon intruders ./lora-a ./lora-b ./full-ft --base ./bert --html report.html
+      surgeon intruders ./stage1 ./stage2 ./stage3 --base ./bert --sequence --json
     """
-    report = find_intruders(tuned, base, adapter=adapter, targets=targets, device=device, cache=cache,
-                            use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices,
-                            options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
+    report = run_intruders(list(tuned), base, adapter=adapter, targets=targets, device=device, cache=cache,
+                           use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices, sequence=sequence,
+                           match=match, html=html,
+                           options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
     if as_json:
         emit_json("intruders", report.to_dict())
         return
-    render(report)
+    if isinstance(report, ManyReport):
+        render_many(report)
+    else:
+        render(report)
+    if html:
+        info(f"wrote {html}")
+
+
+def render_many(report: ManyReport) -> None:
+    """Several models side by side: totals, per module, per layer, the ε sweep; then the sequence view."""
+    models = report.models
+    labels = [model_label(m.tuned or m.adapter or "?", i) for i, m in enumerate(models)]
+    click.echo("models: " + "; ".join(f"{label} = {m.tuned or m.adapter}" for label, m in zip(labels, models)))
+    heads = [label.split(":")[0] for label in labels]
+    rows: list[list[object]] = [["intruders"] + [m.totals["intruders"] for m in models],
+                                ["matrices with intruders"] + [f"{m.totals['with_intruders']}/{m.totals['analysed']}"
+                                                               for m in models]]
+    modules = sorted({k for m in models for k in m.totals["per_module"]})
+    rows += [[f"  {mod}"] + [m.totals["per_module"].get(mod, 0) for m in models] for mod in modules]
+    layers = sorted({k for m in models for k in m.totals["per_layer"]}, key=lambda x: (x == "-", int(x) if x.isdigit() else 0))
+    rows += [[f"  layer {layer}"] + [m.totals["per_layer"].get(layer, 0) for m in models] for layer in layers]
+    sweep = sorted({k for m in models for k in m.totals["sweep"]}, key=float)
+    rows += [[f"  ε={eps}"] + [m.totals["sweep"].get(eps, 0) for m in models] for eps in sweep]
+    table(["", *(f"model {h}" for h in heads)], rows)
+    if report.sequence is not None:
+        render_sequence(report.sequence)
+    c = report.cache
+    info(f"{report.seconds:.1f}s; base decompositions: {c['misses']} computed, {c['hits']} reused"
+         + (f" ({c['dir']})" if c["dir"] else " (temporary cache)"))
+
+
+def render_sequence(view: SequenceReport) -> None:
+    click.echo("")
+    table(["stage", "intruders", "new", "persisting", "vanished", "cumulative", "by stage born"],
+          [(s.stage, s.intruders, s.new, s.persisting, s.vanished, s.cumulative,
+            ", ".join(f"{k}:{v}" for k, v in s.born.items()) or "-") for s in view.stages])
 
 
 def render(report: IntrudersReport) -> None:

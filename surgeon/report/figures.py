@@ -131,3 +131,30 @@ def tradeoff(path: Path, lambdas: Sequence[float], accuracy: Sequence[float], dr
     for ax in (ax1, ax2):
         ax.spines[["top"]].set_visible(False)
     _save(plt, fig, path)
+
+
+PALETTE = (LORA_COLOR, FULL_COLOR, "#3a9a5b", "#8a4fb3", "#b8a02a", "#3aa3b8", "#c44e88", BASE_COLOR)
+
+
+def spectra(path: Path, series: Sequence[tuple[str, Sequence[float], str | None, Sequence[int]]], *, title: str,
+            xlabel: str = "rank", ylabel: str = "singular value", size: tuple[float, float] = (5.2, 3.2),
+            dpi: int = 110, log: bool = True) -> None:
+    """Singular values against rank (from 1), one line per (label, values, colour, marked ranks);
+    marked ranks (1-based) are drawn as hollow red circles (intruders)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    for label, values, color, marked in series:
+        xs = list(range(1, len(values) + 1))
+        ax.plot(xs, list(values), ".-", color=color, label=label, lw=1.2, ms=4)
+        hits = [(j, values[j - 1]) for j in marked if 0 < j <= len(values)]
+        if hits:
+            ax.plot([j for j, _ in hits], [v for _, v in hits], "o", mfc="none", mec="#b3261e", ms=8, mew=1.4)
+    if log and all(v > 0 for _, values, _, _ in series for v in values):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if series:
+        ax.legend(frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    _save(plt, fig, path)
