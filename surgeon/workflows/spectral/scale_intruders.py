@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -126,8 +126,12 @@ def scale_intruders(
     use_cache: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    only_ranks: Mapping[str, Sequence[int]] | None = None,
 ) -> ScaleReport:
-    """Write TUNED (or BASE + ``adapter``) with every intruder's σ_j scaled to λσ_j."""
+    """Write TUNED (or BASE + ``adapter``) with every intruder's σ_j scaled to λσ_j.
+
+    ``only_ranks`` ({base tensor name: 1-based ranks}): rescale only those of each matrix's
+    intruders (`--sequence-from`: the ones born at or after a stage); the report counts those."""
     options.check()
     _validate(lam, only_top)
     begin = time.perf_counter()
@@ -141,8 +145,11 @@ def scale_intruders(
         order = {name: i for i, name in enumerate(inputs.host.keys())}
         chosen = [by_host_name[n] for n in sorted(by_host_name, key=order.__getitem__)]
         stream = analyse_stream(inputs, chosen, options, store, dev, counts, desc="scale-intruders")
+        if only_ranks is not None:
+            stream = _restricted(stream, only_ranks)
         params = {"lambda": lam, "epsilon": options.epsilon, "top_k": options.top_k, "only_top": only_top,
-                  "side": options.side, "targets": targets, "as_adapter": as_adapter}
+                  "side": options.side, "targets": targets, "as_adapter": as_adapter,
+                  **({"only_ranks": {k: list(v) for k, v in only_ranks.items()}} if only_ranks is not None else {})}
         record = provenance("scale-intruders", params, inputs={k: str(v) for k, v in (
             ("base", inputs.base_path), ("tuned", inputs.tuned_path), ("adapter", inputs.adapter_path)) if v})
         try:
@@ -159,6 +166,18 @@ def scale_intruders(
             options.top_k, only_top, changes, sum(1 for r in rows if not _chosen_ranks(r, only_top)), totals(rows),
             written, time.perf_counter() - begin,
         )
+
+
+def _restricted(stream: Iterator[Analysis], only: Mapping[str, Sequence[int]]) -> Iterator[Analysis]:
+    """The stream with each row's intruders narrowed to ``only[name]``."""
+    try:
+        for a in stream:
+            kept = [j for j in a.row.intruders if j in set(only.get(a.row.name, ()))]
+            row = replace(a.row, intruders=kept, intruder_sigma=[a.row.sigma[j - 1] for j in kept],
+                          energy_share=ops.energy_share(a.row.sigma, kept))
+            yield replace(a, row=row)
+    finally:
+        stream.close()  # type: ignore[attr-defined]
 
 
 def _host_names(inputs: Inputs, targets: list[Target]) -> dict[str, Target]:
