@@ -113,52 +113,46 @@ def test_reserved_tensor_filled_with_pwrite_reads_back(tmp_path):
 
 
 @pytest.fixture(params=["native", "torch"])
-def engine(request, monkeypatch) -> list:
-    """Run the streamed merge on the native kernel, or (no kernel) on the torch streamer; returns a list
-    that grows each time the chosen route merges a tensor."""
-    if request.param == "native":
-        if native_merge.kernel() is None:
-            pytest.skip(f"the native kernel cannot be built here: {native_merge.build_error()}")
-        route = "_native_tensor"
-    else:
-        monkeypatch.setattr(native_merge, "kernel", lambda: None)
-        route = "_stream_tensor"
-    used: list = []
-    real = getattr(merge_mod, route)
-    monkeypatch.setattr(merge_mod, route, lambda *a, **k: used.append(1) or real(*a, **k))
-    return used
+def engine(request) -> str:
+    """The streamed merge's engine: the native kernel, or (as without a C compiler) the torch streamer."""
+    if request.param == "native" and native_merge.kernel() is None:
+        pytest.skip(f"the native kernel cannot be built here: {native_merge.build_error()}")
+    return request.param
+
+
+def _streamed_on(report, engine: str) -> bool:
+    """Whether the report's merged tensors all went through the engine's streamed route."""
+    route = "native" if engine == "native" else "stream"
+    return bool(report.entries) and all(e.route == route for e in report.entries)
 
 
 @pytest.mark.parametrize("chunk", [1, 300])
-def test_merge_with_many_small_blocks_still_equals_peft(tiny_llama, tiny_gpt2, tmp_path, monkeypatch, chunk, engine):
+def test_merge_with_many_small_blocks_still_equals_peft(tiny_llama, tiny_gpt2, tmp_path, chunk, engine):
     """The peft comparisons elsewhere see one block per tensor (tiny models); here the blocks are 4+ rows,
     so every block boundary of the row-wise B·A is exercised, for Linear and Conv1D layouts."""
-    monkeypatch.setattr(merge_mod, "STREAM_CHUNK", chunk)
     cases = [(tiny_llama, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
              (tiny_gpt2, peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))]
     for k, (base, config) in enumerate(cases):
         adapter = make_adapter(base, tmp_path / f"adapter{k}", config)
-        merge_mod.merge(base, [(adapter, 0.7)], tmp_path / f"out{k}")
+        report = merge_mod.merge(base, [(adapter, 0.7)], tmp_path / f"out{k}", engine=engine, chunk=chunk)
+        assert _streamed_on(report, engine), "the streamed path was not taken"
         reference = peft_merged(base, [(adapter, 0.7)])
         got = read_folder(tmp_path / f"out{k}")
         for name, tensor in got.items():
             assert torch.equal(tensor, reference[name]), name
-    assert engine, "the streamed path was not taken"
 
 
-def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, monkeypatch, engine):
+def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, engine):
     """bf16 base, several blocks, two threads: every byte of every merged tensor was written
     (a missed block would read back as zeros) and equals round(W + ΔW) from the in-memory path."""
     from _merge_helpers import cast_base
 
     base = cast_base(tiny_llama, tmp_path / "bf16", torch.bfloat16)
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
-    monkeypatch.setattr(merge_mod, "STREAM_CHUNK", 200)
-    merge_mod.merge(base, [adapter], tmp_path / "streamed")
-    assert engine, "the streamed path was not taken"
-    monkeypatch.setattr(merge_mod, "_streamable", lambda *a: False)
-    monkeypatch.setattr(merge_mod, "_native", lambda *a: False)
-    merge_mod.merge(base, [adapter], tmp_path / "whole")
+    report = merge_mod.merge(base, [adapter], tmp_path / "streamed", engine=engine, chunk=200)
+    assert _streamed_on(report, engine), "the streamed path was not taken"
+    whole = merge_mod.merge(base, [adapter], tmp_path / "whole", engine="memory")
+    assert {e.route for e in whole.entries} == {"memory"}
     streamed, whole = read_folder(tmp_path / "streamed"), read_folder(tmp_path / "whole")
     assert sorted(streamed) == sorted(whole)
     for name in whole:
@@ -167,14 +161,13 @@ def test_streamed_merge_leaves_no_holes_in_bf16_output(tiny_llama, tmp_path, mon
 
 
 @pytest.mark.parametrize("layout", ["one-file", "tiny-shards"])
-def test_streamed_merge_into_one_file_or_many_shards(tiny_llama, tmp_path, monkeypatch, layout, engine):
+def test_streamed_merge_into_one_file_or_many_shards(tiny_llama, tmp_path, layout, engine):
     """Reserved places land right whether the streamed tensor opens a new shard or shares one file."""
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     out = tmp_path / ("merged.safetensors" if layout == "one-file" else "merged")
     shard = "1KB" if layout == "tiny-shards" else "5GB"
-    monkeypatch.setattr(merge_mod, "STREAM_CHUNK", 100)
-    report = merge_mod.merge(tiny_llama, [adapter], out, max_shard_size=shard)
-    assert report.merged > 0 and engine
+    report = merge_mod.merge(tiny_llama, [adapter], out, max_shard_size=shard, engine=engine, chunk=100)
+    assert report.merged > 0 and _streamed_on(report, engine)
     reference = peft_merged(tiny_llama, [(adapter, 1.0)])
     if layout == "one-file":
         with Checkpoint.open(out) as ckpt:

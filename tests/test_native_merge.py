@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(native_merge.kernel() is None,
                                 reason=f"the native kernel cannot be built here: {native_merge.build_error()}")
 
 
-def _native(stored: torch.Tensor, out_dtype: str, factors: list, *, chunk: int, workers: int):
+def _native(stored: torch.Tensor, out_dtype: str, factors: list, *, chunk: int, workers: int, lib=None):
     raw = stored.contiguous().view(torch.uint8).numpy().reshape(-1)
     out = bytearray(stored.numel() * DTYPES[out_dtype].itemsize)
     written = numpy.zeros(len(out), bool)
@@ -42,7 +42,7 @@ def _native(stored: torch.Tensor, out_dtype: str, factors: list, *, chunk: int, 
         written[start : start + len(data)] = True
 
     stored_dtype = next(k for k, v in DTYPES.items() if v == stored.dtype)
-    stats = native_merge.stream_lora_merge(native_merge.kernel(), stored.shape, stored_dtype, out_dtype, factors,
+    stats = native_merge.stream_lora_merge(lib or native_merge.kernel(), stored.shape, stored_dtype, out_dtype, factors,
                                            read=read, write=write, workers=workers, chunk=chunk)
     assert written.all(), "a block was never written"
     return torch.frombuffer(out, dtype=DTYPES[out_dtype]).view(stored.shape), stats
@@ -62,19 +62,17 @@ def test_kernel_equals_torch_bit_for_bit(rows, cols, rank, fan_in_fan_out, adapt
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 code paths")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
-def test_avx2_and_plain_c_paths_equal_torch(march, tmp_path, monkeypatch):
+def test_avx2_and_plain_c_paths_equal_torch(march, tmp_path):
     """The kernel as built for a CPU without AVX-512 (AVX2 + FMA: 8-wide accumulators, one row at a time)
     and for baseline x86-64 (plain C, fmaf): the same bits."""
-    monkeypatch.setenv("SURGEON_NATIVE_MARCH", march)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native_merge, "_state", {})
-    if native_merge.kernel() is None:
-        pytest.skip(f"cannot build for {march}: {native_merge.build_error()}")
+    loaded = native_merge.load_kernel(march=march, cache_dir=tmp_path / "cache", tmp_dir=tmp_path / "tmp")
+    if loaded.lib is None:
+        pytest.skip(f"cannot build for {march}: {loaded.error}")
     for case in CASES[::2]:
-        _check_case(*case, 1 + case[2] % 2)
+        _check_case(*case, 1 + case[2] % 2, lib=loaded.lib)
 
 
-def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters: int) -> None:
+def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters: int, lib=None) -> None:
     gen = torch.Generator().manual_seed(rows * cols + rank)
     for stored_dtype in DTYPES:
         for out_dtype in DTYPES:
@@ -89,7 +87,7 @@ def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters:
                 factors.append(native_merge.LoraFactors.of(A.numpy(), B.numpy(), 0.7 + q, fan_in_fan_out=fan_in_fan_out))
             ref, ref_stats = round_merged(weight, DTYPES[out_dtype], deltas=deltas)
             for chunk, workers in ((1, 2), (cols * 7, 1), (10**6, 2)):
-                got, stats = _native(weight, out_dtype, factors, chunk=chunk, workers=workers)
+                got, stats = _native(weight, out_dtype, factors, chunk=chunk, workers=workers, lib=lib)
                 case = (stored_dtype, out_dtype, chunk, workers)
                 assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), case
                 assert (stats.changed, stats.nonfinite, stats.numel) == (ref_stats.changed, 0, rows * cols), case
@@ -152,20 +150,18 @@ def test_kernel_switched_off_gives_the_same_files(tiny_llama, tmp_path):
         assert torch.equal(outputs[0][name].view(torch.uint8), outputs[1][name].view(torch.uint8)), name
 
 
-def test_kernel_is_built_into_the_users_cache_and_never_loaded_from_a_shared_place(tmp_path, monkeypatch):
-    """First use builds into $XDG_CACHE_HOME/surgeon/native; a copy there that others may write is not
+def test_kernel_is_built_into_the_users_cache_and_never_loaded_from_a_shared_place(tmp_path):
+    """First use builds into the user's cache; a copy there that others may write is not
     loaded (a shared directory could hold a planted library), nor built over."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(native_merge, "_state", {})
-    monkeypatch.setattr(native_merge.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    assert native_merge.kernel() is not None
-    built = list((tmp_path / "cache" / "surgeon" / "native").glob("merge_rows-*.so"))
+    cache, tmp = tmp_path / "cache" / "surgeon" / "native", tmp_path / "tmp"
+    assert native_merge.load_kernel(cache_dir=cache, tmp_dir=tmp).lib is not None
+    built = list(cache.glob("merge_rows-*.so"))
     assert len(built) == 1
-    (tmp_path / "cache" / "surgeon" / "native").chmod(0o777)
-    (tmp_path / "tmp").mkdir(mode=0o777)
-    (tmp_path / "tmp").chmod(0o777)
-    (tmp_path / "tmp" / f"surgeon-native-{os.getuid()}").mkdir()
-    (tmp_path / "tmp" / f"surgeon-native-{os.getuid()}").chmod(0o777)
-    monkeypatch.setattr(native_merge, "_state", {})
-    assert native_merge.kernel() is None
-    assert "not this user's alone" in native_merge.build_error()
+    cache.chmod(0o777)
+    tmp.mkdir(mode=0o777)
+    tmp.chmod(0o777)
+    (tmp / f"surgeon-native-{os.getuid()}").mkdir()
+    (tmp / f"surgeon-native-{os.getuid()}").chmod(0o777)
+    refused = native_merge.load_kernel(cache_dir=cache, tmp_dir=tmp)
+    assert refused.lib is None
+    assert "not this user's alone" in refused.error

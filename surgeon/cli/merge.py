@@ -6,7 +6,7 @@ import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
-from surgeon.workflows.merge.run import merge
+from surgeon.workflows.merge.run import MergeDryRun, merge
 
 _SHOW_WARNINGS = 5
 _SHOW_ROWS = 10
@@ -22,13 +22,15 @@ _SHOW_ROWS = 10
 @max_shard_size_option
 @click.option("--precision-report", "precision_report", default=None, metavar="FILE",
               help="Write the per-tensor rounding report (JSON) to FILE.")
+@click.option("--dry-run", "dry_run", is_flag=True,
+              help="Print the plan (every tensor: what happens to it, by which route, bytes out) and write nothing.")
 @overwrite_option
 @hub_options
 @push_to_option
 @json_option
 @global_options
 def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: str, max_shard_size: str,
-            precision_report: str | None, overwrite: bool,
+            precision_report: str | None, dry_run: bool, overwrite: bool,
             push_to: str | None, private: bool, as_json: bool) -> None:
     """Merge PEFT adapters into BASE, streamed from the files, at a chosen precision.
 
@@ -45,9 +47,13 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
       surgeon merge ./Llama-3.2-1B ./my-lora -o ./merged
       surgeon merge ./base ./math-lora:0.7 ./code-lora:0.3 -o ./merged --dtype fp32 \\
           --precision-report precision.json
+      surgeon merge ./base ./my-lora -o ./merged --dry-run
     """
     report = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                   overwrite=overwrite, precision_report=precision_report)
+                   overwrite=overwrite, precision_report=precision_report, dry_run=dry_run)
+    if isinstance(report, MergeDryRun):
+        _show_plan(report, as_json)
+        return
     pushed = push_after(out, push_to, private=private, as_json=as_json)
     if as_json:
         emit_json("merge", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
@@ -68,3 +74,16 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
     if len(report.warnings) > _SHOW_WARNINGS:
         click.echo(f"Warning: {len(report.warnings) - _SHOW_WARNINGS} more tensors lose most of their change to "
                    "rounding; see --precision-report.", err=True)
+
+
+def _show_plan(plan: MergeDryRun, as_json: bool) -> None:
+    if as_json:
+        emit_json("merge", plan.to_dict())
+        return
+    routes = plan.routes
+    counts = routes.to_dict()["routes"]
+    info(f"plan for {plan.output} (nothing written): {len(routes.tensors)} tensors, "
+         f"{human_bytes(routes.bytes_out)} out, on {routes.device} ({routes.engine} engine); "
+         + ", ".join(f"{n} {route}" for route, n in sorted(counts.items())))
+    table(["tensor", "action", "route", "adapters", "dtype", "bytes out"],
+          [(t.name, t.action, t.route, t.operations, t.dtype, human_bytes(t.nbytes)) for t in routes.tensors])

@@ -9,8 +9,8 @@ float32, rounded once to the output dtype and measured, all while in registers.
 
 The kernel is compiled at first use with the system C compiler into the user's cache
 (``$XDG_CACHE_HOME/surgeon/native``, keyed by source, flags and CPU) and loaded with ctypes,
-which releases the GIL during the call. With no compiler (or ``SURGEON_NATIVE=0``)
-:func:`kernel` returns None and callers use the torch path, which gives the same bits.
+which releases the GIL during the call. With no compiler :func:`kernel` returns None and callers
+use the torch path, which gives the same bits (so does ``SURGEON_NATIVE=0``, read by the merge).
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ SOURCE = Path(__file__).with_name("native") / "merge_rows.c"
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 
-def _flags() -> tuple[str, ...]:
-    """The compiler flags: FLAGS and -march=native, or the CPU named in SURGEON_NATIVE_MARCH (tests use it to
-    check the AVX2 and plain-C code paths on a machine that would pick AVX-512)."""
-    return (*FLAGS, f"-march={os.environ.get('SURGEON_NATIVE_MARCH', 'native')}")
+def _flags(march: str) -> tuple[str, ...]:
+    """The compiler flags: FLAGS and ``-march`` (native unless a caller asks for another CPU: the tests build
+    for AVX2 and for plain x86-64 to check those code paths on a machine that would pick AVX-512)."""
+    return (*FLAGS, f"-march={march}")
+
+
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # the kernel's enum
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 CHUNK = 1 << 17  # elements per block (whole rows)
@@ -48,7 +50,7 @@ MIN_ROWS = 4  # a GEMM of fewer rows may take another kernel (other bits); see t
 
 T, R = TypeVar("T"), TypeVar("R")
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_default: list[KernelLoad] = []  # the default build, loaded once per process (a loaded library cannot be unloaded)
 
 
 @dataclass(frozen=True)
@@ -98,71 +100,91 @@ def _loadable(target: Path) -> bool:
     return target.exists() and _trusted(target) and _trusted(target.parent)
 
 
-def _build(target: Path) -> bool:
+def _build(target: Path, march: str) -> str:
+    """Compile the kernel into ``target``; the reason when it could not be ("" when built)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
-        return False
+        return "no C compiler"
     try:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _trusted(target.parent):
-            _state["error"] = f"{target.parent} is not this user's alone; not building there"
-            return False
+            return f"{target.parent} is not this user's alone; not building there"
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
     except OSError as exc:  # e.g. a read-only home
-        _state["error"] = f"cannot write {target.parent}: {exc}"
-        return False
+        return f"cannot write {target.parent}: {exc}"
     try:
-        done = subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE)], capture_output=True, timeout=120,
+        done = subprocess.run([compiler, *_flags(march), "-o", tmp, str(SOURCE)], capture_output=True, timeout=120,
                               check=False)
         if done.returncode != 0:
-            _state["error"] = done.stderr.decode(errors="replace")[-2000:]
-            return False
+            return done.stderr.decode(errors="replace")[-2000:] or f"{compiler} failed"
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: another process may be building the same kernel
-        return True
+        return ""
     except (OSError, subprocess.SubprocessError) as exc:
-        _state["error"] = str(exc)
-        return False
+        return str(exc) or type(exc).__name__
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def build_error() -> str:
-    """Why :func:`kernel` gave None (empty when it did not, or was not asked yet)."""
-    if _state.get("lib") is not None or "lib" not in _state and "error" not in _state:
-        return ""
-    return str(_state.get("error", "SURGEON_NATIVE=0" if os.environ.get("SURGEON_NATIVE") == "0" else "no C compiler"))
+@dataclass(frozen=True)
+class KernelLoad:
+    """The outcome of loading the kernel: ``lib`` (None when it could not be) and why not (``error``)."""
+
+    lib: ctypes.CDLL | None
+    error: str = ""
+
+
+def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir: Path | None = None) -> KernelLoad:
+    """Build (unless a trusted copy exists) and load the kernel for CPU ``march``, looking in ``cache_dir``
+    (default: the user's cache) and then ``tmp_dir`` (default: the system's temporary folder). Not cached:
+    :func:`kernel` is the process-wide default. Never raises; a failure comes back as ``error``."""
+    if sys.platform == "win32":
+        return KernelLoad(None, "the native kernel is built on Linux and macOS only")
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags(march)).encode() + _cpu_flags().encode()).hexdigest()[:20]
+    places = [cache_dir or _cache_dir(), (tmp_dir or Path(tempfile.gettempdir())) / f"surgeon-native-{os.getuid()}"]
+    targets = [p / f"merge_rows-{key}.so" for p in places]
+    target = next((t for t in targets if _loadable(t)), None)
+    errors = []
+    for candidate in targets if target is None else ():
+        error = _build(candidate, march)
+        if not error:
+            target = candidate
+            break
+        errors.append(error)
+    if target is None:
+        return KernelLoad(None, errors[0] if errors else "no place to build the kernel")
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return KernelLoad(None, str(exc))
+    lib.merge_rows.restype = None
+    lib.merge_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ]
+    return KernelLoad(lib)
+
+
+def _default_load() -> KernelLoad:
+    with _lock:
+        if not _default:
+            _default.append(load_kernel())
+        return _default[0]
 
 
 def kernel() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first use; None where it cannot be (no C compiler, a failed build,
-    not Linux/macOS, or ``SURGEON_NATIVE=0``). Callers then take the torch path."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib = None
-        if os.environ.get("SURGEON_NATIVE", "1") != "0" and sys.platform != "win32":
-            key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags()).encode() + _cpu_flags().encode()).hexdigest()[:20]
-            places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
-            target = next((p / f"merge_rows-{key}.so" for p in places if _loadable(p / f"merge_rows-{key}.so")), None)
-            if target is None:
-                target = next((p / f"merge_rows-{key}.so" for p in places if _build(p / f"merge_rows-{key}.so")), None)
-            if target is not None:
-                try:
-                    lib = ctypes.CDLL(str(target))
-                    lib.merge_rows.restype = None
-                    lib.merge_rows.argtypes = [
-                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
-                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ]
-                except OSError as exc:
-                    _state["error"] = str(exc)
-                    lib = None
-        _state["lib"] = lib
-        return lib
+    """The kernel for this CPU, built on first use and loaded once per process; None where it cannot be (no C
+    compiler, a failed build, not Linux/macOS). Whether to use it is the caller's choice (the merge reads
+    ``SURGEON_NATIVE`` in one place, ``surgeon.workflows.merge.routes``)."""
+    return _default_load().lib
+
+
+def build_error() -> str:
+    """Why :func:`kernel` gave None (empty when it did not)."""
+    return _default_load().error
 
 
 @dataclass(frozen=True)

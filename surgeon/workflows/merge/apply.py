@@ -16,8 +16,9 @@ from surgeon.errors import UnsupportedAdapterError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import lora, lycoris
 from surgeon.workflows.merge.plan import MergeOp, MergePlan
+from surgeon.workflows.merge.routes import ADDITIVE
 
-ADDITIVE = {"lora", "lora_embedding", "lora_bias", "adalora", "loha", "lokr", "vera"}
+__all__ = ["ADDITIVE", "Scratch", "additive_delta", "apply_op", "factor", "merge_one"]
 
 
 class Scratch:
