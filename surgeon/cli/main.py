@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import importlib
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +17,7 @@ import click
 from surgeon import __version__
 from surgeon.cli.common import State, global_options
 from surgeon.errors import SurgeonError
+from surgeon.io.output import Interrupted, disk_error, output_guard
 from surgeon.progress import set_progress
 
 # command name -> module exposing `command`. Modules load only when used.
@@ -32,23 +38,44 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# True only inside main(), the entry point of a `surgeon` process: then freezing the import-time objects
+# out of later collections is ours to do. Called in-process (CliRunner, a script), no gc state changes.
+_OWN_PROCESS: ContextVar[bool] = ContextVar("surgeon_own_process", default=False)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No collections for the block (importing torch makes ~10^5 long-lived objects and no garbage:
+    collecting costs ~0.3 s); gc's previous state comes back afterwards."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            if _OWN_PROCESS.get():
+                gc.freeze()  # what the imports made lives as long as the process
+            gc.enable()
+
+
 def _load(name: str) -> click.Command | None:
     module_name = COMMANDS[name]
     if module_name in sys.modules:
         return sys.modules[module_name].command
-    collecting = gc.isenabled()
-    gc.disable()  # importing torch makes ~10^5 long-lived objects and no garbage: collecting costs ~0.3 s
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:  # command not built (yet); anything else is a real error
-            return None
-        raise
-    finally:
-        if collecting:
-            gc.freeze()  # what the imports made lives as long as the process: keep it out of later collections
-            gc.enable()
+    with _gc_paused():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # command not built (yet); anything else is a real error
+                return None
+            raise
     return module.command
+
+
+def _one_line(text: str) -> str:
+    """Messages stay one line even when a file name holds a newline."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class SurgeonGroup(click.Group):
@@ -68,15 +95,25 @@ class SurgeonGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with output_guard():  # inputs noted, output locks, SIGTERM/SIGHUP cleaned up like Ctrl-C
+                return super().invoke(ctx)
         except SurgeonError as exc:
             if State.debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except OSError as exc:
+            converted = disk_error(exc, Path(exc.filename or "output")) if exc.errno in _DISK_ERRNOS else exc
+            if State.debug or not isinstance(converted, SurgeonError):
+                raise
+            click.echo(f"Error: {_one_line(str(converted))}", err=True)
+            ctx.exit(converted.exit_code)
+        except KeyboardInterrupt as exc:
             if State.debug:
                 raise
+            if isinstance(exc, Interrupted):
+                click.echo(f"Interrupted by {exc}; nothing partial was left.", err=True)
+                ctx.exit(128 + exc.signum)
             click.echo("Interrupted; nothing was written.", err=True)
             ctx.exit(130)
 
@@ -97,7 +134,12 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="surgeon")
+    """The `surgeon` process: like ``cli.main`` plus the process-wide gc freeze after imports."""
+    token = _OWN_PROCESS.set(True)
+    try:
+        cli.main(args=argv, prog_name="surgeon")
+    finally:
+        _OWN_PROCESS.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

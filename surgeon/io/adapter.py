@@ -14,6 +14,7 @@ from typing import Any
 
 from surgeon.errors import AdapterError, CheckpointNotFoundError, UnsupportedAdapterError
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, _refuse_pickle
+from surgeon.io.output import note_input
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,8 +77,10 @@ class Adapter:
             raw = json.loads((folder / ADAPTER_CONFIG).read_text("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({exc}); re-download or re-save the adapter.") from None
+        note_input(folder)
         if not isinstance(raw, dict):
-            raise AdapterError(f"{folder / ADAPTER_CONFIG}: expected a JSON object.")
+            raise AdapterError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, found a {type(raw).__name__}; "
+                               "re-save the adapter with peft's save_pretrained or re-download it.")
         weights_path = folder / ADAPTER_WEIGHTS
         if not weights_path.is_file():
             pickles = [p for p in folder.iterdir() if p.name.startswith("adapter_model") and p.suffix in PICKLE_SUFFIXES]

@@ -24,6 +24,7 @@ from surgeon.errors import (
     PickleRefusedError,
 )
 from surgeon.io.format import FileHeader, TensorInfo, pread_into, read_header
+from surgeon.io.output import note_input
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +76,10 @@ class Checkpoint:
             raise CheckpointNotFoundError(
                 f"{path}: no such file or folder; check the path (a Hub model is given as org/name)."
             )
+        note_input(path)  # the running command never writes into it
+        if not path.is_file() and not path.is_dir():
+            raise CheckpointFormatError(f"{path}: is not a regular file or folder (a FIFO, device or socket); "
+                                        "give a .safetensors file or a model folder.")
         if path.is_file():
             if path.name.endswith(".safetensors.index.json"):
                 return cls._open_index(path.parent, path)

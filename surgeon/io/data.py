@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import DataError
+from surgeon.io.output import note_input
 
 TASKS = ("classification", "causal-lm")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -65,6 +66,7 @@ def load_task_data(
     if task not in TASKS:
         raise DataError(f"--task {task!r} is not a task surgeon trains; use one of: {', '.join(TASKS)}.")
     p = Path(path)
+    note_input(p)
     rows = _read_rows(p)
     if not rows:
         raise DataError(f"{p}: holds no examples (the file is empty); give a file with one example per line.")

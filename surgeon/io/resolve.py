@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from surgeon.errors import CheckpointNotFoundError
+from surgeon.io.output import note_input
 
 
 def resolve_path(arg: str | os.PathLike[str], *, revision: str | None = None, token: str | None = None) -> Path:
@@ -20,6 +21,7 @@ def resolve_path(arg: str | os.PathLike[str], *, revision: str | None = None, to
     """
     path = Path(arg)
     if path.exists():
+        note_input(path)  # the running command never writes into it
         return path
     from surgeon.io.hub import download, parse_hub_arg  # huggingface_hub is imported only when needed
 
@@ -27,4 +29,6 @@ def resolve_path(arg: str | os.PathLike[str], *, revision: str | None = None, to
     if parsed is None:
         raise CheckpointNotFoundError(f"{arg}: no such file or folder; check the path.")
     repo_id, arg_revision = parsed
-    return download(repo_id, revision=arg_revision or revision, token=token)
+    local = download(repo_id, revision=arg_revision or revision, token=token)
+    note_input(local)
+    return local

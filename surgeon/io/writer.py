@@ -1,146 +1,61 @@
-"""Streaming, crash-safe writing of sharded safetensors checkpoints.
+"""Streaming, crash-safe writing of sharded safetensors checkpoints: the positional writes, the
+staging and the publish. Where each tensor goes is planned first (:mod:`surgeon.io.layout`), so
+every shard's header is known before a byte is written and tensors are streamed into place as they
+are produced (never a whole model in memory).
 
-The plan comes first: every tensor's name, dtype and shape are known before a
-byte is written, so each shard's header is computed up front and tensors are
-streamed into place as they are produced (never a whole model in memory).
-
-Crash safety: shard data goes into anonymous ``O_TMPFILE`` files in the target's
-parent folder, which the kernel frees if the process dies (``kill -9``
-included). Only after every shard is complete and fsynced are they linked
-into a hidden staging folder beside the target, re-validated against the
-index, and the folder is renamed into place. Where ``O_TMPFILE`` is not
-available, the staging folder holds the shards from the start and leftovers
-of a killed run are removed by the next run.
+Crash safety: shard data goes into anonymous ``O_TMPFILE`` files in the target's parent folder,
+which the kernel frees if the process dies (``kill -9`` included). Only after every shard is
+complete and fsynced are they linked into a hidden staging folder beside the target, re-validated
+against the plan, and the folder is swapped into place (:mod:`surgeon.io.staging`). Where
+``O_TMPFILE`` is not available, the staging folder holds the shards from the start and leftovers of
+a killed run are removed by the next run. The rules every output follows (not into an input, a lock
+per target, free space, one-line disk errors) are in :mod:`surgeon.io.output`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import json
-import math
 import os
-import re
-import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from surgeon.errors import CheckpointFormatError, OutputError
+from surgeon.errors import CheckpointFormatError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.format import DTYPES, build_header, st_dtype
+from surgeon.io.format import st_dtype
+from surgeon.io.layout import (
+    DEFAULT_MAX_SHARD_SIZE,
+    TensorSpec,
+    parse_size,
+    plan_layout,
+    plan_shards,
+    shard_names,
+)
+from surgeon.io.output import (
+    acquire_lock,
+    check_free_space,
+    check_not_input,
+    check_output,
+    disk_error,
+    release_lock,
+    remove_empty,
+    show,
+    signals_as_interrupts,
+    signals_deferred,
+)
+from surgeon.io.staging import STAGING_MARK, clean_stale_staging, current_umask, fsync_dir, publish, staging_name
 
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
-_STAGING_MARK = ".surgeon-staging-"
+_STAGING_MARK = STAGING_MARK  # the old private name, still imported by callers
 _COPY_CHUNK = 64 << 20
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What will be written: a tensor's name, safetensors dtype string and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '300MB', '1000' (bytes)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m:
-        raise OutputError(f"shard size {text!r} is not a size; write it like 5GB, 500MB or 2GiB.")
-    number, unit = float(m.group(1)), m.group(2).rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    size = int(number * scale)
-    if size <= 0:
-        raise OutputError(f"shard size {text!r} must be positive.")
-    return size
-
-
-def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
-    """Split tensors (in order) into shards of at most ``max_shard_size`` data bytes.
-
-    A tensor larger than the budget gets a shard of its own, as in transformers.
-    """
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
-def shard_names(count: int, prefix: str = "model") -> list[str]:
-    if count == 1:
-        return [f"{prefix}.safetensors"]
-    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _is_within(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
-def check_output(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
-    """Refuse outputs that would clobber an input or a non-empty folder."""
-    target = out.resolve()
-    for inp in inputs:
-        src = Path(inp).resolve()
-        if _is_within(target, src) or _is_within(src, target):
-            raise OutputError(
-                f"{out}: the output overlaps the input {inp}; surgeon never writes over its inputs. "
-                "Choose another output folder."
-            )
-    if target.exists():
-        if target.is_file() and not str(out).endswith(".safetensors"):
-            raise OutputError(f"{out}: exists and is a file; choose a folder name for the output.")
-        if target.is_dir() and any(target.iterdir()) and not overwrite:
-            raise OutputError(f"{out}: output folder is not empty; choose another or pass --overwrite to replace it.")
-        if target.is_file() and not overwrite:
-            raise OutputError(f"{out}: output file exists; choose another or pass --overwrite to replace it.")
-    if target.parent.exists() and not target.parent.is_dir():
-        raise OutputError(f"{out}: {target.parent} is a file, not a folder; choose another output path.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-
-def clean_stale_staging(parent: Path) -> None:
-    """Remove staging folders left by killed runs (their process is gone)."""
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if _STAGING_MARK not in entry.name or not entry.is_dir():
-            continue
-        pid_text = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 2 else ""
-        if pid_text.isdigit() and _pid_alive(int(pid_text)):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CheckpointWriter", "TensorSpec", "check_output", "clean_stale_staging",
+           "copy_span", "parse_size", "plan_shards", "pwrite_all", "shard_names", "start_writeback", "tensor_bytes"]
 
 
 class _ShardFile:
@@ -272,41 +187,59 @@ class CheckpointWriter:
         prefix: str = "model",
     ) -> None:
         self.out = Path(out)
-        self.single_file = self.out.suffix == ".safetensors"
-        self.specs = list(specs)
-        self._by_name = {s.name: s for s in self.specs}
-        names = [s.name for s in self.specs]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise CheckpointFormatError(f"{self.out}: tensor {dup!r} would be written twice.")
-        check_output(self.out, [Path(p) for p in inputs], overwrite=overwrite)
         self.metadata = {"format": "pt", **(metadata or {})}
+        self.layout = plan_layout(self.out, specs, max_shard_size=max_shard_size, metadata=self.metadata,
+                                  prefix=prefix)
+        self.single_file = self.layout.single_file
+        self.specs = list(self.layout.specs)
+        self._by_name = {s.name: s for s in self.specs}
+        self.shards = [list(s) for s in self.layout.shards]
+        self.names = list(self.layout.names)
+        self.prefix = prefix
         self.extra_files = list(extra_files)
         self.extra_texts = dict(extra_texts or {})
-        budget = parse_size(max_shard_size)
-        self.shards = [self.specs] if self.single_file else plan_shards(self.specs, budget)
-        self.names = [self.out.name] if self.single_file else shard_names(len(self.shards), prefix)
-        self.prefix = prefix
-        self.parent = self.out.resolve().parent
-        clean_stale_staging(self.parent)
-        self.staging = self.parent / f".{self.out.name}{_STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        parents_before = _missing_parents(self.out.resolve().parent)
+        self.target = check_output(self.out, [Path(p) for p in inputs], overwrite=overwrite)
+        self._created = [p for p in parents_before if p.exists()]
+        self.parent = self.target.parent
+        acquire_lock(self.target)
+        self._locked = True
+        try:
+            sidecars = sum(p.stat().st_size for p in self.extra_files) + sum(
+                len(t.encode("utf-8")) for t in self.extra_texts.values())
+            self.needed = self.layout.total_bytes + sidecars + len(self.layout.index_text() or "")
+            check_free_space(self.target, self.needed)
+        except BaseException:
+            self._unlock()
+            remove_empty(self._created)
+            raise
+        self.staging = self.parent / staging_name(self.out.name)
         self._order = iter([(i, spec) for i, shard in enumerate(self.shards) for spec in shard])
         self._files: list[_ShardFile] = []
         self._current = -1
         self._done = False
+        self._signals: contextlib.ExitStack | None = None
+
+    @contextlib.contextmanager
+    def _disk(self) -> Iterator[None]:
+        """A full, read-only or forbidden disk as one line naming the output and the bytes needed."""
+        try:
+            yield
+        except OSError as exc:
+            raise disk_error(exc, self.out, self.needed) from exc
 
     # -- streaming ----------------------------------------------------------------------------
     def _next(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
         try:
             shard_idx, spec = next(self._order)
         except StopIteration:
-            raise CheckpointFormatError(f"{self.out}: tensor {name!r} was not planned for writing.") from None
+            raise CheckpointFormatError(f"{show(self.out)}: tensor {name!r} was not planned for writing.") from None
         if spec.name != name:
-            raise CheckpointFormatError(f"{self.out}: expected tensor {spec.name!r} next, got {name!r}.")
+            raise CheckpointFormatError(f"{show(self.out)}: expected tensor {spec.name!r} next, got {name!r}.")
         if spec.dtype != dtype or spec.shape != tuple(shape):
             raise CheckpointFormatError(
-                f"{self.out}: tensor {name!r} was planned as {spec.dtype}{list(spec.shape)} but is {dtype}{list(shape)}."
-            )
+                f"{show(self.out)}: tensor {name!r} was planned as {spec.dtype}{list(spec.shape)} but is "
+                f"{dtype}{list(shape)}.")
         self._start_writeback()
         while self._current < shard_idx:
             self._open_shard(self._current + 1)
@@ -322,32 +255,33 @@ class CheckpointWriter:
             shard.flushed = end
 
     def _open_shard(self, idx: int) -> None:
-        shard = _ShardFile(self.parent, self.staging / self.names[idx])
-        specs = [(s.name, s.dtype, tuple(s.shape)) for s in self.shards[idx]]
-        header, _ = build_header(specs, self.metadata)
-        shard.write(header)
-        self._files.append(shard)
+        with self._disk():
+            shard = _ShardFile(self.parent, self.staging / self.names[idx])
+            self._files.append(shard)
+            shard.write(self.layout.headers[idx])
         self._current = idx
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (its dtype and shape must match the plan)."""
         self._next(name, st_dtype(tensor.dtype), tuple(tensor.shape))
-        self._files[-1].write(tensor_bytes(tensor))
+        with self._disk():
+            self._files[-1].write(tensor_bytes(tensor))
 
     def write_raw(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Append already-serialized bytes for a planned tensor."""
         spec = self._by_name[name]
         if len(data) != spec.nbytes:
-            raise CheckpointFormatError(f"{self.out}: tensor {name!r} needs {spec.nbytes} bytes, got {len(data)}.")
+            raise CheckpointFormatError(f"{show(self.out)}: tensor {name!r} needs {spec.nbytes} bytes, got {len(data)}.")
         self._next(name, spec.dtype, spec.shape)
-        self._files[-1].write(data)
+        with self._disk():
+            self._files[-1].write(data)
 
     def reserve(self, name: str) -> tuple[int, int]:
         """Claim the next planned tensor's place without writing it: ``(fd, offset)`` for the caller to
         fill with ``pwrite`` (all of its bytes, from any thread) before the writer is finished."""
         spec = self._by_name.get(name)
         if spec is None:
-            raise CheckpointFormatError(f"{self.out}: tensor {name!r} was not planned for writing.")
+            raise CheckpointFormatError(f"{show(self.out)}: tensor {name!r} was not planned for writing.")
         self._next(name, spec.dtype, spec.shape)
         return self._claim(spec.nbytes)
 
@@ -361,23 +295,31 @@ class CheckpointWriter:
         """Copy a tensor's bytes unchanged from ``source`` (in-kernel where possible)."""
         info = source.info(name)
         self._next(as_name or name, info.dtype, info.shape)
-        copy_span(source, name, *self._claim(info.nbytes))
+        with self._disk():
+            copy_span(source, name, *self._claim(info.nbytes))
 
     # -- finishing ----------------------------------------------------------------------------
     def _finish(self) -> None:
         leftover = next(self._order, None)
         if leftover is not None:
-            raise CheckpointFormatError(f"{self.out}: tensor {leftover[1].name!r} was planned but never written.")
+            raise CheckpointFormatError(f"{show(self.out)}: tensor {leftover[1].name!r} was planned but never written.")
         while self._current < len(self.shards) - 1:  # shards that hold only empty tensors
             self._open_shard(self._current + 1)
-        self.staging.mkdir(exist_ok=True)
-        for shard, name in zip(self._files, self.names):
-            shard.link(self.staging / name)
-        if not self.single_file:
-            self._write_sidecars()
+        with self._disk():
+            self.staging.mkdir(exist_ok=True)
+            for shard, name in zip(self._files, self.names):
+                shard.link(self.staging / name)
+            if not self.single_file:
+                self._write_sidecars()
         self._validate()
-        self._fsync_dir(self.staging)
-        self._publish()
+        check_not_input(self.out)  # an input opened after the writer was made (inputs noted by the readers)
+        with self._disk():
+            fsync_dir(self.staging)
+            source = self.staging / self.names[0] if self.single_file else self.staging
+            with signals_deferred():  # a signal between the swap and the cleanup waits for both
+                publish(source, self.target)
+                if self.single_file:
+                    shutil.rmtree(self.staging, ignore_errors=True)
         self._done = True
 
     def _write_sidecars(self) -> None:
@@ -385,14 +327,10 @@ class CheckpointWriter:
             shutil.copyfile(src, self.staging / src.name)
         for fname, text in self.extra_texts.items():
             (self.staging / fname).write_text(text, "utf-8")
-        if len(self.names) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.specs), **{
-                    k: v for k, v in self.metadata.items() if k != "format"}},
-                "weight_map": {s.name: self.names[i] for i, shard in enumerate(self.shards) for s in shard},
-            }
-            (self.staging / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
-        mode = 0o666 & ~_umask()
+        index = self.layout.index_text()
+        if index is not None:
+            (self.staging / self.layout.index_name).write_text(index, "utf-8")
+        mode = 0o666 & ~current_umask()
         for p in self.staging.iterdir():
             os.chmod(p, mode)
             with open(p, "rb") as fh:
@@ -403,58 +341,53 @@ class CheckpointWriter:
         target = self.staging / self.names[0] if self.single_file else self.staging
         with Checkpoint.open(target) as written:
             if sorted(written.keys()) != sorted(s.name for s in self.specs):
-                raise CheckpointFormatError(f"{self.out}: written shards do not hold the planned tensors; nothing was published.")
+                raise CheckpointFormatError(f"{show(self.out)}: written shards do not hold the planned tensors; "
+                                            "nothing was published.")
             for spec in self.specs:
                 info = written.info(spec.name)
                 if info.dtype != spec.dtype or info.shape != spec.shape:
-                    raise CheckpointFormatError(f"{self.out}: written tensor {spec.name!r} does not match the plan.")
+                    raise CheckpointFormatError(f"{show(self.out)}: written tensor {spec.name!r} does not match the plan.")
 
-    def _publish(self) -> None:
-        target = self.out.resolve()
-        source = self.staging / self.names[0] if self.single_file else self.staging
-        old = None
-        if target.exists():
-            old = self.parent / f".{self.out.name}{_STAGING_MARK}{os.getpid()}-old{secrets.token_hex(2)}"
-            os.rename(target, old)
-        os.rename(source, target)
-        if self.single_file:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        self._fsync_dir(self.parent)
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            release_lock(self.target)
 
     def abort(self) -> None:
         for shard in self._files:
             shard.discard()
         shutil.rmtree(self.staging, ignore_errors=True)
+        remove_empty(self._created)
+        self._unlock()
 
     def __enter__(self) -> CheckpointWriter:
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(signals_as_interrupts())
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is None:
-            try:
-                self._finish()
-            except BaseException:
+        try:
+            if exc_type is None:
+                try:
+                    self._finish()
+                except BaseException:
+                    self.abort()
+                    raise
+                self._unlock()
+            else:
                 self.abort()
-                raise
-        else:
-            self.abort()
+        finally:
+            if self._signals is not None:
+                self._signals.close()
 
     @property
     def shard_files(self) -> list[str]:
         return list(self.names)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _missing_parents(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

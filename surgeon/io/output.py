@@ -1,0 +1,414 @@
+"""The rules for everything a command writes: checkpoints and side outputs alike.
+
+* never into an input: every input a command reads (checkpoints, adapters, task vectors, data
+  files) is noted by the readers in the active :class:`OutputGuard`, and every output is checked
+  against all of them, after resolving symlinks and ``..``;
+* never over an existing file without ``overwrite``;
+* one writer per target: an ``fcntl`` lock on ``.NAME.surgeon-lock`` beside it, the second run
+  fails at once naming the first;
+* enough free space, checked up front where the size is known; a full or read-only disk is one
+  line (:func:`disk_error`);
+* side outputs (reports, plots, JSON) are checked before the main output is published and
+  written atomically (:func:`write_side_output`, :func:`side_file`);
+* SIGTERM and SIGHUP interrupt like Ctrl-C while a guard is active, so staging is cleaned up.
+
+The CLI opens one guard per command (:func:`output_guard`); library callers may do the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from pathlib import Path
+
+from surgeon.errors import OutputError
+from surgeon.io.staging import STAGING_MARK, clean_stale_staging, current_umask, fsync_dir, staging_name
+
+LOCK_SUFFIX = ".surgeon-lock"
+_GUARD: ContextVar[OutputGuard | None] = ContextVar("surgeon_output_guard", default=None)
+_HELD: dict[Path, list[int]] = {}  # target -> [lock fd, holders]; flock is per open file, so one fd per process
+_HELD_LOCK = threading.Lock()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while a guard was active (cleanup runs as for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def show(path: str | os.PathLike[str]) -> str:
+    """A path for a one-line message: control characters (a newline in a name) escaped."""
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+class OutputGuard:
+    """What one command reads and writes: its inputs, its locks, the folders it created."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Path] = []
+        self._releases: list[Path] = []
+        self._created: list[Path] = []
+
+    def note_input(self, path: str | os.PathLike[str]) -> None:
+        resolved = Path(path).resolve()
+        if resolved not in self.inputs:
+            self.inputs.append(resolved)
+
+    def lock(self, target: Path) -> None:
+        acquire_lock(target)
+        self._releases.append(target)
+
+    def created(self, folders: Iterable[Path]) -> None:
+        self._created.extend(folders)
+
+    def close(self, *, failed: bool) -> None:
+        if failed:
+            remove_empty(self._created)
+        for target in reversed(self._releases):
+            release_lock(target)
+        self._releases.clear()
+
+
+def current_guard() -> OutputGuard | None:
+    return _GUARD.get()
+
+
+def note_input(path: str | os.PathLike[str]) -> None:
+    """Called by every reader: ``path`` is an input of the running command (no-op outside a guard)."""
+    guard = _GUARD.get()
+    if guard is not None:
+        guard.note_input(path)
+
+
+@contextlib.contextmanager
+def output_guard() -> Iterator[OutputGuard]:
+    """Scope one command: inputs noted, locks held and SIGTERM/SIGHUP caught until the block ends."""
+    guard = OutputGuard()
+    token = _GUARD.set(guard)
+    failed = True
+    try:
+        with signals_as_interrupts():
+            yield guard
+        failed = False
+    finally:
+        guard.close(failed=failed)
+        _GUARD.reset(token)
+
+
+# -- signals ------------------------------------------------------------------------------------
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Interrupted` (a KeyboardInterrupt) for the block, in the main
+    thread only, and only where the signal still has its default action; the previous handlers come
+    back afterwards. A second signal during the cleanup is ignored, so cleanup finishes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    for sig in _SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be split (a publish)."""
+    sigs = {signal.SIGINT, *_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# -- locks --------------------------------------------------------------------------------------
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+def acquire_lock(target: Path) -> None:
+    """Lock ``target`` for this process (re-entrant); raise at once if another process holds it."""
+    target = target.resolve()
+    with _HELD_LOCK:
+        if target in _HELD:
+            _HELD[target][1] += 1
+            return
+        path = lock_path(target)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"{show(target)}: another surgeon run ({_holder(path)}) is writing this output; "
+                                  "wait for it to finish or choose another output.") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the last holder removed the file after we opened it: lock the new one
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _HELD[target] = [fd, 1]
+
+
+def clean_stale_locks(parent: Path) -> None:
+    """Remove lock files in ``parent`` that nobody holds (left by a process killed with SIGKILL)."""
+    try:
+        entries = [p for p in parent.iterdir() if p.name.endswith(LOCK_SUFFIX)]
+    except OSError:
+        return
+    for path in entries:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass  # held by a live run, or already gone
+        finally:
+            os.close(fd)
+
+
+def release_lock(target: Path) -> None:
+    target = target.resolve()
+    with _HELD_LOCK:
+        held = _HELD.get(target)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[target]
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path(target))  # while still locked: a waiting opener sees the inode change
+        os.close(held[0])
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _is_within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str]] = (), *, what: str = "output") -> Path:
+    """The resolved ``out``; raise if it lies in, holds or is (the same file as) any input."""
+    target = out.resolve()
+    guard = _GUARD.get()
+    known = [(Path(p), Path(p).resolve()) for p in inputs] + [(p, p) for p in (guard.inputs if guard else [])]
+    for shown, src in known:
+        same = target.exists() and src.exists() and os.path.samefile(target, src)
+        if same or _is_within(target, src) or _is_within(src, target):
+            fix = "Choose another output folder." if what == "output" else f"Choose another {what} path."
+            raise OutputError(f"{show(out)}: the {what} overlaps the input {show(shown)}; surgeon never writes "
+                              f"over its inputs. {fix}")
+    return target
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created (deepest last), for removal on failure."""
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"{show(probe)} is a file, not a folder; choose another output path.")
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        remove_empty(created)
+        raise disk_error(exc, folder) from None
+    guard = _GUARD.get()
+    if guard is not None:
+        guard.created(created)
+    return created
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    for path in reversed(list(folders)):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Raise if the file system that will hold ``out`` has fewer than ``needed`` bytes free."""
+    try:
+        st = os.statvfs(out.parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise OutputError(f"{show(out)}: not enough free space: the output needs {needed} bytes and "
+                          f"{free} bytes are free on {show(out.parent)}; free some space or choose an output "
+                          "on another disk.")
+
+
+def disk_error(exc: OSError, out: Path, needed: int | None = None) -> OSError | OutputError:
+    """``exc`` as one line with the remedy when it is a full, read-only or forbidden disk; else ``exc``."""
+    where = show(out)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            st = os.statvfs(out.parent if out.parent.exists() else out.parent.parent)
+            free = f"{st.f_bavail * st.f_frsize} bytes are free"
+        except OSError:
+            free = "the free space is unknown"
+        need = f"the output needs {needed} bytes, " if needed is not None else ""
+        return OutputError(f"{where}: the disk is full ({need}{free}); free some space or choose an output on "
+                           "another disk. Nothing was published.")
+    if exc.errno == errno.EROFS:
+        return OutputError(f"{where}: the file system is read-only; choose an output on a writable disk.")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(f"{where}: no permission to write there; choose a folder you can write to.")
+    if exc.errno == errno.EFBIG:
+        return OutputError(f"{where}: the file system cannot hold a file this large; pass a smaller "
+                           "--max-shard-size or choose another disk.")
+    return exc
+
+
+def check_writable(folder: Path, out: Path) -> None:
+    """Prove that a file can be created in ``folder`` now (a read-only or full disk fails here)."""
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        os.close(fd)
+        return
+    except (AttributeError, IsADirectoryError):
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
+            raise disk_error(exc, out) from None
+    probe = folder / staging_name(out.name, "probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise disk_error(exc, out) from None
+
+
+def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *,
+                 overwrite: bool) -> Path:
+    """Refuse a checkpoint output that would touch an input or replace something without ``overwrite``;
+    create its parent folders (removed again if the command fails) and, inside a guard, lock it."""
+    out = Path(out)
+    target = check_not_input(out, inputs)
+    clean_stale_locks(target.parent)
+    clean_stale_staging(target.parent)  # first: a killed publish may have left the old output to restore
+    if target.exists():
+        if target.is_file() and not str(out).endswith(".safetensors"):
+            raise OutputError(f"{show(out)}: exists and is a file; choose a folder name for the output.")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise OutputError(f"{show(out)}: output folder is not empty; choose another or pass --overwrite to "
+                              "replace it.")
+        if target.is_file() and not overwrite:
+            raise OutputError(f"{show(out)}: output file exists; choose another or pass --overwrite to replace it.")
+    make_parents(target.parent)
+    guard = _GUARD.get()
+    if guard is not None and target not in guard._releases:
+        guard.lock(target)
+    return target
+
+
+# -- side outputs -------------------------------------------------------------------------------
+def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: Iterable[str | os.PathLike[str]] = (),
+                      what: str = "report") -> Path:
+    """Everything that can be checked about a side output before the main output is published."""
+    out = Path(path)
+    target = check_not_input(out, inputs, what=what)
+    if target.is_dir():
+        raise OutputError(f"{show(out)}: is a folder; give a file name for the {what}.")
+    if os.path.lexists(target) and not overwrite:
+        raise OutputError(f"{show(out)}: the {what} file exists; choose another or pass --overwrite to replace it.")
+    make_parents(target.parent)
+    check_writable(target.parent, out)
+    return target
+
+
+@contextlib.contextmanager
+def side_file(path: str | os.PathLike[str], *, overwrite: bool,
+              inputs: Iterable[str | os.PathLike[str]] = (), what: str = "report") -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) to write into; published atomically when the block
+    ends without error, removed otherwise."""
+    target = check_side_output(path, overwrite=overwrite, inputs=inputs, what=what)
+    tmp = target.parent / (staging_name(target.name, "side") + target.suffix)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, target)
+        else:  # link fails if a file appeared meanwhile: never replace one without --overwrite
+            os.link(tmp, target)
+        fsync_dir(target.parent)
+    except FileExistsError:
+        raise OutputError(f"{show(path)}: the {what} file appeared while surgeon was writing it; choose another "
+                          "or pass --overwrite.") from None
+    except OSError as exc:
+        raise disk_error(exc, Path(path)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike[str]] = (), what: str = "report") -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` under the side-output rules; returns the resolved path."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with side_file(path, overwrite=overwrite, inputs=inputs, what=what) as tmp:
+        with open(tmp, "xb") as fh:
+            fh.write(raw)
+    return Path(path).resolve()
+
+
+__all__ = ["STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space", "check_not_input",
+           "check_output", "check_side_output", "clean_stale_staging", "disk_error", "make_parents", "note_input", "output_guard",
+           "release_lock", "show", "side_file", "signals_as_interrupts", "signals_deferred", "write_side_output"]
