@@ -27,6 +27,7 @@ from surgeon.errors import OptionError, OutputError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import SvdCache, content_key
+from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target, TargetSpecError, select_targets
@@ -198,12 +199,12 @@ def spectrum(
     """
     if top_k < 1:
         raise OptionError(f"--top-k {top_k}: give a positive number of singular values (or --full for all).")
-    _check_output(output, overwrite)
     begin = time.perf_counter()
     dev = pick_device(device)
     store = SvdCache(cache) if (full and cache is not None) else SvdCache(None)
     counts = {"hits": 0, "misses": 0}
     model_path = resolve_path(model)
+    _check_output(output, overwrite, model_path)  # before the work: never into the input, never over a file
     with Checkpoint.open(model_path) as ckpt:
         chosen = resolve_targets(ckpt, targets, what=str(model))
         rows = [
@@ -219,25 +220,22 @@ def spectrum(
     return report
 
 
-def _check_output(output: str | os.PathLike[str] | None, overwrite: bool) -> None:
+def _check_output(output: str | os.PathLike[str] | None, overwrite: bool, source: Path) -> None:
     if output is None:
         return
     path = Path(output)
     if path.suffix not in (".json", ".safetensors"):
         raise OutputError(f"{path}: -o takes a .json file (the report) or a .safetensors file (singular values); "
                           "give a name ending in one of those.")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: output file exists; choose another or pass --overwrite to replace it.")
+    check_side_output(path, overwrite=overwrite, inputs=[source], what="output")
 
 
 def _write_output(path: Path, report: SpectrumReport, *, source: Path, overwrite: bool) -> None:
     record = provenance("spectrum", {"targets": report.targets, "top_k": report.top_k, "full": report.full},
                         inputs={"model": report.model})
     if path.suffix == ".json":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"provenance": record, **report.to_dict()}, indent=1) + "\n", "utf-8")
-        os.replace(tmp, path)
+        write_side_output(path, json.dumps({"provenance": record, **report.to_dict()}, indent=1) + "\n",
+                          overwrite=overwrite, inputs=[source], what="output")
         return
     specs = [TensorSpec(m.name, "F64", (len(m.singular_values),)) for m in report.matrices]
     with CheckpointWriter(path, specs, metadata=safetensors_metadata(record), overwrite=overwrite,
