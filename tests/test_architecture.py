@@ -19,8 +19,9 @@ SHARED = ("surgeon.errors", "surgeon.progress", "surgeon.provenance")
 ALLOWED = {
     "surgeon.ops": ("surgeon.ops",),
     "surgeon.report": ("surgeon.report", "surgeon.errors"),
+    "surgeon.parallel": ("surgeon.parallel", "surgeon.errors"),
     "surgeon.io": ("surgeon.io", "surgeon.ops", *SHARED),
-    "surgeon.workflows": ("surgeon.workflows", "surgeon.io", "surgeon.ops", "surgeon.report", *SHARED),
+    "surgeon.workflows": ("surgeon.workflows", "surgeon.io", "surgeon.ops", "surgeon.report", "surgeon.parallel", *SHARED),
 }
 
 

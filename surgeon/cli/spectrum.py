@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
 from surgeon.workflows.spectral.spectrum import spectrum
 
@@ -28,8 +30,9 @@ _SHOWN_VALUES = 4
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option
 @global_options
+@distributed_command
 def command(model: str, targets: str, top_k: int, full: bool, device: str, cache: str | None, out: str | None,
-            overwrite: bool, as_json: bool) -> None:
+            overwrite: bool, as_json: bool, world: World) -> None:
     """Singular values of every selected weight matrix, layer by layer, streamed.
 
     Per matrix (nn.Linear orientation; GPT-2 Conv1D weights are transposed): the
@@ -43,9 +46,11 @@ def command(model: str, targets: str, top_k: int, full: bool, device: str, cache
       surgeon spectrum ./Llama-3.2-1B --targets qv --top-k 5
       surgeon spectrum ./bert-base --full -o spectrum.json
       surgeon spectrum ./model --targets 'layers\\.0\\..*proj\\.weight' --json
+      surgeon spectrum ./model --full --nproc 2        # two local processes
+      torchrun --nproc-per-node 8 -m surgeon spectrum ./model --full --json
     """
     report = spectrum(model, targets=targets, top_k=top_k, full=full, device=device, cache=cache, output=out,
-                      overwrite=overwrite)
+                      overwrite=overwrite, world=world)
     if as_json:
         emit_json("spectrum", report.to_dict())
         return

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,9 @@ from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target, TargetSpecError, select_targets
+from surgeon.parallel.exchange import collect, device_for, plan_share, sum_counts
+from surgeon.parallel.share import svd_cost
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import provenance, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES
@@ -126,9 +129,15 @@ class SpectrumReport:
     cache: dict[str, int]
     output: str | None
     seconds: float
+    world_size: int = 1
+    computed_by_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        owners = body.pop("computed_by_rank")
+        for m, rank in zip(body["matrices"], owners):
+            m["computed_by_rank"] = rank
+        return body
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -188,6 +197,7 @@ def spectrum(
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     method: str = "auto",
+    world: World = SOLO,
 ) -> SpectrumReport:
     """Singular values of every selected matrix of ``model``, one tensor in memory at a time.
 
@@ -200,22 +210,32 @@ def spectrum(
     if top_k < 1:
         raise OptionError(f"--top-k {top_k}: give a positive number of singular values (or --full for all).")
     begin = time.perf_counter()
-    dev = pick_device(device)
+    dev = pick_device(device_for(world, device))
     store = SvdCache(cache) if (full and cache is not None) else SvdCache(None)
     counts = {"hits": 0, "misses": 0}
     model_path = resolve_path(model)
     _check_output(output, overwrite, model_path)  # before the work: never into the input, never over a file
     with Checkpoint.open(model_path) as ckpt:
         chosen = resolve_targets(ckpt, targets, what=str(model))
-        rows = [
-            _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev, cache=store, counts=counts,
-                          method=method)
-            for target, raw in progress(read_ahead(chosen, lambda t: ckpt.read_raw(t.name)), total=len(chosen),
-                                        desc="spectrum")
-        ]
+        part = plan_share(world, [svd_cost(*t.linear_shape) for t in chosen])
+        mine = [chosen[i] for i in part.mine]
+        for index, (target, raw) in zip(part.mine, progress(read_ahead(mine, lambda t: ckpt.read_raw(t.name)),
+                                                            total=len(mine), desc="spectrum")):
+            with part.item(index, target.name):
+                try:
+                    part.results[index] = _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev,
+                                                        cache=store, counts=counts, method=method)
+                except Exception as exc:
+                    if not world.distributed:
+                        raise
+                    part.fail(exc)
+                    break
+    rows = collect(part, encode=asdict, decode=lambda d: MatrixSpectrum(**d))
+    counts = sum_counts(world, counts)
     report = SpectrumReport(str(model), targets, None if full else top_k, full, str(dev), rows, counts,
-                            str(output) if output is not None else None, time.perf_counter() - begin)
-    if output is not None:
+                            str(output) if output is not None else None, time.perf_counter() - begin,
+                            world.size, part.owners)
+    if output is not None and world.is_main:
         _write_output(Path(output), report, source=model_path, overwrite=overwrite)
     return report
 

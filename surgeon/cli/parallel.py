@@ -1,0 +1,105 @@
+"""`--nproc N` and torchrun: run a command on every rank of a process group, rank 0 speaking for all.
+
+Under ``torchrun ... -m surgeon <command>`` the group comes from the environment. With
+``--nproc N`` (and no group yet) the command starts N local processes through torch's own
+elastic launcher (``torch.distributed.launcher.api.elastic_launch``, what torchrun uses) and
+waits for them. Ranks other than 0 print nothing: rank 0 reports, writes JSON, plots, cards.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from typing import Any, TypeVar
+
+import click
+
+from surgeon.cli.common import State
+from surgeon.errors import SurgeonError
+from surgeon.parallel.world import SOLO, World, detect, process_group
+from surgeon.progress import set_progress
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m surgeon argv`` on ``nproc`` local ranks (gloo on CPU, nccl on GPUs); its exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    if env_threads is None:  # one BLAS thread per core per rank, not N × cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    levels = [log.level for log in quiet]
+    for log in quiet:  # the ranks say what went wrong in one line; the agent's own log would repeat it
+        log.setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "surgeon", *argv)
+    except ChildFailedError as exc:
+        ranks = sorted(exc.failures)
+        return max(1, min(int(exc.failures[r].exitcode or 1) for r in ranks)) if ranks else 1
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+    return 0
+
+
+def distributed_command(func: F) -> F:
+    """Add ``--nproc`` and pass ``world`` (the process group this rank is in) to the command."""
+
+    @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+                  help="Run on N local processes (torch.distributed; gloo on CPU, nccl on GPUs). Under torchrun "
+                       "the group comes from the environment instead.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, nproc: int | None, **kwargs: Any) -> Any:
+        world = detect()
+        if nproc is not None and nproc > 1 and not world.distributed:
+            code = launch_local(nproc, _strip_nproc(sys.argv[1:]))
+            if code:
+                raise click.exceptions.Exit(code)
+            return None
+        return _run_on_rank(func, world, args, kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _run_on_rank(func: Callable[..., Any], world: World, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if not world.distributed:
+        return func(*args, world=SOLO, **kwargs)
+    with process_group(world):
+        if world.is_main:
+            return func(*args, world=world, **kwargs)
+        State.quiet = True
+        set_progress(False)
+        try:
+            with redirect_stdout(io.StringIO()):
+                return func(*args, world=world, **kwargs)
+        except SurgeonError:  # DistributedError included: rank 0 prints the one line for the whole group
+            raise click.exceptions.Exit(1) from None
