@@ -46,12 +46,44 @@ def rel_errors(merged, tuned_folder, base_folder):
             for n in tuned if not torch.equal(tuned[n], base[n])}
 
 
+def measured(tuned_folder, base_folder, adapter) -> dict[str, dict[str, float]]:
+    """Per LoRA module of the written adapter, measured independently of surgeon's report: its rank in the
+    file, the kept share of ‖τ‖² and the Eckart–Young error from torch.linalg.svd of τ = tuned − base, and
+    the error ‖τ − s·B·A‖ / ‖τ‖ of the factors read back from the file (float64)."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    factors = load_file(adapter / "adapter_model.safetensors")
+    tuned, base = load_file(tuned_folder / "model.safetensors"), load_file(base_folder / "model.safetensors")
+    out = {}
+    for key in factors:
+        for a_key, b_key, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                        (".lora_embedding_A", ".lora_embedding_B", True)):
+            if not key.endswith(a_key):
+                continue
+            module = key.removeprefix("base_model.model.").removesuffix(a_key)
+            a, b = factors[key].double(), factors[key.removesuffix(a_key) + b_key].double()
+            rank = a.shape[0]
+            assert rank == cfg["rank_pattern"].get(module, cfg["r"]), module
+            scaling = cfg["alpha_pattern"].get(module, cfg["lora_alpha"]) / rank
+            tau = (tuned[f"{module}.weight"].double() - base[f"{module}.weight"].double())
+            delta = scaling * (b @ a).T if embedding else scaling * (b @ a)
+            sigma2 = torch.linalg.svd(tau, full_matrices=False).S ** 2
+            out[module] = {"rank": rank, "energy": float(sigma2[:rank].sum() / sigma2.sum()),
+                           "svd_error": float(sigma2[rank:].sum().sqrt() / tau.norm()),
+                           "error": float((tau - delta).norm() / tau.norm())}
+    return out
+
+
 @pytest.mark.parametrize("rank", [4, 6])
 def test_rank_at_least_true_rank_reconstructs_lora_delta(tiny_llama, lora_merged, tmp_path, rank):
     report = extract_lora(lora_merged, tiny_llama, tmp_path / "a", rank=rank, device="cpu")
     assert len(report.modules) == 6 and report.modules_to_save == [] and report.dropped == []
-    assert report.max_relative_error < 2e-6  # float32 precision
-    assert all(m.rank == rank and m.energy == pytest.approx(1.0, abs=1e-6) for m in report.modules)
+    truth = measured(lora_merged, tiny_llama, tmp_path / "a")
+    assert sorted(truth) == sorted(m.module for m in report.modules)
+    for m in report.modules:  # τ has rank 4: everything kept, the factors reproduce it to float32 precision
+        assert m.rank == truth[m.module]["rank"] == rank
+        assert truth[m.module]["energy"] == pytest.approx(1.0, abs=1e-9) and truth[m.module]["error"] < 2e-6
+        assert m.energy == pytest.approx(1.0, abs=1e-6) and m.relative_error < 2e-6
+    assert report.max_relative_error == max(m.relative_error for m in report.modules)
     loaded, merged = peft_merged(tiny_llama, tmp_path / "a")
     errors = rel_errors(merged, lora_merged, tiny_llama)
     assert len(errors) == 6 and max(errors.values()) < 2e-6
@@ -64,9 +96,14 @@ def test_rank_at_least_true_rank_reconstructs_lora_delta(tiny_llama, lora_merged
 
 def test_rank_below_true_rank_reports_truncation(tiny_llama, lora_merged, tmp_path):
     report = extract_lora(lora_merged, tiny_llama, tmp_path / "a", rank=2, device="cpu")
+    truth = measured(lora_merged, tiny_llama, tmp_path / "a")
+    assert sorted(truth) == sorted(m.module for m in report.modules)
     for m in report.modules:
-        assert m.rank == 2 and m.energy < 1.0
-        assert m.relative_error == pytest.approx((1 - m.energy) ** 0.5, rel=1e-3)  # Eckart–Young
+        t = truth[m.module]
+        assert m.rank == t["rank"] == 2 and t["energy"] < 0.99
+        assert t["error"] == pytest.approx(t["svd_error"], rel=1e-4)  # the written factors are the best rank-2 fit
+        assert m.energy == pytest.approx(t["energy"], rel=1e-5)
+        assert m.relative_error == pytest.approx(t["error"], rel=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
@@ -97,7 +134,16 @@ def test_energy_gives_per_module_ranks_that_peft_honours(tiny_llama, llama_ft, t
     assert all(cfg["alpha_pattern"].get(m, cfg["lora_alpha"]) == r for m, r in ranks.items())
     loaded, _ = peft_merged(tiny_llama, tmp_path / "a")
     assert loaded == ranks
-    assert all(m.energy >= 0.9 for m in report.modules)
+    truth = measured(llama_ft, tiny_llama, tmp_path / "a")
+    assert sorted(truth) == sorted(ranks)
+    tuned, base = load_file(llama_ft / "model.safetensors"), load_file(tiny_llama / "model.safetensors")
+    for m in report.modules:  # the smallest rank that keeps 90% of ‖τ‖², by torch.linalg.svd of τ
+        tau = tuned[f"{m.module}.weight"].double() - base[f"{m.module}.weight"].double()
+        share = torch.linalg.svd(tau, full_matrices=False).S.pow(2).cumsum(0)
+        share = share / share[-1]
+        assert share[m.rank - 1] >= 0.9 - 1e-6 and (m.rank == 1 or share[m.rank - 2] < 0.9 + 1e-6), m.module
+        assert m.energy == pytest.approx(truth[m.module]["energy"], rel=1e-5)
+        assert m.relative_error == pytest.approx(truth[m.module]["error"], rel=1e-3, abs=1e-6)
 
 
 def test_full_rank_of_a_full_finetune_with_embeddings_and_modules_to_save(tiny_llama, llama_ft, tmp_path):
