@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgeon.errors import CheckpointFormatError, IncompleteDownloadError
+from surgeon.errors import CheckpointFormatError, IncompleteDownloadError, OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -54,14 +54,32 @@ MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _SNIFF_BYTES = 512
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # the floating dtypes surgeon computes in and writes
+
+
+def parse_dtype(name: str | None) -> str | None:
+    """A ``--dtype`` value: 'bf16' -> 'BF16'; None/'auto' -> None (keep each tensor's dtype)."""
+    if name is None or name.lower() == "auto":
+        return None
+    key = DTYPE_ALIASES.get(name.lower(), name.upper())
+    if key not in FLOAT_DTYPES:
+        raise OptionError(f"--dtype {name!r} is not a float dtype surgeon writes; use auto, fp32, fp16 or bf16.")
+    return key
+
+
 def dtype_size(st_dtype: str) -> int:
     return DTYPES[st_dtype][1]
+
+
+def torch_dtype_name(st_dtype: str) -> str:
+    """'BF16' -> 'bfloat16': the torch dtype's name, as config.json's ``torch_dtype``/``dtype`` spell it."""
+    return DTYPES[st_dtype][0]
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
     import torch
 
-    return getattr(torch, DTYPES[st_dtype][0])
+    return getattr(torch, torch_dtype_name(st_dtype))
 
 
 def st_dtype(dtype: torch.dtype) -> str:

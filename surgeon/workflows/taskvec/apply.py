@@ -21,6 +21,7 @@ import torch
 from surgeon.errors import CheckpointFormatError, OptionError, ShapeMismatchError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
+from surgeon.io.model_config import side_files
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.ops.task_vector import abs_max, is_float_dtype
@@ -137,9 +138,10 @@ def apply_task_vectors(
         record = provenance("apply", {"tasks": [{"path": a, "lambda": w} for a, w in parsed], "dtype": target or "auto"},
                             inputs={"base": str(base), **{f"task_vector_{i}": a for i, (a, _) in enumerate(parsed)}})
         inputs = [base_path] + [resolve_path(a) for a, _ in parsed]
+        copy, texts = side_files(b_ckpt, target)  # config.json names the dtype the weights were cast to
         with CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
-                              metadata=safetensors_metadata(record), extra_files=b_ckpt.extra_files(),
-                              extra_texts={PROVENANCE_FILE: provenance_file_text(record)}) as writer:
+                              metadata=safetensors_metadata(record), extra_files=copy,
+                              extra_texts={**texts, PROVENANCE_FILE: provenance_file_text(record)}) as writer:
             computed_names = {name for name, st, terms in progress(plan, total=len(plan), desc="apply")
                               if _write_one(writer, b_ckpt, name, st, terms)}
         computed = len(computed_names)
