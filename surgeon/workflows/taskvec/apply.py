@@ -1,9 +1,15 @@
-"""`surgeon apply`: task arithmetic θ = θ_base + Σ λ_i·τ_i, streamed, one rounding.
+"""`surgeon apply`: θ = θ_base + a combination of task vectors, streamed, one rounding.
 
-Each output tensor touched by a task vector is computed in float32 from the
-stored base values and the task vectors, then cast once to the base tensor's
-dtype (or ``dtype``). Tensors no task vector touches (absent, all-zero τ, or
-λ = 0) are copied byte for byte (cast only when ``dtype`` asks for it).
+An INPUT is a task vector written by ``surgeon diff -o`` or a fine-tune of BASE (τ = θ − θ_base is
+then computed on the fly, block by block, and never written). The default method is task
+arithmetic θ_base + Σ λ_i·τ_i; the others are mergekit's (ties, dare_*, breadcrumbs*, della*,
+magnitude_prune, model_stock, slerp; :mod:`surgeon.workflows.taskvec.methods`).
+
+The plan comes first: every base tensor, what happens to it (merge, copy or cast), which inputs
+touch it and its output bytes; ``dry_run`` returns only that. Each merged tensor is computed in
+float32 from the stored base values and the inputs, then cast once to the base tensor's dtype (or
+``dtype``). Tensors no input touches (absent, all-zero τ, or λ = 0) are copied byte for byte
+(cast only when ``dtype`` asks for it).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -23,22 +29,37 @@ from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.model_config import side_files
 from surgeon.io.resolve import resolve_path
-from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
-from surgeon.ops.task_vector import abs_max, is_float_dtype
+from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, pwrite_all, tensor_bytes
+from surgeon.ops.task_vector import is_float_dtype
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import parse_dtype
+from surgeon.workflows.taskvec.diff import TASK_VECTOR_KIND
+from surgeon.workflows.taskvec.methods import ApplyOptions, Term, check_options, merge_tensor
 
 TaskArg = Union[str, "os.PathLike[str]", tuple[Union[str, "os.PathLike[str]"], float]]
 
 
 @dataclass(frozen=True)
 class TaskTerm:
-    """One λ·τ term: where τ came from and how many base tensors it touches."""
+    """One input: where it came from, its weight λ and how many base tensors it touches."""
 
     path: str
     weight: float
     tensors: int
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """What happens to one base tensor: merge (from ``inputs``, indices into the report's tasks; copied
+    after all when every τ is zero there), copy (byte for byte) or cast (to ``dtype``)."""
+
+    name: str
+    action: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+    inputs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,11 @@ class ApplyReport:
     cast: int
     bytes_written: int
     shards: list[str]
+    kinds: list[str] = field(default_factory=list)  # per input: task_vector | finetune
+    method: str = "task_arithmetic"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+    plan: list[PlannedTensor] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,26 +105,41 @@ def parse_task(arg: TaskArg) -> tuple[str, float]:
     return text, 1.0
 
 
-def _check_tasks(base: Checkpoint, tasks: list[tuple[str, Checkpoint, float]]) -> None:
-    """Every τ tensor must exist in the base as a float tensor of the same shape."""
-    for arg, tv, _ in tasks:
-        for name in tv.keys():
-            if name not in base:
-                raise ShapeMismatchError(
-                    f"{arg}: task vector tensor {name!r} is not in the base {base.root}; "
-                    "apply a task vector to the base it was diffed against."
-                )
-            t_info, b_info = tv.info(name), base.info(name)
-            if t_info.shape != b_info.shape:
-                raise ShapeMismatchError(
-                    f"{arg}: tensor {name!r} is {list(t_info.shape)} in the task vector but {list(b_info.shape)} "
-                    f"in the base {base.root}; apply it to the base it was diffed against."
-                )
-            if not (is_float_dtype(t_info.torch_dtype) and is_float_dtype(b_info.torch_dtype)):
-                raise CheckpointFormatError(
-                    f"{arg}: tensor {name!r} is {t_info.dtype} in the task vector and {b_info.dtype} in the base; "
-                    "task arithmetic needs float tensors on both sides. Remove it from the task vector."
-                )
+def input_kind(base: Checkpoint, ckpt: Checkpoint) -> str:
+    """``task_vector`` for what ``surgeon diff`` wrote (or a bare file holding a subset of the base's tensors),
+    ``finetune`` for a model: a folder with config.json, or a file with every tensor of the base."""
+    if ckpt.metadata.get("surgeon_kind") == TASK_VECTOR_KIND:
+        return "task_vector"
+    if ckpt.is_folder and (ckpt.folder / "config.json").is_file():
+        return "finetune"
+    return "finetune" if set(base.keys()) <= set(ckpt.keys()) else "task_vector"
+
+
+def _check_input(base: Checkpoint, arg: str, ckpt: Checkpoint, kind: str) -> None:
+    """Every input tensor must exist in the base as a float tensor of the same shape."""
+    what = "task vector" if kind == "task_vector" else "fine-tune"
+    for name in ckpt.keys():
+        if name not in base:
+            raise ShapeMismatchError(
+                f"{arg}: {what} tensor {name!r} is not in the base {base.root}; "
+                + ("apply a task vector to the base it was diffed against." if kind == "task_vector"
+                   else "give the base it was fine-tuned from.")
+            )
+        t_info, b_info = ckpt.info(name), base.info(name)
+        if t_info.shape != b_info.shape:
+            raise ShapeMismatchError(
+                f"{arg}: tensor {name!r} is {list(t_info.shape)} in the {what} but {list(b_info.shape)} "
+                f"in the base {base.root}; "
+                + ("apply it to the base it was diffed against." if kind == "task_vector"
+                   else "the inputs come from different bases; give the base they share.")
+            )
+        if not (is_float_dtype(t_info.torch_dtype) and is_float_dtype(b_info.torch_dtype)):
+            if kind == "finetune" and t_info.dtype == b_info.dtype:
+                continue  # integer buffers of a model are copied from the base
+            raise CheckpointFormatError(
+                f"{arg}: tensor {name!r} is {t_info.dtype} in the {what} and {b_info.dtype} in the base; "
+                "combining needs float tensors on both sides. Remove it from the input."
+            )
 
 
 @torch.no_grad()
@@ -110,78 +151,106 @@ def combine(base: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> 
     return out
 
 
+def plan_apply(base: Checkpoint, inputs: Sequence[tuple[Checkpoint, float]], target: str | None,
+               *, keep_zero_weights: bool = False) -> list[PlannedTensor]:
+    """Every base tensor in base order and what happens to it; inputs with λ = 0 touch nothing (unless the
+    method ignores weights: ``keep_zero_weights``)."""
+    plan = []
+    for name, info in base.tensors.items():
+        floating = is_float_dtype(info.torch_dtype)
+        st = target if (target and floating) else info.dtype
+        touching = tuple(i for i, (ckpt, w) in enumerate(inputs)
+                         if floating and name in ckpt and (w != 0.0 or keep_zero_weights))
+        action = "merge" if touching else ("copy" if st == info.dtype else "cast")
+        nbytes = math.prod(info.shape) * torch.empty((), dtype=torch_dtype(st)).element_size()
+        plan.append(PlannedTensor(name, action, st, tuple(info.shape), nbytes, touching))
+    return plan
+
+
 def apply_task_vectors(
     base: str | os.PathLike[str],
     tasks: Sequence[TaskArg],
     out: str | os.PathLike[str],
     *,
+    options: ApplyOptions | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    dry_run: bool = False,
 ) -> ApplyReport:
-    """Write θ_base + Σ λ_i·τ_i to ``out``; ``tasks`` are 'TV[:λ]' strings or (path, λ) pairs.
+    """Write BASE combined with ``tasks`` ('INPUT[:λ]' strings or (path, λ) pairs) by ``options.method``.
 
-    Terms with λ = 0 are dropped, so applying only zero weights copies the base byte for byte.
+    With the default task arithmetic, terms with λ = 0 are dropped, so applying only zero weights copies
+    the base byte for byte. ``dry_run`` plans and returns without reading a tensor or writing anything.
     """
     if not tasks:
-        raise OptionError("no task vectors given; pass at least one TV[:λ] (e.g. ./tau:0.5).")
+        raise OptionError("no inputs given; pass at least one task vector or fine-tune INPUT[:λ] (e.g. ./tau:0.5).")
+    options = options or ApplyOptions()
     target = parse_dtype(dtype)
     parsed = [parse_task(t) for t in tasks]
+    check_options(options, len(parsed))
     base_path = resolve_path(base)
     with ExitStack() as stack:
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))
         opened = [(arg, stack.enter_context(Checkpoint.open(resolve_path(arg))), w) for arg, w in parsed]
-        _check_tasks(b_ckpt, opened)
-        active = [(arg, tv, w) for arg, tv, w in opened if w != 0.0]
-        plan = _plan(b_ckpt, active, target)
-        specs = [TensorSpec(name, st, b_ckpt.info(name).shape) for name, st, _ in plan]
-        record = provenance("apply", {"tasks": [{"path": a, "lambda": w} for a, w in parsed], "dtype": target or "auto"},
-                            inputs={"base": str(base), **{f"task_vector_{i}": a for i, (a, _) in enumerate(parsed)}})
+        kinds = [input_kind(b_ckpt, ckpt) for _, ckpt, _ in opened]
+        for (arg, ckpt, _), kind in zip(opened, kinds):
+            _check_input(b_ckpt, arg, ckpt, kind)
+        weightless = options.spec.kind != "gta"
+        plan = plan_apply(b_ckpt, [(c, w) for _, c, w in opened], target, keep_zero_weights=weightless)
+        terms = [TaskTerm(a, w, sum(1 for p in plan if i in p.inputs)) for i, (a, _, w) in enumerate(opened)]
+        params = {**options.resolved(), "tasks": [{"path": a, "lambda": w} for a, w in parsed],
+                  "input_kinds": kinds, "dtype": target or "auto"}
+        report = dict(base=str(base), output=str(out), dtype=target or "auto", tasks=terms, kinds=kinds, tensors=len(plan),
+                      bytes_written=sum(p.bytes for p in plan), method=options.method, parameters=params, plan=plan)
+        if dry_run:
+            return ApplyReport(**report, computed=sum(p.action == "merge" for p in plan),
+                               copied=sum(p.action == "copy" for p in plan),
+                               cast=sum(p.action == "cast" for p in plan), shards=[], dry_run=True)
+        record = provenance("apply", params, inputs={"base": str(base),
+                                                     **{f"input_{i}": a for i, (a, _) in enumerate(parsed)}})
+        specs = [TensorSpec(p.name, p.dtype, p.shape) for p in plan]
         inputs = [base_path] + [resolve_path(a) for a, _ in parsed]
         copy, texts = side_files(b_ckpt, target)  # config.json names the dtype the weights were cast to
         with CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
                               metadata=safetensors_metadata(record), extra_files=copy,
                               extra_texts={**texts, PROVENANCE_FILE: provenance_file_text(record)}) as writer:
-            computed_names = {name for name, st, terms in progress(plan, total=len(plan), desc="apply")
-                              if _write_one(writer, b_ckpt, name, st, terms)}
-        computed = len(computed_names)
-        cast = sum(1 for name, st, _ in plan if name not in computed_names and st != b_ckpt.info(name).dtype)
-        return ApplyReport(
-            base=str(base), output=str(out), dtype=target or "auto",
-            tasks=[TaskTerm(a, w, len(tv.keys()) if w != 0.0 else 0) for a, tv, w in opened],
-            tensors=len(plan), computed=computed, copied=len(plan) - computed - cast, cast=cast,
-            bytes_written=sum(s.nbytes for s in specs), shards=writer.shard_files,
-        )
+            sources = [(c, kinds[i] == "finetune") for i, (_, c, _) in enumerate(opened)]
+            weights = [w for _, _, w in opened]
+            computed = {p.name for p in progress(plan, total=len(plan), desc=f"apply {options.method}")
+                        if _write_one(writer, b_ckpt, p, sources, weights, options)}
+        cast = sum(1 for p in plan if p.name not in computed and p.dtype != b_ckpt.info(p.name).dtype)
+        return ApplyReport(**report, computed=len(computed), copied=len(plan) - len(computed) - cast, cast=cast,
+                           shards=writer.shard_files)
 
 
-_Plan = list[tuple[str, str, list[tuple[float, Checkpoint]]]]
-
-
-def _plan(base: Checkpoint, active: list[tuple[str, Checkpoint, float]], target: str | None) -> _Plan:
-    """(name, output dtype, [(λ, τ checkpoint)...]) for every base tensor, in base order."""
-    plan: _Plan = []
-    for name, info in base.tensors.items():
-        terms = [(w, tv) for _, tv, w in active if name in tv]
-        st = target if (target and is_float_dtype(info.torch_dtype)) else info.dtype
-        plan.append((name, st, terms))
-    return plan
-
-
-def _write_one(writer: CheckpointWriter, base: Checkpoint, name: str, st: str,
-               terms: list[tuple[float, Checkpoint]]) -> bool:
+def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor,
+               sources: list[tuple[Checkpoint, bool]], weights: list[float], options: ApplyOptions) -> bool:
     """Write one output tensor; True when it was computed, False when copied or only cast.
 
-    A τ that is all zeros (``diff --all`` writes those for identical tensors) is no term,
-    so such a tensor stays byte-identical to the base.
+    A τ that is all zeros (``diff --all`` writes those for identical tensors, an untouched tensor of a
+    fine-tune) is no term, so such a tensor stays byte-identical to the base.
     """
-    loaded = [(w, d) for w, d in ((w, tv.get(name)) for w, tv in terms) if abs_max(d) != 0.0]
-    if loaded:
-        writer.write(name, combine(base.get(name), loaded).to(torch_dtype(st)))
-    elif st == base.info(name).dtype:
+    name, st = entry.name, entry.dtype
+    if entry.action == "merge":
+        terms = [Term(sources[i][0], weights[i], sources[i][1], i) for i in entry.inputs]
+        out_dtype = torch_dtype(st)
+        place: list[tuple[int, int]] = []
+
+        def emit(start: int, block: torch.Tensor) -> None:
+            if not place:
+                place.append(writer.reserve(name))
+            fd, offset = place[0]
+            cast = block.to(out_dtype)
+            pwrite_all(fd, tensor_bytes(cast), offset + start * cast.element_size())
+
+        if merge_tensor(base, name, terms, options, emit):
+            return True
+    if st == base.info(name).dtype:
         writer.copy_from(base, name)
     else:
         writer.write(name, base.get(name).to(torch_dtype(st)))
-    return bool(loaded)
+    return False
 
 
 def describe_tasks(report: ApplyReport) -> str:

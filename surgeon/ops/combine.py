@@ -1,0 +1,249 @@
+"""The math of combining task vectors and adapters: peft's and mergekit's merge methods.
+
+Pure functions on float32 tensors. Two families, each with its library's semantics:
+
+* ``peft_*``: ``peft.utils.merge_utils`` as ``add_weighted_adapter`` uses it on LoRA
+  factors or on ΔW (magnitude pruning keeps ``int(density·n)`` values, DARE rescales by
+  1/density, TIES elects the sign on the *unweighted* pruned tensors and divides by the
+  count of agreeing tensors).
+* mergekit's generalized task arithmetic, written per block of rows so that a tensor of any
+  size streams: a :class:`KeepRule` per input (thresholds and rescale factor decided from
+  the whole τ first), then :func:`sparsify_block` and :func:`consensus_block` on blocks
+  (mergekit keeps ``max(1, int(density·n))`` values, rescales by the L1-norm ratio, elects
+  the sign on the *weighted* deltas and divides by the sum of agreeing weights).
+
+Random masks come from :mod:`surgeon.ops.counter_rng` (keyed by seed and tensor name), so
+they do not depend on chunking, visiting order or device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from surgeon.ops.counter_rng import bernoulli_mask
+
+_RESCALE_EPS = 1e-7  # mergekit: below this L1 norm (before or after masking) no rescale
+
+
+# -- peft's merge_utils semantics (whole tensors) ------------------------------------------------
+@torch.no_grad()
+def peft_magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density·numel)`` largest-magnitude values (all of them for density ≥ 1)."""
+    if density >= 1:
+        return tensor
+    k = int(density * tensor.numel())
+    keep = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+    keep[torch.topk(tensor.abs().reshape(-1), k=k, largest=True).indices] = True
+    return tensor * keep.reshape(tensor.shape)
+
+
+@torch.no_grad()
+def peft_random_prune(tensor: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """DARE as peft: each value kept with probability ``density`` (counter-RNG ``key``), kept values / density."""
+    if density >= 1:
+        return tensor
+    keep = bernoulli_mask(key, 0, tuple(tensor.shape), density).to(tensor.device)
+    return tensor * keep / density
+
+
+@torch.no_grad()
+def peft_majority_mask(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    """Which entries agree with the elected sign; ``stacked`` (n × ...), method total|frequency."""
+    sign = stacked.sign()
+    weight = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(weight >= 0, 1.0, -1.0)
+
+
+@torch.no_grad()
+def peft_combine(tensors: Sequence[torch.Tensor], weights: Sequence[float], method: str, *,
+                 density: float = 1.0, majority_sign: str = "total",
+                 key_of: Callable[[int], int] | None = None) -> torch.Tensor:
+    """One of peft's task-arithmetic family on same-shaped tensors: linear, ties, dare_linear, dare_ties,
+    magnitude_prune (the ``_svd`` variants call this on ΔW first). ``key_of(i)``: the DARE stream of input i."""
+    if method in ("ties", "magnitude_prune"):
+        tensors = [peft_magnitude_prune(t, density) for t in tensors]
+    elif method in ("dare_linear", "dare_ties"):
+        if key_of is None:
+            raise ValueError("DARE needs key_of for its masks")
+        tensors = [peft_random_prune(t, density, key_of(i)) for i, t in enumerate(tensors)]
+    elif method != "linear":
+        raise ValueError(f"unknown peft combination {method!r}")
+    stacked = torch.stack(list(tensors))
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if method in ("ties", "dare_ties"):
+        agree = peft_majority_mask(stacked, majority_sign)
+        return (stacked * w * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
+    return (stacked * w).sum(dim=0)
+
+
+@torch.no_grad()
+def svd_factors(delta: torch.Tensor, rank: int, *, clamp: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the rank-``rank`` truncation of ``delta`` (out × in), as peft's ``_svd`` combinations:
+    B = U·diag(S), A = Vᴴ, then both clamped to ±quantile(|entries of B and A|, clamp) when ``clamp`` is given."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    B = U[:, :rank] @ torch.diag(S[:rank])
+    A = Vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
+        B, A = B.clamp(-high, high), A.clamp(-high, high)
+    return A, B
+
+
+def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold ``fraction`` of Σσ² (peft's convert_to_lora threshold)."""
+    energy = torch.cumsum(singular_values.double() ** 2, dim=0)
+    return int(torch.searchsorted(energy, fraction * energy[-1]).item()) + 1
+
+
+@torch.no_grad()
+def lora_from_delta(delta: torch.Tensor, rank: int | float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A, B, k): ΔW ≈ B·A with k = ``rank`` (int) or the energy rank of a fraction (float), as convert_to_lora."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = rank if isinstance(rank, int) else energy_rank(S, rank)
+    k = min(k, S.numel())
+    return Vh[:k].contiguous(), (U[:, :k] * S[:k]).contiguous(), k
+
+
+# -- mergekit's generalized task arithmetic (streamed per block of rows) --------------------------
+@dataclass(frozen=True)
+class KeepRule:
+    """How one input's τ is sparsified, decided from the whole τ before any block is combined.
+
+    ``kind``: all | range (keep lo ≤ |τ| ≤ hi: magnitude, breadcrumbs) | random (DARE, Bernoulli(density)) |
+    della (per-row rank-dependent probability). ``scale`` multiplies the kept values (L1 rescale).
+    """
+
+    kind: str
+    lo: float = 0.0
+    hi: float = math.inf
+    density: float = 1.0
+    epsilon: float = 0.0
+    key: int = 0
+    scale: float = 1.0
+
+
+def _kth_smallest(flat_abs: torch.Tensor, k: int) -> float:
+    return float(torch.kthvalue(flat_abs, k).values)
+
+
+@torch.no_grad()
+def keep_range(flat_abs: torch.Tensor, density: float, *, method: str, gamma: float = 0.01) -> tuple[float, float]:
+    """(lo, hi) of the magnitudes mergekit keeps: ``magnitude`` the ``max(1, int(density·n))`` largest,
+    ``magnitude_outliers`` (breadcrumbs) also dropping the ``int(gamma·n)`` largest. ``flat_abs``: |τ| flattened."""
+    n = flat_abs.numel()
+    if method == "magnitude":
+        k = max(1, int(density * n))
+        return _kth_smallest(flat_abs, n - k + 1), math.inf
+    target = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - target - top)
+    if target == 0:
+        return math.inf, -math.inf
+    return _kth_smallest(flat_abs, bottom + 1), _kth_smallest(flat_abs, bottom + target)
+
+
+def della_probabilities(block: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability per element of a (rows × width) block, float64: the magnitude rank within its
+    row mapped linearly onto [density − ε, density + ε] (ties ranked in a stable, device-independent order)."""
+    cpu = block.detach().to("cpu", torch.float32).abs()
+    order = torch.argsort(cpu, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cpu.shape[1]).expand_as(order))
+    width = max(cpu.shape[1] - 1, 1)
+    return (density - epsilon) + (ranks.double() / width).clamp(0, 1) * 2 * epsilon
+
+
+@torch.no_grad()
+def keep_mask(block: torch.Tensor, rule: KeepRule, start: int) -> torch.Tensor | None:
+    """Bool mask of the kept entries of ``block`` (rows × width, flat offset ``start``); None keeps all."""
+    if rule.kind == "all":
+        return None
+    if rule.kind == "range":
+        magnitude = block.abs()
+        return (magnitude >= rule.lo) & (magnitude <= rule.hi)
+    if rule.kind == "random":
+        return bernoulli_mask(rule.key, start, tuple(block.shape), rule.density).to(block.device)
+    if rule.kind == "della":
+        probs = della_probabilities(block, rule.density, rule.epsilon)
+        return bernoulli_mask(rule.key, start, tuple(block.shape), probs).to(block.device)
+    raise ValueError(f"unknown keep rule {rule.kind!r}")
+
+
+@torch.no_grad()
+def sparsify_block(block: torch.Tensor, rule: KeepRule, start: int) -> torch.Tensor:
+    """τ block with the rule applied: masked, kept values times ``rule.scale`` (float32)."""
+    mask = keep_mask(block, rule, start)
+    kept = block if mask is None else block * mask
+    return kept if rule.scale == 1.0 else kept * rule.scale
+
+
+def l1_scale(before: float, after: float) -> float:
+    """mergekit's L1 rescale factor ‖τ‖₁ / ‖masked τ‖₁ (1 when either norm is below 1e-7)."""
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return 1.0
+    return before / after
+
+
+@torch.no_grad()
+def consensus_block(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, consensus: str | None,
+                    normalize: bool, lambda_scale: float) -> torch.Tensor:
+    """Σ of weighted sparsified τ blocks (each already w_i·s(τ_i)), mergekit's way: with ``consensus``
+    (sum | count) only entries agreeing with the elected sign count and the divisor is the sum of their
+    weights; ``normalize`` divides by that (or by Σw); ``lambda_scale`` multiplies the result."""
+    if consensus is not None:
+        total = torch.zeros_like(deltas[0])
+        for d in deltas:
+            total.add_(d if consensus == "sum" else d.sign())
+        majority = torch.where(total >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(deltas[0])
+        divisor = torch.zeros_like(deltas[0])
+        for d, w in zip(deltas, weights):
+            agree = d.sign() == majority
+            mixed.add_(d * agree)
+            divisor.add_(agree.to(d.dtype), alpha=w)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = torch.zeros_like(deltas[0])
+        for d in deltas:
+            mixed.add_(d)
+        weight_sum = float(sum(weights))
+        divisor = torch.tensor(1.0 if abs(weight_sum) < 1e-8 else weight_sum, dtype=mixed.dtype)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_scale != 1:
+        mixed = mixed * lambda_scale
+    return mixed
+
+
+# -- interpolations -----------------------------------------------------------------------------
+@torch.no_grad()
+def slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
+               eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of each row of (rows × width) float32 blocks, as mergekit 0.1.5: rows whose
+    normalized dot exceeds ``dot_threshold`` in magnitude are interpolated linearly."""
+    norm0 = torch.linalg.vector_norm(v0, dim=1, keepdim=True)
+    norm1 = torch.linalg.vector_norm(v1, dim=1, keepdim=True)
+    norm0 = torch.where(norm0 > eps, norm0, 1)
+    norm1 = torch.where(norm1 > eps, norm1, 1)
+    dot = ((v0 / norm0) * (v1 / norm1)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return coef0 * v0 + coef1 * v1
+
+
+def model_stock_ratio(dots: Sequence[Sequence[float]], norms: Sequence[float]) -> float:
+    """Model Stock's t = N·cosθ / (1 + (N−1)·cosθ), cosθ the mean pairwise cosine of the N task vectors
+    (``dots[i][j]`` = ⟨τ_i, τ_j⟩, ``norms[i]`` = ‖τ_i‖); 0 at the singularity (mergekit keeps the base there)."""
+    count = len(norms)
+    cosines = [max(-1.0, min(1.0, dots[i][j] / max(norms[i] * norms[j], 1e-6)))
+               for i in range(count) for j in range(i + 1, count)]
+    cos = sum(cosines) / len(cosines)
+    denominator = 1 + (count - 1) * cos
+    return 0.0 if abs(denominator) < 1e-6 else count * cos / denominator

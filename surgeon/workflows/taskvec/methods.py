@@ -1,0 +1,292 @@
+"""mergekit's merge methods over task vectors and fine-tunes, one tensor at a time, in blocks of rows.
+
+Every output tensor is computed in two sweeps over its inputs: the first decides, per input,
+whether its τ is non-zero and what its sparsification keeps (magnitude thresholds from the
+whole |τ|, L1 rescale factors, Model Stock's cosines); the second reads the inputs again block
+by block, combines the blocks with :mod:`surgeon.ops.combine` and hands each finished block to
+the caller. Peak memory is one |τ| (only for magnitude thresholds) plus a few blocks per input,
+whatever the number of inputs. τ of a fine-tune is θ − θ_base in float32, never written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from surgeon.errors import OptionError
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.format import pread_into, torch_dtype
+from surgeon.ops import combine as C
+from surgeon.ops.counter_rng import stream_key
+from surgeon.ops.task_vector import abs_max, task_vector
+
+BLOCK_ELEMENTS = 1 << 22  # ~16 MB of float32 per block and input
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One mergekit method: its sparsification, sign consensus and defaults (mergekit 0.1.5's registry)."""
+
+    sparsify: str | None = None  # magnitude | random | magnitude_outliers | della
+    consensus: bool = False
+    normalize: bool = False
+    rescale: bool = False
+    kind: str = "gta"  # gta (generalized task arithmetic) | model_stock | slerp
+
+
+METHODS: dict[str, MethodSpec] = {
+    "task_arithmetic": MethodSpec(),
+    "ties": MethodSpec("magnitude", consensus=True, normalize=True),
+    "dare_linear": MethodSpec("random", rescale=True),
+    "dare_ties": MethodSpec("random", consensus=True, rescale=True),
+    "breadcrumbs": MethodSpec("magnitude_outliers"),
+    "breadcrumbs_ties": MethodSpec("magnitude_outliers", consensus=True),
+    "della": MethodSpec("della", consensus=True, normalize=True, rescale=True),
+    "della_linear": MethodSpec("della", rescale=True),
+    "magnitude_prune": MethodSpec("magnitude"),  # TIES without the sign election (peft's magnitude_prune)
+    "model_stock": MethodSpec(kind="model_stock"),
+    "slerp": MethodSpec(kind="slerp"),
+}
+RANDOM_METHODS = {name for name, spec in METHODS.items() if spec.sparsify in ("random", "della")}
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """Method and parameters, with mergekit's names (``lambda_scale`` is mergekit's ``lambda``).
+
+    ``normalize``/``rescale`` None take the method's default; ``density`` 1 keeps every value.
+    """
+
+    method: str = "task_arithmetic"
+    density: float = 1.0
+    epsilon: float = 0.15
+    gamma: float = 0.01
+    lambda_scale: float = 1.0
+    normalize: bool | None = None
+    rescale: bool | None = None
+    majority_sign: str = "total"
+    seed: int = 0
+    t: float = 0.5
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    def resolved(self) -> dict[str, object]:
+        """The parameters that act for this method (recorded in provenance and the card)."""
+        spec = self.spec
+        out: dict[str, object] = {"method": self.method}
+        if spec.kind == "slerp":
+            return {**out, "t": self.t}
+        if spec.kind == "model_stock":
+            return out
+        out.update(lambda_scale=self.lambda_scale, normalize=self.normalize_on)
+        if spec.sparsify:
+            out.update(density=self.density, rescale=self.rescale_on)
+        if spec.sparsify == "magnitude_outliers":
+            out["gamma"] = self.gamma
+        if spec.sparsify == "della":
+            out["epsilon"] = self.epsilon
+        if spec.consensus:
+            out["majority_sign"] = self.majority_sign
+        if self.method in RANDOM_METHODS:
+            out["seed"] = self.seed
+        return out
+
+    @property
+    def normalize_on(self) -> bool:
+        return self.spec.normalize if self.normalize is None else self.normalize
+
+    @property
+    def rescale_on(self) -> bool:
+        return self.spec.rescale if self.rescale is None else self.rescale
+
+
+def check_options(options: ApplyOptions, inputs: int) -> None:
+    """One-line errors for a method and parameters that cannot work, before anything is read."""
+    if options.method not in METHODS:
+        raise OptionError(f"--method {options.method!r} is not a method apply knows; use one of {', '.join(METHODS)}.")
+    if not (0.0 < options.density <= 1.0) or math.isnan(options.density):
+        raise OptionError(f"--density {options.density:g} is outside (0, 1]; it is the fraction of each task "
+                          "vector kept, e.g. --density 0.5.")
+    if options.majority_sign not in ("total", "frequency"):
+        raise OptionError(f"--majority-sign {options.majority_sign!r}: use total or frequency.")
+    spec = options.spec
+    if spec.sparsify == "della" and options.density < 1 and not (
+            0 < options.density - options.epsilon and options.density + options.epsilon < 1):
+        raise OptionError(f"--epsilon {options.epsilon:g} with --density {options.density:g}: DELLA needs "
+                          "density ± epsilon inside (0, 1); lower --epsilon.")
+    if spec.kind == "slerp" and inputs != 1:
+        raise OptionError(f"slerp interpolates two models, BASE and one INPUT, but {inputs} inputs were given; "
+                          "pass exactly one (or use --method task_arithmetic for more).")
+    if spec.kind == "model_stock" and inputs < 2:
+        raise OptionError(f"model_stock needs at least two fine-tunes of BASE, got {inputs}; add another INPUT.")
+    for name in ("t", "lambda_scale", "epsilon", "gamma"):
+        if not math.isfinite(getattr(options, name)):
+            raise OptionError(f"--{name.replace('_', '-')} must be a finite number.")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One input acting on one tensor: its checkpoint, weight, and whether it holds τ or a fine-tune θ."""
+
+    ckpt: Checkpoint
+    weight: float
+    finetune: bool
+    index: int
+
+
+def read_block(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+    """Flat elements [start, stop) of a stored tensor as float32 (read with pread, nothing else loaded)."""
+    info = ckpt.info(name)
+    dtype = torch_dtype(info.dtype)
+    item = torch.empty((), dtype=dtype).element_size()
+    buf = bytearray((stop - start) * item)
+    if buf:
+        fd, offset, _ = ckpt.fd_and_span(name)
+        pread_into(fd, memoryview(buf), offset + start * item, info.file)
+        return torch.frombuffer(buf, dtype=dtype).to(torch.float32)
+    return torch.empty(0, dtype=torch.float32)
+
+
+@dataclass
+class TensorMerge:
+    """One output tensor: prepare() runs the first sweep, blocks() yields (start, float32 block) pairs."""
+
+    base: Checkpoint
+    name: str
+    terms: Sequence[Term]
+    options: ApplyOptions
+    rules: dict[int, C.KeepRule] = field(default_factory=dict)
+    active: list[Term] = field(default_factory=list)
+    stock_ratio: float = 0.0
+
+    @property
+    def width(self) -> int:
+        shape = self.base.info(self.name).shape
+        if len(shape) <= 1:  # a vector: one row for DELLA's ranks, one element per row for slerp
+            return max(1, math.prod(shape)) if self.options.spec.sparsify == "della" else 1
+        return math.prod(shape[1:])
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        numel = self.base.info(self.name).numel
+        step = max(1, BLOCK_ELEMENTS // self.width) * self.width
+        for start in range(0, numel, step):
+            yield start, min(numel, start + step)
+
+    def tau(self, term: Term, start: int, stop: int, base_block: torch.Tensor | None) -> torch.Tensor:
+        if term.finetune:
+            base_block = read_block(self.base, self.name, start, stop) if base_block is None else base_block
+            return task_vector(read_block(term.ckpt, self.name, start, stop), base_block)
+        return read_block(term.ckpt, self.name, start, stop)
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.view(-1, self.width)
+
+    def prepare(self) -> bool:
+        """First sweep; False when every τ is zero here (the tensor is then copied from the base)."""
+        spec = self.options.spec
+        for term in self.terms:
+            if self._prepare_term(term, spec):
+                self.active.append(term)
+        if spec.kind == "model_stock" and self.active:
+            self.stock_ratio = self._stock_ratio()
+        return bool(self.active)
+
+    def _prepare_term(self, term: Term, spec: MethodSpec) -> bool:
+        opts, numel = self.options, self.base.info(self.name).numel
+        sparse = spec.sparsify if opts.density < 1 else None
+        key = stream_key(opts.seed, self.name, term.index)
+        full_abs = torch.empty(numel, dtype=torch.float32) if sparse in ("magnitude", "magnitude_outliers") else None
+        rule = C.KeepRule("all") if sparse is None else C.KeepRule(
+            "random" if sparse == "random" else "della", density=opts.density, epsilon=opts.epsilon, key=key)
+        nonzero, before, after = False, 0.0, 0.0
+        for start, stop in self.spans():
+            block = self.tau(term, start, stop, None)
+            nonzero = nonzero or abs_max(block) != 0.0
+            if full_abs is not None:
+                torch.abs(block, out=full_abs[start:stop])
+            elif sparse is not None and opts.rescale_on:
+                before += float(block.abs().sum(dtype=torch.float64))
+                after += float(C.sparsify_block(self.rows(block), rule, start).abs().sum(dtype=torch.float64))
+        if not nonzero:
+            return False
+        if full_abs is not None:
+            lo, hi = C.keep_range(full_abs, opts.density, method=sparse, gamma=opts.gamma)
+            rule = C.KeepRule("range", lo=lo, hi=hi)
+            if opts.rescale_on:
+                before = float(full_abs.sum(dtype=torch.float64))
+                after = float(full_abs[(full_abs >= lo) & (full_abs <= hi)].sum(dtype=torch.float64))
+        if sparse is not None and opts.rescale_on:
+            rule = C.KeepRule(rule.kind, lo=rule.lo, hi=rule.hi, density=rule.density, epsilon=rule.epsilon,
+                              key=rule.key, scale=C.l1_scale(before, after))
+        self.rules[term.index] = rule
+        return True
+
+    def _stock_ratio(self) -> float:
+        count = len(self.terms)
+        dots = [[0.0] * count for _ in range(count)]
+        for start, stop in self.spans():
+            base_block = read_block(self.base, self.name, start, stop)
+            taus = [self.tau(term, start, stop, base_block) for term in self.terms]
+            for i in range(count):
+                for j in range(i, count):
+                    dots[i][j] += float(torch.dot(taus[i], taus[j]))
+        norms = [math.sqrt(max(dots[i][i], 0.0)) for i in range(count)]
+        return C.model_stock_ratio([[dots[min(i, j)][max(i, j)] for j in range(count)] for i in range(count)], norms)
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Second sweep: (flat start, float32 output block) in order."""
+        combine = {"gta": self._gta, "slerp": self._slerp, "model_stock": self._stock}[self.options.spec.kind]
+        for start, stop in self.spans():
+            base_block = read_block(self.base, self.name, start, stop)
+            yield start, combine(base_block, start, stop)
+
+    def _gta(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        opts = self.options
+        if opts.method == "task_arithmetic" and not opts.normalize_on and opts.lambda_scale == 1:
+            out = base_block.clone()  # the historical order: θ_base, then + λ_i·τ_i one at a time
+            for term in self.active:
+                out.add_(self.tau(term, start, stop, base_block), alpha=term.weight)
+            return out
+        deltas = []
+        for term in self.active:
+            kept = C.sparsify_block(self.rows(self.tau(term, start, stop, base_block)), self.rules[term.index], start)
+            deltas.append(kept.reshape(-1) * term.weight)
+        consensus = ("sum" if opts.majority_sign == "total" else "count") if opts.spec.consensus else None
+        # without a sign election mergekit divides by Σw of every input that has the tensor, zero τ or not
+        weights = [t.weight for t in self.active] if consensus else [sum(t.weight for t in self.terms)]
+        mixed = C.consensus_block(deltas, weights, consensus=consensus, normalize=opts.normalize_on,
+                                  lambda_scale=opts.lambda_scale)
+        return base_block + mixed
+
+    def _theta(self, term: Term, start: int, stop: int, base_block: torch.Tensor) -> torch.Tensor:
+        if term.finetune:
+            return read_block(term.ckpt, self.name, start, stop)
+        return base_block + read_block(term.ckpt, self.name, start, stop)
+
+    def _slerp(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        other = self._theta(self.terms[0], start, stop, base_block)
+        return C.slerp_rows(self.options.t, self.rows(base_block), self.rows(other)).reshape(-1)
+
+    def _stock(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        total = torch.zeros_like(base_block)
+        for term in self.terms:
+            total.add_(self._theta(term, start, stop, base_block))
+        ratio = self.stock_ratio
+        return ratio * (total / len(self.terms)) + (1 - ratio) * base_block
+
+
+def merge_tensor(base: Checkpoint, name: str, terms: Sequence[Term], options: ApplyOptions,
+                 emit: Callable[[int, torch.Tensor], None]) -> bool:
+    """Compute one output tensor, handing each float32 block to ``emit(start, block)``; False (nothing
+    emitted) when no input changes this tensor."""
+    job = TensorMerge(base, name, terms, options)
+    if not job.prepare():
+        return False
+    for start, block in job.blocks():
+        emit(start, block)
+    return True
