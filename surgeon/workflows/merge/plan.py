@@ -16,6 +16,7 @@ from surgeon.errors import AdapterError, OptionError
 from surgeon.io.adapter import Adapter, AdapterModule, BaseNames, adapter_layout, check_mergeable, pattern_value
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.workflows.convert import FLOAT_DTYPES
+from surgeon.workflows.merge.config_checks import check_config_promises
 
 # Architectures whose projections are transformers' Conv1D (weight stored in × out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
@@ -399,6 +400,7 @@ def plan_adapter_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter, float
     vera: dict[int, tuple[int, int, int, int]] = {}
     for idx, (adapter, weight) in enumerate(adapters):
         check_mergeable(adapter)
+        check_config_promises(adapter, adapter_layout(adapter.weights))
         if not math.isfinite(weight):
             raise OptionError(f"{adapter.folder}: adapter weight {weight} is not a finite number; give e.g. ADAPTER:0.5.")
         planner = _Planner(base, names, adapter, idx, float(weight))
