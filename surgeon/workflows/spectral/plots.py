@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import OptionError, OutputError
+from surgeon.io.output import check_not_input, show, side_file
 from surgeon.report import figures
 
 if TYPE_CHECKING:
@@ -64,21 +65,24 @@ def _sweep(rows: Sequence[MatrixIntruders], path: Path) -> None:
 
 def write_plots(folder: Path, rows: Sequence[MatrixIntruders], *, epsilon: float,
                 select: str | None = None) -> list[str]:
-    """Write the figures into ``folder`` (created); returns the files written."""
+    """Write the figures into ``folder`` (created); returns the files written.
+
+    Side-output rules: the folder is never an input or inside one, an existing figure is never
+    replaced (choose an empty folder), and each PNG appears atomically.
+    """
     figures.pyplot()  # fail before the folder is made when matplotlib is missing
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"{folder}: cannot create the plot folder ({exc.strerror or exc}); choose another --plot DIR."
-        ) from None
+    check_not_input(folder, what="plot folder")
+    draws = [(folder / f"similarity-{_safe(row.name)}.png", lambda p, row=row: _similarity(row, p, epsilon))
+             for row in choose(rows, select)]
+    draws += [(folder / "intruders-per-layer.png", lambda p: _per_layer(rows, p, epsilon)),
+              (folder / "epsilon-sweep.png", lambda p: _sweep(rows, p))]
+    taken = [p.name for p, _ in draws if p.exists()]
+    if taken:
+        raise OutputError(f"{show(folder)}: already holds {', '.join(taken)}; surgeon never replaces a figure, "
+                          "choose an empty --plot DIR.")
     written = []
-    for row in choose(rows, select):
-        path = folder / f"similarity-{_safe(row.name)}.png"
-        _similarity(row, path, epsilon)
+    for path, draw in draws:
+        with side_file(path, overwrite=False, what="plot") as tmp:
+            draw(tmp)
         written.append(str(path))
-    for name, draw in (("intruders-per-layer.png", lambda p: _per_layer(rows, p, epsilon)),
-                       ("epsilon-sweep.png", lambda p: _sweep(rows, p))):
-        draw(folder / name)
-        written.append(str(folder / name))
     return written
