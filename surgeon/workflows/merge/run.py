@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 from surgeon.errors import OptionError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
@@ -221,6 +222,10 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
                                   "device": job.device, "max_shard_size": str(options.max_shard_size)},
                         inputs={"base": job.base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(job.sources)}})
     extra_files, extra_texts = _config_texts(ckpt, job.target)
+    side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
+    if options.precision_report is not None:  # before any work: a report that cannot be written fails now
+        check_side_output(options.precision_report, overwrite=options.overwrite, inputs=side_inputs,
+                          what="precision report")
     with CheckpointWriter(job.out, specs, inputs=[ckpt.root, *(p for p, _ in job.sources)],
                           max_shard_size=options.max_shard_size, metadata=safetensors_metadata(record),
                           extra_files=extra_files, extra_texts={**extra_texts, PROVENANCE_FILE: provenance_file_text(record)},
@@ -229,7 +234,8 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
         report = _report(job, entries, routes, writer.shard_files, started)
         writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary(report))
     if options.precision_report is not None:
-        Path(options.precision_report).write_text(json.dumps(_precision_payload(report), indent=2) + "\n", "utf-8")
+        write_side_output(options.precision_report, json.dumps(_precision_payload(report), indent=2) + "\n",
+                          overwrite=options.overwrite, inputs=side_inputs, what="precision report")
     return report
 
 
