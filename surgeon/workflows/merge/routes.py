@@ -24,6 +24,7 @@ from surgeon.errors import OptionError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.writer import TensorSpec
 from surgeon.ops import native_merge
+from surgeon.ops.native_shapes import native_exact
 from surgeon.workflows.merge.plan import MergePlan
 
 ENGINES = ("auto", "native", "torch", "memory")
@@ -99,12 +100,15 @@ def _native_fits(ckpt: Checkpoint, plan: MergePlan, name: str, out_dtype: str) -
     info = ckpt.info(name)
     if len(info.shape) != 2 or info.numel == 0 or not {info.dtype, out_dtype} <= set(native_merge.DTYPE_CODES):
         return False
+    ranks = []
     for op in plan.targets[name]:
         weights = plan.adapters[op.adapter].weights
         if op.kind != "lora" or any(weights.info(op.tensors[role]).dtype not in _NATIVE_FACTOR_DTYPES
                                     for role in ("lora_A", "lora_B")):
             return False
-    return True
+        ranks.append(weights.info(op.tensors["lora_A"]).shape[0])
+    out_in = info.shape[::-1] if plan.targets[name][0].fan_in_fan_out else info.shape
+    return native_exact(out_in[0], out_in[1], ranks)  # shapes where torch's BLAS takes another kernel: torch
 
 
 def _kernel_for(engine: str, wanted: bool) -> Any:
