@@ -162,11 +162,29 @@ def test_unchanged_model_has_no_intruders(tiny_llama):
     assert set(report.methods) == {"unchanged"}
 
 
+def _monte_carlo_baseline(dim: int, count: int, samples: int) -> tuple[float, float]:
+    """(mean, std) of max_i |xᵀq_i| by direct sampling: x uniform on the sphere of R^dim, q_i a random orthonormal set."""
+    gen = torch.Generator().manual_seed(1234)
+    q, _ = torch.linalg.qr(torch.randn(dim, count, generator=gen, dtype=torch.float64))
+    x = torch.randn(samples, dim, generator=gen, dtype=torch.float64)
+    x /= x.norm(dim=1, keepdim=True)
+    best = (x @ q).abs().max(dim=1).values
+    return float(best.mean()), float(best.std())
+
+
 def test_random_baseline():
-    assert ops.random_baseline(2, 2) == pytest.approx(2 * math.sqrt(2) / math.pi, abs=0.01)  # E max(|cos|,|sin|)
-    assert ops.random_baseline(2048, 2048) == pytest.approx(ops.asymptotic_baseline(2048, 2048), rel=0.15)
+    """Against closed forms and a direct Monte Carlo; the tolerance is 4 standard errors of surgeon's 1000 samples."""
+    for dim in (2, 3, 10, 100):  # one direction (2/π in the plane): E|x₁| = Γ(d/2) / (√π Γ((d+1)/2)), E x₁² = 1/d
+        exact = math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+        assert ops.random_baseline(dim, 1) == pytest.approx(exact, abs=4 * math.sqrt((1 / dim - exact**2) / 1000)), dim
+    assert ops.random_baseline(3, 1) == pytest.approx(0.5, abs=0.037)  # x₁ is uniform on [-1, 1] on the 2-sphere
+    assert ops.random_baseline(2, 2) == pytest.approx(2 * math.sqrt(2) / math.pi, abs=0.012)  # E max(|cos θ|, |sin θ|)
+    assert ops.random_baseline(1, 1) == 1.0 and ops.random_baseline(5, 9) == ops.random_baseline(5, 5)
+    for dim, count, samples in ((32, 32, 20000), (64, 8, 20000), (300, 30, 5000), (512, 512, 2000)):
+        mean, std = _monte_carlo_baseline(dim, count, samples)
+        tol = 4 * std * (1 / math.sqrt(1000) + 1 / math.sqrt(samples))
+        assert ops.random_baseline(dim, count) == pytest.approx(mean, abs=tol), (dim, count)
     assert ops.random_baseline(32, 32) > 0.4  # why ε = 0.5 means little on a 32-dim toy
-    assert ops.random_baseline(4096, 1024) < ops.random_baseline(4096, 4096)
 
 
 def test_cli_json_and_table(tiny_llama, llama_lora, tmp_path):

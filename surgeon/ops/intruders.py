@@ -70,7 +70,7 @@ def random_baseline(dim: int, count: int, *, samples: int = 1000, seed: int = 0)
 
     The value c_j takes when u_j has nothing to do with the base; ε near or below it makes
     every direction an intruder. Monte Carlo with a fixed seed (the first ``count``
-    coordinates of a normalized Gaussian), about ±0.003.
+    coordinates of a normalized Gaussian): standard error about 0.01 in 2-3 dimensions, under 0.003 from about 30.
     """
     count = min(count, dim)
     if dim <= 1:
