@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +69,24 @@ class Share:
     def fail(self, exc: BaseException) -> None:
         self.failure = {"rank": self.world.rank, "item": self._current, "message": _first_line(exc),
                         "type": type(exc).__name__}
+
+
+def run_share(part: Share, names: Sequence[str], results: Iterable[Any]) -> None:
+    """Store the results of this rank's items (``results`` yields them in the order of ``part.mine``).
+
+    In a process group a failure is held (rank, item name, message) for :func:`collect` to report
+    on every rank, instead of leaving the other ranks waiting at the gather; alone it propagates.
+    """
+    stream = iter(results)
+    for index, name in zip(part.mine, names):
+        with part.item(index, name):
+            try:
+                part.results[index] = next(stream)
+            except Exception as exc:
+                if not part.world.distributed:
+                    raise
+                part.fail(exc)
+                return
 
 
 def plan_share(world: World, costs: Sequence[float]) -> Share:

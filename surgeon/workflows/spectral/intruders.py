@@ -33,9 +33,13 @@ from surgeon.io.svd_cache import CachedBasis, SvdCache, content_key
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target
+from surgeon.parallel.exchange import collect, device_for, plan_share, run_share, sum_counts
+from surgeon.parallel.share import svd_cost
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
-from surgeon.workflows.spectral.results import SIDES, IntruderOptions, IntrudersReport, MatrixIntruders
+from surgeon.workflows.spectral.results import (SIDES, IntruderOptions, IntrudersReport, MatrixIntruders, row_from_wire,
+                                                row_to_wire)
 from surgeon.workflows.spectral.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -281,22 +285,31 @@ def find_intruders(
     use_cache: bool = True,
     plot: str | os.PathLike[str] | None = None,
     plot_matrices: str | None = None,
+    world: World = SOLO,
 ) -> IntrudersReport:
-    """Intruder dimensions of TUNED (or BASE + ``adapter``) against BASE, per selected matrix."""
+    """Intruder dimensions of TUNED (or BASE + ``adapter``) against BASE, per selected matrix.
+
+    On a process group (``world``), each rank analyses its share of the matrices (by SVD cost);
+    every rank gets the whole report, and only rank 0 draws the plots.
+    """
     options.check()
     begin = time.perf_counter()
-    dev = pick_device(device)
+    dev = pick_device(device_for(world, device))
     store = open_cache(cache, enabled=use_cache)
     counts = {"hits": 0, "misses": 0, "computed": 0}
     with open_inputs(tuned, base, adapter) as inputs:
         chosen = resolve_targets(inputs.base, targets, what=str(base))
-        rows = [a.row for a in analyse_stream(inputs, chosen, options, store, dev, counts)]
+        part = plan_share(world, [svd_cost(*t.linear_shape) for t in chosen])
+        analysed = analyse_stream(inputs, [chosen[i] for i in part.mine], options, store, dev, counts)
+        run_share(part, [chosen[i].name for i in part.mine], (a.row for a in analysed))
         tuned_arg, adapter_arg = inputs.tuned_path, inputs.adapter_path
+    rows = collect(part, encode=row_to_wire, decode=row_from_wire)
+    counts = sum_counts(world, counts)
     methods: dict[str, int] = {}
     for row in rows:
         methods[row.method] = methods.get(row.method, 0) + 1
     plots: list[str] = []
-    if plot is not None:
+    if plot is not None and world.is_main:
         from surgeon.workflows.spectral.plots import write_plots
 
         plots = write_plots(Path(plot), rows, epsilon=options.epsilon, select=plot_matrices)
@@ -305,5 +318,5 @@ def find_intruders(
         str(tuned_arg) if tuned_arg is not None else None, str(base),
         str(adapter_arg) if adapter_arg is not None else None, targets,
         options.epsilon, options.top_k, options.side, str(dev), rows, totals(rows), cache_info, methods, plots,
-        time.perf_counter() - begin,
+        time.perf_counter() - begin, world.size, part.owners,
     )

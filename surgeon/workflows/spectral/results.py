@@ -93,8 +93,25 @@ class IntrudersReport:
     methods: dict[str, int]
     plots: list[str]
     seconds: float
+    world_size: int = 1
+    computed_by_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        body["matrices"] = [m.to_dict() for m in self.matrices]
+        owners = body.pop("computed_by_rank") or [0] * len(self.matrices)
+        body["matrices"] = [{**m.to_dict(), "computed_by_rank": rank} for m, rank in zip(self.matrices, owners)]
         return body
+
+
+def row_to_wire(row: MatrixIntruders) -> dict[str, Any]:
+    """A row as JSON-able data, similarity matrix included (for the gather of a distributed run)."""
+    sim = row.similarity
+    return {**row.to_dict(), "similarity": None if sim is None else {"dtype": str(sim.dtype), "rows": sim.tolist()}}
+
+
+def row_from_wire(data: dict[str, Any]) -> MatrixIntruders:
+    import numpy
+
+    body = dict(data)
+    sim = body.pop("similarity")
+    return MatrixIntruders(**body, similarity=None if sim is None else numpy.asarray(sim["rows"], dtype=sim["dtype"]))

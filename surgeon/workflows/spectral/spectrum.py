@@ -31,7 +31,7 @@ from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target, TargetSpecError, select_targets
-from surgeon.parallel.exchange import collect, device_for, plan_share, sum_counts
+from surgeon.parallel.exchange import collect, device_for, plan_share, run_share, sum_counts
 from surgeon.parallel.share import svd_cost
 from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
@@ -219,17 +219,10 @@ def spectrum(
         chosen = resolve_targets(ckpt, targets, what=str(model))
         part = plan_share(world, [svd_cost(*t.linear_shape) for t in chosen])
         mine = [chosen[i] for i in part.mine]
-        for index, (target, raw) in zip(part.mine, progress(read_ahead(mine, lambda t: ckpt.read_raw(t.name)),
-                                                            total=len(mine), desc="spectrum")):
-            with part.item(index, target.name):
-                try:
-                    part.results[index] = _spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev,
-                                                        cache=store, counts=counts, method=method)
-                except Exception as exc:
-                    if not world.distributed:
-                        raise
-                    part.fail(exc)
-                    break
+        stream = progress(read_ahead(mine, lambda t: ckpt.read_raw(t.name)), total=len(mine), desc="spectrum")
+        run_share(part, [t.name for t in mine],
+                  (_spectrum_one(ckpt, target, raw, top_k=top_k, full=full, device=dev, cache=store, counts=counts,
+                                 method=method) for target, raw in stream))
     rows = collect(part, encode=asdict, decode=lambda d: MatrixSpectrum(**d))
     counts = sum_counts(world, counts)
     report = SpectrumReport(str(model), targets, None if full else top_k, full, str(dev), rows, counts,
