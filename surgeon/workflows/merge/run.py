@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 from surgeon.errors import OptionError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.model_config import side_files
 from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
@@ -154,22 +155,6 @@ def _output_dtypes(base: Checkpoint, target: str | None) -> dict[str, str]:
     return out
 
 
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def _config_texts(base: Checkpoint, target: str | None) -> tuple[list[Path], dict[str, str]]:
-    """Side files to copy, with config.json's dtype rewritten when the output dtype was changed."""
-    files = base.extra_files()
-    config = base.config()
-    if target is None or config is None:
-        return files, {}
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    if all(config.get(k) == _TORCH_NAMES[target] for k in keys):
-        return files, {}
-    config.update({k: _TORCH_NAMES[target] for k in keys})
-    return [f for f in files if f.name != "config.json"], {"config.json": json.dumps(config, indent=2) + "\n"}
-
-
 def merge(
     base: str | os.PathLike[str],
     adapters: Sequence[AdapterArg],
@@ -221,7 +206,7 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
     record = provenance("merge", {"adapters": job.adapters_info, "dtype": str(options.dtype or "auto"),
                                   "device": job.device, "max_shard_size": str(options.max_shard_size)},
                         inputs={"base": job.base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(job.sources)}})
-    extra_files, extra_texts = _config_texts(ckpt, job.target)
+    extra_files, extra_texts = side_files(ckpt, job.target)
     side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
     if options.precision_report is not None:  # before any work: a report that cannot be written fails now
         check_side_output(options.precision_report, overwrite=options.overwrite, inputs=side_inputs,
