@@ -230,13 +230,26 @@ def _is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _same_file(target: Path, src: Path) -> bool:
+    """``target`` is ``src``, or a hard link of a file directly in the input folder ``src``."""
+    if os.path.samefile(target, src):
+        return True
+    st = target.stat()
+    if not target.is_file() or st.st_nlink < 2 or not src.is_dir():
+        return False
+    try:
+        return any(p.is_file() and os.path.samefile(p, target) for p in src.iterdir())
+    except OSError:
+        return False
+
+
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str]] = (), *, what: str = "output") -> Path:
     """The resolved ``out``; raise if it lies in, holds or is (the same file as) any input."""
     target = out.resolve()
     guard = _GUARD.get()
     known = [(Path(p), Path(p).resolve()) for p in inputs] + [(p, p) for p in (guard.inputs if guard else [])]
     for shown, src in known:
-        same = target.exists() and src.exists() and os.path.samefile(target, src)
+        same = target.exists() and src.exists() and _same_file(target, src)
         if same or _is_within(target, src) or _is_within(src, target):
             fix = "Choose another output folder." if what == "output" else f"Choose another {what} path."
             raise OutputError(f"{show(out)}: the {what} overlaps the input {show(shown)}; surgeon never writes "
