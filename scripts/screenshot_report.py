@@ -1,4 +1,4 @@
-"""Screenshot an HTML page (the demo report) with headless Chromium, to know it renders.
+"""Screenshot an HTML page (the demo report, an --html page) with headless Chromium, to know it renders.
 
 Usage:
     python scripts/screenshot_report.py surgeon-demo/report.html -o report.png
@@ -44,7 +44,10 @@ def screenshot(page: Path, png: Path, *, width: int = 1280, height: int = 2400, 
     with tempfile.TemporaryDirectory(prefix="surgeon-chromium-") as profile:
         cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png}",
+               "--hide-scrollbars", f"--user-data-dir={profile}",
+               # offline: every http(s) request goes to a closed local port, so a page that needs the
+               # network renders without what it fetches (file:// itself is never proxied)
+               "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>", f"--screenshot={png}",
                f"--window-size={width},{height}", page.resolve().as_uri()]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if not png.is_file() or png.read_bytes()[:8] != PNG_MAGIC:

@@ -107,3 +107,31 @@ def test_cli_sequence_json_and_text(stages, tmp_path):
     assert "persisting" in text.output and "vanished" in text.output
     one = runner.invoke(cli, ["intruders", str(paths[0]), "--base", str(base), "--targets", "proj", "--sequence"])
     assert one.exit_code != 0 and "at least two stages" in one.output
+
+
+def test_scale_sequence_from_rescales_only_the_later_born(stages, tmp_path):
+    base, paths, w0, weights, planted = stages
+    out = tmp_path / "fixed"
+    result = CliRunner().invoke(cli, ["scale-intruders", *map(str, paths), "--base", str(base), "--targets", "proj",
+                                      "--no-cache", "--sequence-from", "2", "--lambda", "0", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output)
+    assert body["sequence_from"] == 2 and [len(c["ranks"]) for c in body["changes"]] == [1]
+    # reference: stage 3's full SVD with the y triplet (born at stage 2) removed; x (born at 1) kept
+    u, s, vh = torch.linalg.svd(weights[2], full_matrices=False)
+    j = max(range(3), key=lambda i: abs(float(u[:, i] @ planted[2])))
+    expected = weights[2] - s[j] * torch.outer(u[:, j], vh[j])
+    from surgeon.io.checkpoint import Checkpoint
+
+    with Checkpoint.open(out) as ckpt:
+        written = ckpt.get(NAME, dtype=torch.float64)
+        assert torch.equal(ckpt.get(OTHER, dtype=torch.float64), geometric_matrix(150, 100, decay=0.85, seed=3))
+    assert torch.allclose(written, expected, atol=1e-6)
+    after = find_intruders(out, base, targets="proj", use_cache=False)
+    assert after.totals["intruders"] == 1  # x remains
+    bad = CliRunner().invoke(cli, ["scale-intruders", *map(str, paths), "--base", str(base), "--sequence-from", "4",
+                                   "--lambda", "0", "-o", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "from 1 to 3" in bad.output
+    two = CliRunner().invoke(cli, ["scale-intruders", *map(str, paths[:2]), "--base", str(base), "--lambda", "0",
+                                   "-o", str(tmp_path / "y")])
+    assert two.exit_code != 0 and "--sequence-from" in two.output

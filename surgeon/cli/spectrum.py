@@ -28,11 +28,13 @@ _SHOWN_VALUES = 4
 @click.option("-o", "--output", "out", default=None, metavar="FILE",
               help="Write every singular value: FILE.json (the report) or FILE.safetensors (one vector per matrix).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--html", "html", default=None, metavar="FILE",
+              help="Write a self-contained report page (σ₁ and stable rank per layer, spectra); needs surgeon[plot].")
 @json_option
 @global_options
 @distributed_command
 def command(model: str, targets: str, top_k: int, full: bool, device: str, cache: str | None, out: str | None,
-            overwrite: bool, as_json: bool, world: World) -> None:
+            overwrite: bool, html: str | None, as_json: bool, world: World) -> None:
     """Singular values of every selected weight matrix, layer by layer, streamed.
 
     Per matrix (nn.Linear orientation; GPT-2 Conv1D weights are transposed): the
@@ -45,12 +47,21 @@ def command(model: str, targets: str, top_k: int, full: bool, device: str, cache
     Example:
       surgeon spectrum ./Llama-3.2-1B --targets qv --top-k 5
       surgeon spectrum ./bert-base --full -o spectrum.json
+      surgeon spectrum ./bert-base --full --html spectrum.html
       surgeon spectrum ./model --targets 'layers\\.0\\..*proj\\.weight' --json
       surgeon spectrum ./model --full --nproc 2        # two local processes
       torchrun --nproc-per-node 8 -m surgeon spectrum ./model --full --json
     """
+    if html is not None:
+        from surgeon.workflows.spectral.page import check_page_path
+
+        check_page_path(html)  # before the work, not after
     report = spectrum(model, targets=targets, top_k=top_k, full=full, device=device, cache=cache, output=out,
                       overwrite=overwrite, world=world)
+    if html is not None and world.is_main:
+        from surgeon.workflows.spectral.page_spectrum import write_spectrum_page
+
+        write_spectrum_page(html, report)
     if as_json:
         emit_json("spectrum", report.to_dict())
         return
@@ -65,4 +76,4 @@ def command(model: str, targets: str, top_k: int, full: bool, device: str, cache
         rows.append(row)
     table(headers, rows)
     info(f"{len(report.matrices)} matrices in {report.seconds:.1f}s on {report.device}"
-         + (f"; wrote {report.output}" if report.output else ""))
+         + (f"; wrote {report.output}" if report.output else "") + (f"; wrote {html}" if html else ""))

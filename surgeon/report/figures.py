@@ -151,6 +151,7 @@ def spectra(path: Path, series: Sequence[tuple[str, Sequence[float], str | None,
             ax.plot([j for j, _ in hits], [v for _, v in hits], "o", mfc="none", mec="#b3261e", ms=8, mew=1.4)
     if log and all(v > 0 for _, values, _, _ in series for v in values):
         ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

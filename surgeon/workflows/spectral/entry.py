@@ -1,16 +1,20 @@
-"""The one call behind `surgeon intruders`: one model, several side by side, or a sequence; and the page."""
+"""The one call behind `surgeon intruders` (one model, several side by side, or a sequence) and behind
+`surgeon scale-intruders` (one model, or the last stage of a sequence); and their pages."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from surgeon.errors import SurgeonError
 from surgeon.ops.targets import DEFAULT_PRESET
 from surgeon.workflows.spectral.intruders import find_intruders
 from surgeon.workflows.spectral.multi import ManyReport, check_tuned, find_intruders_many
 from surgeon.workflows.spectral.results import IntruderOptions, IntrudersReport
-from surgeon.workflows.spectral.sequence import DEFAULT_MATCH, find_intruders_sequence
+from surgeon.workflows.spectral.scale_intruders import ScaleReport, scale_intruders
+from surgeon.workflows.spectral.sequence import DEFAULT_MATCH, SequenceReport, find_intruders_sequence
 
 
 def run_intruders(
@@ -57,3 +61,72 @@ def run_intruders(
 
         write_intruders_page(html, report, plot_matrices=plot_matrices)
     return report
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    """`surgeon scale-intruders`: the scale report, the stages view when ``--sequence-from`` was given."""
+
+    report: ScaleReport
+    sequence: SequenceReport | None
+    sequence_from: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        body = self.report.to_dict()
+        if self.sequence is not None:
+            body.update(sequence_from=self.sequence_from, sequence=self.sequence.to_dict())
+        return body
+
+
+def run_scale_intruders(
+    tuned: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    lam: float,
+    adapter: str | os.PathLike[str] | None = None,
+    targets: str = DEFAULT_PRESET,
+    options: IntruderOptions = IntruderOptions(),
+    device: str = "auto",
+    cache: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    sequence_from: int | None = None,
+    match: float = DEFAULT_MATCH,
+    html: str | os.PathLike[str] | None = None,
+    **write: Any,
+) -> ScaleRun:
+    """:func:`scale_intruders` of the last TUNED. With ``sequence_from`` the TUNED are the stages of one
+    continual run and only the last stage's intruders born at that stage or later are rescaled.
+    ``html``: the page (the model before, the written one analysed again after). ``write``: the
+    writer's options of :func:`scale_intruders` (only_top, as_adapter, max_shard_size, overwrite)."""
+    if html is not None:
+        from surgeon.workflows.spectral.page import check_page_path
+
+        check_page_path(html)
+    view, before, ranks = None, None, None
+    if sequence_from is not None:
+        if adapter is not None:
+            raise SurgeonError("--adapter with --sequence-from: give every stage (checkpoint or adapter folder) as TUNED.")
+        if len(tuned) < 2 or not 1 <= sequence_from <= len(tuned):
+            raise SurgeonError(f"--sequence-from {sequence_from} with {len(tuned)} TUNED: give the stages of the run in "
+                               f"order (at least two) and a stage from 1 to {max(len(tuned), 1)}.")
+        seq = find_intruders_sequence(tuned, base, targets=targets, options=options, match=match, device=device,
+                                      cache=cache, use_cache=use_cache)
+        view, before = seq.sequence, seq.models[-1]
+        ranks = view.born_at_or_after(sequence_from)
+    elif len(tuned) > 1:
+        raise SurgeonError(f"{len(tuned)} TUNED: scale-intruders rewrites one model; give one TUNED, or the stages of "
+                           "a continual run with --sequence-from STAGE.")
+    last = tuned[-1] if tuned else None
+    report = scale_intruders(last, base, out, lam=lam, adapter=adapter, targets=targets, options=options,
+                             device=device, cache=cache, use_cache=use_cache, only_ranks=ranks, **write)
+    if html is not None:
+        from surgeon.workflows.spectral.page import write_scale_page
+
+        if before is None:
+            before = find_intruders(last, base, adapter=adapter, targets=targets, options=options, device=device,
+                                    cache=cache, use_cache=use_cache)
+        after = find_intruders(out, base, targets=targets, options=options, device=device, cache=cache,
+                               use_cache=use_cache)
+        write_scale_page(html, report, before, after, sequence=view)
+    return ScaleRun(report, view, sequence_from)

@@ -181,7 +181,7 @@ def _matrices_section(models: Models, figs: Figures, select: str | None) -> str:
         spec = figs.draw(lambda p, series=series, row=row: figures.spectra(
             p, series, title=f"{row.name}: singular values"),
             f"{label}, {row.name}: singular values of the base and of the fine-tune (circled: intruders).")
-        parts.append(f'<div class="grid2">{sim}{spec}</div>')
+        parts.append(sim + spec)
     text = ("<p>For each model, the matrices whose intruders carry the largest share of the top-k energy: the "
             "similarity heat-map of their singular vectors and their singular values before (base) and after.</p>")
     return section("Matrices with the most intruder energy", "matrices", text + "".join(parts))
@@ -194,7 +194,7 @@ def _sequence_section(view: Any, figs: Figures) -> str:
     cats = [f"stage {s.stage}" for s in stages]
     plot = figs.draw(lambda p: figures.bars(p, cats, series, stacked=True, xlabel="stage", ylabel="intruders",
                                             title="Intruders per stage, by the stage they were born in",
-                                            size=(6.0, 3.4), clean=True),
+                                            size=(6.0, 3.4), integer=True, clean=True),
                      "Intruders present after each stage, stacked by the stage in which each first appeared.")
     rows = [(s.stage, Path(s.model).name, s.intruders, s.new, s.persisting, s.vanished, s.cumulative) for s in stages]
     last = sorted(stages[-1].items, key=lambda x: (x.born, x.stops_at_epsilon))[:40]
@@ -246,7 +246,8 @@ def write_intruders_page(path: str | os.PathLike[str], report: IntrudersReport |
     return write_page(path, text)
 
 
-def write_scale_page(path: str | os.PathLike[str], scale: Any, before: IntrudersReport, after: IntrudersReport) -> Path:
+def write_scale_page(path: str | os.PathLike[str], scale: Any, before: IntrudersReport, after: IntrudersReport, *,
+                     sequence: Any = None) -> Path:
     """The page for `surgeon scale-intruders`: the model before and after, and every change made."""
     figures.pyplot()
     label_after = f"after (\u03bb = {scale.lam:g})"
@@ -262,7 +263,7 @@ def write_scale_page(path: str | os.PathLike[str], scale: Any, before: Intruders
     with tempfile.TemporaryDirectory(prefix="surgeon-page-") as tmp:
         text = build_page([("before", before), (label_after, after)], heading="surgeon scale-intruders",
                           subtitle=f"{before.tuned or before.adapter} with its intruders scaled by \u03bb = {scale.lam:g}.",
-                          root=Path(tmp), extra_cards=extra, extra_sections=[changes],
+                          root=Path(tmp), extra_cards=extra, extra_sections=[changes], sequence=sequence,
                           data={"command": "scale-intruders", "scale": scale.to_dict(), "before": before.to_dict(),
                                 "after": after.to_dict()})
     return write_page(path, text)
