@@ -220,22 +220,18 @@ def consensus_block(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
 
 
 # -- interpolations -----------------------------------------------------------------------------
-@torch.no_grad()
-def slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
-               eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of each row of (rows × width) float32 blocks, as mergekit 0.1.5: rows whose
-    normalized dot exceeds ``dot_threshold`` in magnitude are interpolated linearly."""
-    norm0 = torch.linalg.vector_norm(v0, dim=1, keepdim=True)
-    norm1 = torch.linalg.vector_norm(v1, dim=1, keepdim=True)
-    norm0 = torch.where(norm0 > eps, norm0, 1)
-    norm1 = torch.where(norm1 > eps, norm1, 1)
-    dot = ((v0 / norm0) * (v1 / norm1)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    linear = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(linear, 0, dot))
-    sin_theta = torch.sin(theta)
-    coef0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return coef0 * v0 + coef1 * v1
+def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float, *, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) with slerp(v0, v1) = c0·v0 + c1·v1 for whole flattened tensors, as mergekit 0.1.5: ``norm0``,
+    ``norm1`` their 2-norms, ``dot`` = ⟨v0, v1⟩; nearly collinear or antipodal pairs (|cos| > ``dot_threshold``)
+    and norms ≤ ``eps`` (taken as 1) interpolate linearly."""
+    n0 = norm0 if norm0 > eps else 1.0
+    n1 = norm1 if norm1 > eps else 1.0
+    cos = max(-1.0, min(1.0, dot / (n0 * n1)))
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def model_stock_ratio(dots: Sequence[Sequence[float]], norms: Sequence[float]) -> float:

@@ -163,11 +163,12 @@ class TensorMerge:
     rules: dict[int, C.KeepRule] = field(default_factory=dict)
     active: list[Term] = field(default_factory=list)
     stock_ratio: float = 0.0
+    slerp: tuple[float, float] = (0.5, 0.5)
 
     @property
     def width(self) -> int:
         shape = self.base.info(self.name).shape
-        if len(shape) <= 1:  # a vector: one row for DELLA's ranks, one element per row for slerp
+        if len(shape) <= 1:  # a vector is one row for DELLA's ranks
             return max(1, math.prod(shape)) if self.options.spec.sparsify == "della" else 1
         return math.prod(shape[1:])
 
@@ -194,6 +195,8 @@ class TensorMerge:
                 self.active.append(term)
         if spec.kind == "model_stock" and self.active:
             self.stock_ratio = self._stock_ratio()
+        if spec.kind == "slerp" and self.active:
+            self.slerp = self._slerp_coefficients()
         return bool(self.active)
 
     def _prepare_term(self, term: Term, spec: MethodSpec) -> bool:
@@ -238,6 +241,16 @@ class TensorMerge:
         norms = [math.sqrt(max(dots[i][i], 0.0)) for i in range(count)]
         return C.model_stock_ratio([[dots[min(i, j)][max(i, j)] for j in range(count)] for i in range(count)], norms)
 
+    def _slerp_coefficients(self) -> tuple[float, float]:
+        sums = [0.0, 0.0, 0.0]  # ‖v0‖², ‖v1‖², ⟨v0, v1⟩ over the whole tensor
+        for start, stop in self.spans():
+            v0 = read_block(self.base, self.name, start, stop)
+            v1 = self._theta(self.terms[0], start, stop, v0)
+            sums[0] += float(torch.dot(v0, v0))
+            sums[1] += float(torch.dot(v1, v1))
+            sums[2] += float(torch.dot(v0, v1))
+        return C.slerp_coefficients(self.options.t, math.sqrt(sums[0]), math.sqrt(sums[1]), sums[2])
+
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Second sweep: (flat start, float32 output block) in order."""
         combine = {"gta": self._gta, "slerp": self._slerp, "model_stock": self._stock}[self.options.spec.kind]
@@ -269,8 +282,8 @@ class TensorMerge:
         return base_block + read_block(term.ckpt, self.name, start, stop)
 
     def _slerp(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        other = self._theta(self.terms[0], start, stop, base_block)
-        return C.slerp_rows(self.options.t, self.rows(base_block), self.rows(other)).reshape(-1)
+        c0, c1 = self.slerp
+        return c0 * base_block + c1 * self._theta(self.terms[0], start, stop, base_block)
 
     def _stock(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         total = torch.zeros_like(base_block)
