@@ -39,7 +39,18 @@ def test_top_k_equals_full_svd(shape, method):
     w = _random(*shape) + geometric_matrix(*shape, decay=0.8, scale=3.0)
     t = svd.top_k(w, 10, method=method)
     _assert_triplets_match(t, w, 10)
-    assert t.method == ("dense" if method == "dense" else "krylov" if method == "krylov" else t.method)
+    assert t.method == {"dense": "dense", "krylov": "krylov", "auto": "dense"}[method]  # auto: dense for N ≤ 256
+
+
+@pytest.mark.parametrize("shape,route", [((400, 300), "krylov"), ((300, 400), "krylov"), ((300, 300), "krylov"),
+                                         ((256, 300), "dense"), ((200, 120), "dense")])
+def test_auto_route_on_a_separated_spectrum(shape, route):
+    """Where the iteration converges at once, auto still takes the dense route up to N = 256 and iterates above."""
+    w = geometric_matrix(*shape, decay=0.8)
+    t = svd.top_k(w, 10, method="auto")
+    _assert_triplets_match(t, w, 10)
+    assert t.method == route
+    assert svd.top_k(w, 10, method="krylov").method == "krylov"
 
 
 @pytest.mark.parametrize("shape", [(1040, 530), (530, 1040), (600, 600), (300, 700)])
