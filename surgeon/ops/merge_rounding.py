@@ -14,9 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy
 import torch
 
-from surgeon.ops.native_merge import MIN_ROWS, RoundingStats, row_spans, run_interleaved  # noqa: F401 - MIN_ROWS re-exported
+from surgeon.ops.native_merge import (  # noqa: F401 - MIN_ROWS re-exported
+    CHUNK,
+    MIN_ROWS,
+    RoundingStats,
+    row_spans,
+    run_interleaved,
+)
 
-CHUNK = 1 << 16
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

@@ -44,7 +44,7 @@ def _flags(march: str) -> tuple[str, ...]:
 
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # the kernel's enum
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
-CHUNK = 1 << 17  # elements per block (whole rows)
+CHUNK = 1 << 17  # elements per block of whole rows, for every merge route (2 threads: measured best of 64K-1M)
 TILE = 64  # the kernel's columns per tile
 MIN_ROWS = 4  # a GEMM of fewer rows may take another kernel (other bits); see tests/test_merge_stream.py
 

@@ -29,7 +29,7 @@ from surgeon.workflows.merge.plan import MergePlan
 
 ENGINES = ("auto", "native", "torch", "memory")
 ADDITIVE = frozenset({"lora", "lora_embedding", "lora_bias", "adalora", "loha", "lokr", "vera"})
-STREAM_CHUNK = 1 << 17  # elements per block when streaming (with 2 threads, measured best of 64K-1M)
+STREAM_CHUNK = native_merge.CHUNK  # elements per block when streaming: the one block size, set in ops
 _NATIVE_FACTOR_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
