@@ -33,14 +33,16 @@ def minilm_path() -> Path:
     return folder
 
 
-DATA_FILES = ("sentiment_train.jsonl", "sentiment_eval.jsonl", "topic_train.jsonl", "topic_eval.jsonl")
+DATA_FILES = ("sentiment_train.jsonl", "sentiment_eval.jsonl", "topic_train.jsonl", "topic_eval.jsonl",
+              "question_train.jsonl", "question_eval.jsonl")
 
 
 def data_file(name: str) -> Path:
     """A project-authored task file shipped in ``surgeon/data`` (see its README.md).
 
     sentiment_*: short product reviews labelled positive/negative (240 train, 80 eval);
-    topic_*: sentences labelled sports/cooking/technology/weather (160 train, 60 eval).
+    topic_*: sentences labelled sports/cooking/technology/weather (160 train, 60 eval);
+    question_*: questions labelled by the kind of answer, person/place/time/quantity (120 train, 40 eval).
     """
     if name not in DATA_FILES:
         raise CheckpointNotFoundError(f"no bundled data file {name!r}; choose one of: {', '.join(DATA_FILES)}.")
