@@ -38,8 +38,8 @@ from surgeon.parallel.share import svd_cost
 from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
-from surgeon.workflows.spectral.results import (SIDES, IntruderOptions, IntrudersReport, MatrixIntruders, row_from_wire,
-                                                row_to_wire)
+from surgeon.workflows.spectral.results import (SIDES, Decomposition, IntruderOptions, IntrudersReport, MatrixIntruders,
+                                                SideCosines, build_row, row_from_wire, row_to_wire)
 from surgeon.workflows.spectral.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -100,8 +100,9 @@ def open_inputs(tuned: str | os.PathLike[str] | None, base: str | os.PathLike[st
 @dataclass
 class Loaded:
     """One target. The reader thread fills the stored bytes, the cache entry and the LoRA factors
-    (I/O and hashing, which release the GIL); :func:`materialize` then converts on the main thread
-    (no second team of compute threads competing with the decomposition). W_t is ``tuned``
+    (I/O and hashing, which release the GIL) and converts bf16/fp16/fp32 bytes to float64 with
+    numpy (single-threaded, GIL released: no second team of compute threads competing with the
+    decomposition); :func:`materialize` does the rest on the main thread. W_t is ``tuned``
     (dense, float64, nn.Linear orientation) or W₀ + left·right (``factors``)."""
 
     target: Target
@@ -155,25 +156,51 @@ def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
     key = content_key(raw0, info.dtype, info.shape, transposed=target.transposed)
     loaded = Loaded(target, raw0, key, cache.load(key, size=min(target.shape)), _lora_factors(inputs, target))
     if loaded.factors is not None:
+        loaded.w0 = _float64(raw0, info.dtype, info.shape, target.transposed)
         return loaded
     if inputs.plan is not None and target.name in inputs.plan.targets:
         loaded.merge = True
     elif inputs.tuned is not None:
         loaded.tuned_raw = _tuned_bytes(inputs, target, raw0)
     loaded.unchanged = not loaded.merge and loaded.tuned_raw is None
+    if not loaded.unchanged:
+        loaded.w0 = _float64(raw0, info.dtype, info.shape, target.transposed)
+        if loaded.tuned_raw is not None:
+            name, raw = loaded.tuned_raw
+            tinfo = inputs.tuned.info(name)  # type: ignore[union-attr]
+            loaded.tuned = _float64(raw, tinfo.dtype, tinfo.shape, target.transposed)
     return loaded
+
+
+_NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _float64(raw: bytearray, dtype: str, shape: Sequence[int], transposed: bool) -> torch.Tensor:
+    """Stored bytes as a float64 matrix in nn.Linear orientation, by numpy (empty: leave it to the main thread)."""
+    if dtype == "BF16":
+        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        array = bits.view(np.float32).astype(np.float64)
+    elif dtype in _NUMPY_FLOATS:
+        array = np.frombuffer(raw, dtype=_NUMPY_FLOATS[dtype]).astype(np.float64)
+    else:
+        return torch.empty(0)
+    array = array.reshape(tuple(shape))
+    return torch.from_numpy(np.ascontiguousarray(array.T) if transposed else array)
 
 
 def materialize(inputs: Inputs, loaded: Loaded) -> Loaded:
     """W₀ and a dense W_t as float64 matrices in nn.Linear orientation (on the main thread)."""
     target = loaded.target
-    loaded.w0 = linear_float64(loaded.raw0, inputs.base, target)
+    if loaded.w0.numel() == 0 and min(target.shape) > 0:
+        loaded.w0 = linear_float64(loaded.raw0, inputs.base, target)
     if loaded.merge:
         w = merged_float32(inputs.host, inputs.plan, target.name).to(torch.float64)  # type: ignore[arg-type]
         loaded.tuned = w.T.contiguous() if target.transposed else w
     elif loaded.tuned_raw is not None:
         name, raw = loaded.tuned_raw
-        w = linear_float64(raw, inputs.tuned, replace(target, name=name))  # type: ignore[arg-type]
+        w = loaded.tuned
+        if w is None or w.numel() == 0:
+            w = linear_float64(raw, inputs.tuned, replace(target, name=name))  # type: ignore[arg-type]
         loaded.tuned, loaded.unchanged = (None, True) if torch.equal(w, loaded.w0) else (w, False)
     loaded.raw0, loaded.tuned_raw = bytearray(), None
     return loaded
@@ -206,36 +233,30 @@ def _triplets(loaded: Loaded, base: svd.BaseBasis, options: IntruderOptions, dev
         left, right = (f.to(device) for f in loaded.factors)
         return svd.top_k_low_rank(w0, base, left, right, options.top_k, tol=options.tol, method=options.method)
     assert loaded.tuned is not None
-    start = base.basis[:, :options.top_k]
-    return svd.top_k(loaded.tuned.to(device), options.top_k, tol=options.tol, method=options.method, start=start)
+    return svd.top_k_merged(w0, base, loaded.tuned.to(device), options.top_k, tol=options.tol, method=options.method)
 
 
-def _unchanged_row(target: Target, seconds: float) -> MatrixIntruders:
-    return MatrixIntruders(target.name, target.layer, target.module, list(target.linear_shape), target.transposed,
-                           "unchanged", [], None, None, None, [], [], 0.0, None, None, {}, "unchanged", 0, 0.0, "-",
-                           seconds)
+def _side(base: svd.BaseBasis, w0: torch.Tensor, vectors: torch.Tensor, side: str, dim: int
+          ) -> tuple[SideCosines, torch.Tensor]:
+    """c_j of ``vectors`` on one side against the base, and the cosine matrix (N × k) it came from."""
+    cosines = ops.base_cosines(base, w0, vectors, side)
+    best, where = ops.max_cosines(cosines)
+    match = [i + 1 for i in where] if side == "left" else None
+    return SideCosines(best, match, ops.random_baseline(dim, base.size)), cosines
 
 
-def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: IntruderOptions, cache_state: str,
-         seconds: float) -> MatrixIntruders:
+def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: IntruderOptions,
+         how: Decomposition) -> MatrixIntruders:
     target, w0 = loaded.target, loaded.w0.to(trip.u.device)
     m, n = target.linear_shape
-    size = base.size
-    cos_l = ops.base_cosines(base, w0, trip.u, "left") if options.side != "right" else None
-    cos_r = ops.base_cosines(base, w0, trip.v, "right") if options.side != "left" else None
-    c_l, match = ops.max_cosines(cos_l) if cos_l is not None else (None, None)
-    c_r = ops.max_cosines(cos_r)[0] if cos_r is not None else None
-    decisive = [max(a, b) for a, b in zip(c_l, c_r)] if c_l is not None and c_r is not None else (c_l or c_r)
-    ranks = ops.intruder_ranks(decisive, options.epsilon)
-    sigma = [float(x) for x in trip.s]
-    similarity = cos_l[: options.plot_base].T.float().cpu().numpy() if cos_l is not None else None
-    return MatrixIntruders(
-        target.name, target.layer, target.module, [m, n], target.transposed, "analysed", sigma, c_l, c_r,
-        [i + 1 for i in match] if match is not None else None, ranks, [sigma[j - 1] for j in ranks],
-        ops.energy_share(sigma, ranks), ops.random_baseline(m, size) if c_l is not None else None,
-        ops.random_baseline(n, size) if c_r is not None else None, ops.sweep(decisive), trip.method,
-        trip.steps, trip.residual, cache_state, seconds, similarity,
-    )
+    left = right = similarity = None
+    if options.side != "right":
+        left, cos_l = _side(base, w0, trip.u, "left", m)
+        similarity = cos_l[: options.plot_base].T.float().cpu().numpy()
+    if options.side != "left":
+        right, _ = _side(base, w0, trip.v, "right", n)
+    return build_row(target, how, sigma=trip.s.tolist(), epsilon=options.epsilon, left=left, right=right,
+                     similarity=similarity)
 
 
 def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderOptions, cache: SvdCache,
@@ -246,11 +267,12 @@ def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderO
         begin = time.perf_counter()
         loaded = materialize(inputs, loaded)
         if loaded.unchanged:
-            yield Analysis(_unchanged_row(target, time.perf_counter() - begin), loaded, None)
+            yield Analysis(build_row(target, Decomposition.unchanged(time.perf_counter() - begin)), loaded, None)
             continue
         base, state = _base(loaded, cache, device, counts)
         trip = _triplets(loaded, base, options, device)
-        yield Analysis(_row(loaded, base, trip, options, state, time.perf_counter() - begin), loaded, trip)
+        how = Decomposition(trip.method, trip.steps, trip.residual, state, time.perf_counter() - begin)
+        yield Analysis(_row(loaded, base, trip, options, how), loaded, trip)
 
 
 def totals(rows: Sequence[MatrixIntruders]) -> dict[str, Any]:

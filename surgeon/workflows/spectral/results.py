@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import OptionError
+from surgeon.ops import intruders as ops
 from surgeon.ops import svd
+from surgeon.ops.targets import Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,6 +78,60 @@ class MatrixIntruders:
         if self.cos_left is not None and self.cos_right is not None:
             return [max(a, b) for a, b in zip(self.cos_left, self.cos_right)]
         return self.cos_left or self.cos_right or []
+
+
+@dataclass(frozen=True)
+class SideCosines:
+    """One side's comparison with the base: c_j per tuned vector, the 1-based rank of the closest base
+    vector (left side only, for the report) and the random baseline of c_j for that dimension."""
+
+    cos: list[float]
+    match: list[int] | None
+    baseline: float
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """How a matrix's top-k was found: the route (:attr:`svd.Triplets.method`, or "unchanged"), its
+    steps and checked residual, the base cache's state ("hit", "miss", "off", "-") and the seconds taken."""
+
+    method: str
+    steps: int
+    residual: float
+    cache: str
+    seconds: float
+
+    @classmethod
+    def unchanged(cls, seconds: float) -> Decomposition:
+        return cls("unchanged", 0, 0.0, "-", seconds)
+
+
+def build_row(target: Target, how: Decomposition, *, sigma: Sequence[float] = (), epsilon: float = 0.5,
+              left: SideCosines | None = None, right: SideCosines | None = None,
+              similarity: np.ndarray | None = None) -> MatrixIntruders:
+    """The one place a :class:`MatrixIntruders` is made: the decisive c_j (both sides: the larger),
+    the intruder ranks at ``epsilon``, their σ and energy share and the ε sweep; no side: unchanged."""
+    sigma = [float(x) for x in sigma]
+    if left is None and right is None:
+        return MatrixIntruders(
+            name=target.name, layer=target.layer, module=target.module, shape=list(target.linear_shape),
+            transposed=target.transposed, status="unchanged", sigma=[], cos_left=None, cos_right=None,
+            match_left=None, intruders=[], intruder_sigma=[], energy_share=0.0, baseline_left=None,
+            baseline_right=None, sweep={}, method=how.method, steps=how.steps, residual=how.residual,
+            cache=how.cache, seconds=how.seconds)
+    if left is not None and right is not None:
+        decisive = [max(a, b) for a, b in zip(left.cos, right.cos)]
+    else:
+        decisive = (left or right).cos  # type: ignore[union-attr]
+    ranks = ops.intruder_ranks(decisive, epsilon)
+    return MatrixIntruders(
+        name=target.name, layer=target.layer, module=target.module, shape=list(target.linear_shape),
+        transposed=target.transposed, status="analysed", sigma=sigma,
+        cos_left=left.cos if left else None, cos_right=right.cos if right else None,
+        match_left=left.match if left else None, intruders=ranks, intruder_sigma=[sigma[j - 1] for j in ranks],
+        energy_share=ops.energy_share(sigma, ranks), baseline_left=left.baseline if left else None,
+        baseline_right=right.baseline if right else None, sweep=ops.sweep(decisive), method=how.method,
+        steps=how.steps, residual=how.residual, cache=how.cache, seconds=how.seconds, similarity=similarity)
 
 
 @dataclass(frozen=True)
