@@ -40,14 +40,37 @@ def test_merge_push_to(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) -> N
     assert WRITE_TOKEN not in result.output
 
 
+def _task_vector(base: Path, tmp_path: Path) -> Path:
+    """A real task vector: `surgeon diff` of the base with one tensor changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(base, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 2.0)
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    result = CliRunner().invoke(cli, ["diff", str(tuned), str(base), "-o", str(tmp_path / "tv")])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "tv"
+
+
 def test_apply_push_to_refused_before_work_without_token(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path,
                                                          monkeypatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    tv = _task_vector(tiny_llama, tmp_path)
     out = tmp_path / "applied"
-    result = CliRunner().invoke(cli, ["apply", str(tiny_llama), f"{tmp_path / 'missing-tv'}:1", "-o", str(out),
-                                      "--push-to", "tester/applied"])
-    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    result = CliRunner().invoke(cli, ["apply", str(tiny_llama), f"{tv}:1", "-o", str(out), "--push-to", "tester/applied"])
+    assert result.exit_code == 1
+    assert result.output == ("Error: tester/applied: pushing needs a Hub token with write access; set HF_TOKEN, "
+                             "pass --token, or run `hf auth login`.\n")
     assert not out.exists() and "tester/applied" not in fake_hub.repos
+    # the same command with a token: the token was the only thing missing
+    result = CliRunner().invoke(cli, ["apply", str(tiny_llama), f"{tv}:1", "-o", str(out), "--push-to", "tester/applied",
+                                      "--token", WRITE_TOKEN])
+    assert result.exit_code == 0, result.output
+    assert fake_hub.files("tester/applied")["model.safetensors"] == (out / "model.safetensors").read_bytes()
 
 
 def test_scale_intruders_push_to_records_the_surgery(fake_hub: FakeHub, tiny_llama: Path, tmp_path: Path) -> None:
