@@ -9,6 +9,7 @@ every tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -18,7 +19,7 @@ from surgeon.ops import lora, lycoris
 from surgeon.workflows.merge.plan import MergeOp, MergePlan
 from surgeon.workflows.merge.routes import ADDITIVE
 
-__all__ = ["ADDITIVE", "Scratch", "additive_delta", "apply_op", "factor", "merge_one"]
+__all__ = ["ADDITIVE", "Scratch", "additive_delta", "apply_op", "apply_ops", "factor", "merge_one"]
 
 
 class Scratch:
@@ -113,11 +114,8 @@ def apply_op(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch
                  else lora.lora_delta(f("lora_A"), f("lora_B"), op.scaling, fan_in_fan_out=op.fan_in_fan_out))
         return lora.dora_merge(weight, unmerged, delta, f("magnitude"), fan_in_fan_out=op.fan_in_fan_out,
                                embedding=emb), unmerged
-    if k in ("hira", "hira_embedding"):
-        emb = k == "hira_embedding"
-        roles = ("hira_embedding_A", "hira_embedding_B") if emb else ("hira_A", "hira_B")
-        delta = lora.hira_delta(f(roles[0]), f(roles[1]), fan_in_fan_out=op.fan_in_fan_out, embedding=emb)
-        return lora.hira_merge(weight, unmerged, delta if op.weight == 1.0 else delta * op.weight), unmerged
+    if k in _HIRA:
+        return _hira_group(plan, [op], weight, unmerged, device), unmerged
     delta = additive_delta(plan, op, weight.shape, device)  # without scratch: already scaled
     return weight + (delta[0] * delta[1] if isinstance(delta, tuple) else delta), unmerged
 
@@ -127,8 +125,44 @@ def merge_one(base: Checkpoint, plan: MergePlan, name: str, device: torch.device
     stored = base.get(name, device=device)
     weight = stored.float()
     unmerged = weight
-    for op in plan.targets.get(name, ()):
-        weight, unmerged = apply_op(plan, op, weight, unmerged, device)
+    weight, _ = apply_ops(plan, plan.targets.get(name, ()), weight, unmerged, device)
     return weight, stored
+
+
+_HIRA = ("hira", "hira_embedding")
+
+
+def apply_ops(plan: MergePlan, ops: Sequence[MergeOp], weight: torch.Tensor, unmerged: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_op` for each operation in order, except that a run of HiRA operations (several HiRA
+    adapters on one tensor) is merged in one step, as peft merges them: W + W₀ ⊙ (0 + ΔW₁ + ΔW₂ + ...).
+    Saved copies of the frozen base (``base_layer``) come first, whichever adapter holds them: peft loads
+    every adapter before it merges any."""
+    ops = sorted(ops, key=lambda op: op.kind != "base_layer")
+    i = 0
+    while i < len(ops):
+        j = i + 1
+        if ops[i].kind in _HIRA:
+            while j < len(ops) and ops[j].kind == ops[i].kind:
+                j += 1
+            weight = _hira_group(plan, ops[i:j], weight, unmerged, device)
+        else:
+            weight, unmerged = apply_op(plan, ops[i], weight, unmerged, device)
+        i = j
+    return weight, unmerged
+
+
+def _hira_group(plan: MergePlan, ops: Sequence[MergeOp], weight: torch.Tensor, unmerged: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """peft's HiRA merge of these adapters: their B·A summed into zeros (each times its weight), then
+    W + W₀ ⊙ sum (W₀ the unmerged base)."""
+    total = torch.zeros_like(weight)
+    for op in ops:
+        emb = op.kind == "hira_embedding"
+        roles = ("hira_embedding_A", "hira_embedding_B") if emb else ("hira_A", "hira_B")
+        delta = lora.hira_delta(factor(plan, op, roles[0], device), factor(plan, op, roles[1], device),
+                                fan_in_fan_out=op.fan_in_fan_out, embedding=emb)
+        total += delta if op.weight == 1.0 else delta * op.weight
+    return lora.hira_merge(weight, unmerged, total)
 
 

@@ -83,7 +83,7 @@ def memory_tensor(plan: MergePlan, name: str, dtype: str, device: torch.device, 
     """W' rounded to ``dtype`` (on the CPU, in ``out`` if given) and its report entry. Additive-only
     targets skip the full-size W' and add their deltas chunk by chunk while rounding (same order, same bits)."""
     from surgeon.ops.merge_rounding import round_merged
-    from surgeon.workflows.merge.apply import ADDITIVE, additive_delta, apply_op
+    from surgeon.workflows.merge.apply import ADDITIVE, additive_delta, apply_ops
 
     ops = plan.targets[name]
     stored = stored.to(device)
@@ -94,8 +94,7 @@ def memory_tensor(plan: MergePlan, name: str, dtype: str, device: torch.device, 
         rounded, stats = round_merged(stored, out_dtype, deltas=deltas, workers=workers, out=buffer)
     else:
         weight = unmerged = stored.float()
-        for op in ops:
-            weight, unmerged = apply_op(plan, op, weight, unmerged, device)
+        weight, unmerged = apply_ops(plan, ops, weight, unmerged, device)
         rounded, stats = round_merged(stored, out_dtype, merged=weight, workers=workers, out=buffer)
     check_finite(plan, name, dtype, stats)
     return rounded.to("cpu"), tensor_entry(name, plan, dtype, stats, "memory")
