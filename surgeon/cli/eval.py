@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, json_option
-from surgeon.workflows.train.evaluate import EvalReport, evaluate
+from surgeon.workflows.train.evaluate import EvalManyReport, EvalReport, evaluate, evaluate_many
 
 
 @click.command("eval")
 @click.argument("model")
 @click.option("--adapter", help="A PEFT adapter to apply to MODEL (MODEL may also be the adapter folder itself).")
-@click.option("--data", required=True, help=".jsonl or .csv: text + label (classification), text or prompt/completion.")
+@click.option("--data", "data", required=True, multiple=True,
+              help=".jsonl or .csv: text + label (classification), text or prompt/completion; repeat it for "
+                   "several tasks (each is reported).")
 @click.option("--task", type=click.Choice(["classification", "causal-lm"]),
               help="classification: accuracy with the trained head; causal-lm: token loss and perplexity "
                    "(masked-LM loss for encoders with an MLM head).")
@@ -22,7 +24,7 @@ from surgeon.workflows.train.evaluate import EvalReport, evaluate
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masked-LM token choice.")
 @json_option
 @global_options
-def command(model: str, as_json: bool, **kwargs: object) -> None:
+def command(model: str, data: tuple[str, ...], as_json: bool, **kwargs: object) -> None:
     """Measure task skill (accuracy, loss, perplexity) and forgetting (embedding drift).
 
     \b
@@ -30,12 +32,29 @@ def command(model: str, as_json: bool, **kwargs: object) -> None:
       surgeon eval ./minilm-full --data eval.jsonl --task classification
       surgeon eval ./all-MiniLM-L6-v2 --adapter ./minilm-lora-r16 --data eval.jsonl --task classification
       surgeon eval ./minilm-full --data texts.jsonl --drift-from ./all-MiniLM-L6-v2 --json
+      surgeon eval ./minilm-lora --data sentiment_eval.jsonl --data topic_eval.jsonl --drift-from ./all-MiniLM-L6-v2
     """
-    report = evaluate(model, **kwargs)  # type: ignore[arg-type]
+    if len(data) > 1:
+        many = evaluate_many(model, data=list(data), **kwargs)  # type: ignore[arg-type]
+        if as_json:
+            emit_json("eval", many.to_dict())
+            return
+        render_many(many)
+        return
+    report = evaluate(model, data=data[0], **kwargs)  # type: ignore[arg-type]
     if as_json:
         emit_json("eval", report.to_dict())
         return
     render(report)
+
+
+def render_many(many: EvalManyReport) -> None:
+    """Each data file's report, then one line per file."""
+    for r in many.reports:
+        render(r)
+    if all(r.metrics is not None and r.metrics.accuracy is not None for r in many.reports):
+        click.echo("accuracy: " + ", ".join(f"{r.data} {100 * r.metrics.accuracy:.2f}%"  # type: ignore[union-attr]
+                                            for r in many.reports))
 
 
 def render(r: EvalReport) -> None:

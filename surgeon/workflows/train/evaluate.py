@@ -280,6 +280,30 @@ def evaluate(
                       labels, clock.seconds)
 
 
+@dataclass(frozen=True)
+class EvalManyReport:
+    """One :class:`EvalReport` per data file, in the order given (`surgeon eval --data A --data B`)."""
+
+    model: str
+    adapter: str | None
+    reports: list[EvalReport]
+    wall_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "adapter": self.adapter, "reports": [r.to_dict() for r in self.reports],
+                "wall_time_s": self.wall_time_s}
+
+
+def evaluate_many(model: str | os.PathLike[str], *, data: list[str | os.PathLike[str]], **options: Any) -> EvalManyReport:
+    """:func:`evaluate` on each file of ``data`` (one per task), same model and options."""
+    if not data:
+        raise OptionError("no data: give --data FILE (once per task).")
+    clock = Stopwatch()
+    reports = [evaluate(model, data=d, **options) for d in data]
+    adapter = options.get("adapter")
+    return EvalManyReport(str(model), str(adapter) if adapter else None, reports, clock.seconds)
+
+
 def _encoder_kind(adapter_path: Path | None, config: dict[str, Any]) -> tuple[str, list[str] | None]:
     """Which head to load so that an adapter's weights find their modules (it is merged away after)."""
     if adapter_path is None:
