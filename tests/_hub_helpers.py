@@ -23,6 +23,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHu
     from huggingface_hub.utils._http import close_session
 
     import surgeon.io.hub as surgeon_hub
+    from surgeon.io import hub_errors
 
     hub = FakeHub().start()
     home = tmp_path / "hf_home"
@@ -39,7 +40,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHu
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(surgeon_hub, "RETRY_BASE_SECONDS", 0.01)
+    monkeypatch.setattr(hub_errors, "RETRY_BASE_SECONDS", 0.01)
     surgeon_hub.set_hub_defaults()
     yield hub
     hub.stop()

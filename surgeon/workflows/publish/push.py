@@ -21,7 +21,7 @@ from typing import Any
 
 from surgeon import __version__
 from surgeon.errors import CheckpointFormatError, CheckpointNotFoundError, HubError, PickleRefusedError, SurgeonError
-from surgeon.io import hub
+from surgeon.io import hub, hub_errors
 from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
 from surgeon.io.hub import set_hub_defaults  # re-exported for the CLI
@@ -143,9 +143,9 @@ def preflight_push(repo_id: str, *, token: str | None = None, check_token: bool 
         )
     if check_token:
         try:
-            hub.with_retries(lambda: hub.api(tok).whoami(token=tok))
+            hub_errors.with_retries(lambda: hub.api(tok).whoami(token=tok))
         except Exception as exc:
-            raise hub.hub_error(exc, repo_id=repo_id, action="check the token", token=tok) from None
+            raise hub_errors.hub_error(exc, repo_id=repo_id, action="check the token", token=tok) from None
     return tok
 
 
@@ -172,7 +172,7 @@ def push_folder(
     except SurgeonError as exc:
         raise type(exc)(hub.redact(str(exc), tok)) from None
     except Exception as exc:
-        raise hub.hub_error(exc, repo_id=repo_id, revision=branch, action="push", token=tok) from None
+        raise hub_errors.hub_error(exc, repo_id=repo_id, revision=branch, action="push", token=tok) from None
 
 
 def _push(root: Path, local: list[LocalFile], repo_id: str, *, private: bool, branch: str, create_pr: bool,
@@ -213,15 +213,15 @@ def _reuse_hash(op: Any, sha256_hex: str) -> None:
 def _ensure_repo(api: Any, repo_id: str, private: bool) -> bool:
     """Create ``repo_id`` if needed; True when this call created it."""
     try:
-        hub.with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=False))
+        hub_errors.with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=False))
         return True
     except Exception as exc:
-        status = hub.http_status(exc)
+        status = hub_errors.http_status(exc)
         if status == 409:
             return False
         if status in (401, 403):  # no right to create in the namespace; the repo may exist and be writable
             try:
-                hub.with_retries(lambda: api.model_info(repo_id))
+                hub_errors.with_retries(lambda: api.model_info(repo_id))
                 return False
             except Exception:
                 raise exc from None
@@ -233,12 +233,12 @@ def _ensure_branch(api: Any, repo_id: str, branch: str) -> tuple[str, list[str]]
     from huggingface_hub.errors import RevisionNotFoundError
 
     try:
-        info = hub.with_retries(lambda: api.model_info(repo_id, revision=branch))
+        info = hub_errors.with_retries(lambda: api.model_info(repo_id, revision=branch))
     except RevisionNotFoundError:
         if branch.startswith("refs/"):
             raise
-        hub.with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
-        info = hub.with_retries(lambda: api.model_info(repo_id, revision=branch))
+        hub_errors.with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
+        info = hub_errors.with_retries(lambda: api.model_info(repo_id, revision=branch))
     return str(info.sha), [s.rfilename for s in (info.siblings or [])]
 
 
@@ -249,7 +249,7 @@ def _existing_card(api: Any, repo_id: str, parent: str, local: list[LocalFile], 
         return mine.path.read_text("utf-8", errors="replace")
     if "README.md" not in remote:
         return None
-    path = hub.with_retries(lambda: api.hf_hub_download(repo_id, "README.md", revision=parent,
+    path = hub_errors.with_retries(lambda: api.hf_hub_download(repo_id, "README.md", revision=parent,
                                                         cache_dir=hub.cache_dir()))
     return Path(path).read_text("utf-8", errors="replace")
 
@@ -258,18 +258,18 @@ def _commit(api: Any, repo_id: str, ops: list[Any], local: list[LocalFile], card
             parent: str, create_pr: bool, title: str, description: str) -> tuple[str, str, str | None]:
     """Send the commit, retrying transient failures; returns (commit url, commit oid, pr url)."""
     maybe_landed = False
-    for attempt in range(1, hub.RETRY_ATTEMPTS + 1):
+    for attempt in range(1, hub_errors.RETRY_ATTEMPTS + 1):
         try:
             info = api.create_commit(repo_id, ops, commit_message=title, commit_description=description,
                                      revision=branch, create_pr=create_pr, parent_commit=parent)
             return str(info.commit_url), str(info.oid), getattr(info, "pr_url", None)
         except Exception as exc:
-            if hub.http_status(exc) == 412 and maybe_landed:
+            if hub_errors.http_status(exc) == 412 and maybe_landed:
                 landed = _landed(api, repo_id, branch, local, card)
                 if landed is not None:
                     return landed
-            wait = hub.retry_wait(exc, attempt)
-            if wait is None or attempt == hub.RETRY_ATTEMPTS:
+            wait = hub_errors.retry_wait(exc, attempt)
+            if wait is None or attempt == hub_errors.RETRY_ATTEMPTS:
                 raise
             if _commit_may_have_landed(exc):
                 if create_pr:
@@ -284,10 +284,10 @@ def _commit(api: Any, repo_id: str, ops: list[Any], local: list[LocalFile], card
 
 def _commit_may_have_landed(exc: BaseException) -> bool:
     """True when the commit request itself failed without a clear refusal (lost response, 500/502/504)."""
-    status = hub.http_status(exc)
+    status = hub_errors.http_status(exc)
     if status is not None and status not in (500, 502, 504):
         return False
-    for err in hub._chain(exc):
+    for err in hub_errors.chain(exc):
         try:
             url = str(err.request.url)  # type: ignore[attr-defined]
         except (AttributeError, RuntimeError):
@@ -301,8 +301,8 @@ def _landed(api: Any, repo_id: str, branch: str, local: list[LocalFile], card: b
     """If the branch head already holds exactly our files (an earlier attempt landed), its commit."""
     from huggingface_hub.hf_api import RepoFile
 
-    info = hub.with_retries(lambda: api.model_info(repo_id, revision=branch))
-    tree = {f.path: f for f in hub.with_retries(
+    info = hub_errors.with_retries(lambda: api.model_info(repo_id, revision=branch))
+    tree = {f.path: f for f in hub_errors.with_retries(
         lambda: list(api.list_repo_tree(repo_id, revision=str(info.sha), recursive=True))) if isinstance(f, RepoFile)}
     wanted = {f.rel: (f.sha256, f.path) for f in local if f.rel != "README.md"}
     wanted["README.md"] = (hashlib.sha256(card).hexdigest(), card)
