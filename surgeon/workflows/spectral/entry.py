@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
 from surgeon.workflows.spectral.intruders import find_intruders
 from surgeon.workflows.spectral.multi import ManyReport, check_tuned, find_intruders_many
@@ -42,10 +42,10 @@ def run_intruders(
     report: IntrudersReport | ManyReport
     if sequence:
         if plot is not None:
-            raise SurgeonError("--plot with --sequence: the sequence view draws its figures into --html FILE; "
+            raise OptionError("--plot with --sequence: the sequence view draws its figures into --html FILE; "
                                "drop --plot (or run without --sequence for per-model PNGs).")
         if adapter is not None:
-            raise SurgeonError("--adapter with --sequence: give every stage (checkpoint or adapter folder) as TUNED.")
+            raise OptionError("--adapter with --sequence: give every stage (checkpoint or adapter folder) as TUNED.")
         report = find_intruders_sequence(tuned, base, targets=targets, options=options, match=match, device=device,
                                          cache=cache, use_cache=use_cache)
     elif len(tuned) > 1:
@@ -106,16 +106,16 @@ def run_scale_intruders(
     view, before, ranks = None, None, None
     if sequence_from is not None:
         if adapter is not None:
-            raise SurgeonError("--adapter with --sequence-from: give every stage (checkpoint or adapter folder) as TUNED.")
+            raise OptionError("--adapter with --sequence-from: give every stage (checkpoint or adapter folder) as TUNED.")
         if len(tuned) < 2 or not 1 <= sequence_from <= len(tuned):
-            raise SurgeonError(f"--sequence-from {sequence_from} with {len(tuned)} TUNED: give the stages of the run in "
+            raise OptionError(f"--sequence-from {sequence_from} with {len(tuned)} TUNED: give the stages of the run in "
                                f"order (at least two) and a stage from 1 to {max(len(tuned), 1)}.")
         seq = find_intruders_sequence(tuned, base, targets=targets, options=options, match=match, device=device,
                                       cache=cache, use_cache=use_cache)
         view, before = seq.sequence, seq.models[-1]
         ranks = view.born_at_or_after(sequence_from)
     elif len(tuned) > 1:
-        raise SurgeonError(f"{len(tuned)} TUNED: scale-intruders rewrites one model; give one TUNED, or the stages of "
+        raise OptionError(f"{len(tuned)} TUNED: scale-intruders rewrites one model; give one TUNED, or the stages of "
                            "a continual run with --sequence-from STAGE.")
     last = tuned[-1] if tuned else None
     report = scale_intruders(last, base, out, lam=lam, adapter=adapter, targets=targets, options=options,

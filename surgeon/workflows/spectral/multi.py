@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
 from surgeon.workflows.spectral.intruders import find_intruders
 from surgeon.workflows.spectral.results import IntruderOptions, IntrudersReport
@@ -49,9 +49,9 @@ def model_label(path: str | os.PathLike[str], index: int) -> str:
 
 def check_tuned(tuned: Sequence[str | os.PathLike[str]], *, adapter: str | os.PathLike[str] | None) -> None:
     if not tuned:
-        raise SurgeonError("no fine-tune given: pass one or more TUNED (checkpoints or adapter folders).")
+        raise OptionError("no fine-tune given: pass one or more TUNED (checkpoints or adapter folders).")
     if adapter is not None and len(tuned) > 1:
-        raise SurgeonError(f"--adapter with {len(tuned)} TUNED: --adapter applies to one model; give each "
+        raise OptionError(f"--adapter with {len(tuned)} TUNED: --adapter applies to one model; give each "
                            "adapter folder as a TUNED argument instead.")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
 from surgeon.workflows.merge.run import pick_device
 from surgeon.workflows.spectral.intruders import analyse_stream, open_inputs, totals
@@ -194,7 +194,7 @@ def track(reports: Sequence[IntrudersReport], vectors: Sequence[dict[str, torch.
 
 def check_match(match: float) -> None:
     if not 0 < match <= 1:
-        raise SurgeonError(f"--match {match}: a |cos| threshold must be in (0, 1]; the default is {DEFAULT_MATCH}.")
+        raise OptionError(f"--match {match}: a |cos| threshold must be in (0, 1]; the default is {DEFAULT_MATCH}.")
 
 
 def find_intruders_sequence(
@@ -213,7 +213,7 @@ def find_intruders_sequence(
     check_tuned(stages, adapter=None)
     check_match(match)
     if len(stages) < 2:
-        raise SurgeonError(f"--sequence needs at least two stages (TUNED in the order trained); got {len(stages)}.")
+        raise OptionError(f"--sequence needs at least two stages (TUNED in the order trained); got {len(stages)}.")
     begin = time.perf_counter()
     reports: list[IntrudersReport] = []
     vectors: list[dict[str, torch.Tensor]] = []
