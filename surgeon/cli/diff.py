@@ -15,7 +15,8 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 def _row(d: TensorDiff) -> list[str]:
     r = d.rank
-    ranks = "-" if r is None else f"{r.numerical_rank} / {r.stable_rank:.1f} / {r.rank_90} / {r.rank_99}"
+    at_least = "" if r is None or r.numerical_rank_exact else "≥"
+    ranks = "-" if r is None else f"{at_least}{r.numerical_rank} / {r.stable_rank:.1f} / {r.rank_90} / {r.rank_99}"
     return [d.name, d.status, d.dtype, "x".join(map(str, d.shape)), _num(d.norm), _num(d.relative_norm),
             _num(d.max_abs), _num(d.max_ulps), ranks]
 
@@ -69,6 +70,9 @@ def _render_check(c: AdapterCheck) -> None:
 @click.option("--rounding-dtype", default="auto", show_default=True,
               help="Precision for 'rounding only': auto (each tuned tensor's stored dtype), fp16, bf16, fp32.")
 @click.option("--no-rank", "no_rank", is_flag=True, help="Skip the SVD rank statistics (faster on big models).")
+@click.option("--exact", "exact_ranks", is_flag=True,
+              help="Rank statistics from every singular value (default: randomised SVD where its bounds decide; "
+                   "a numerical rank inside rounding noise is then a lower bound, shown as ≥N).")
 @click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu, cuda, cuda:1.")
 @click.option("--tensors", "show_all", is_flag=True, help="List every tensor, not only the changed ones.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard of OUT, e.g. 5GB.")
@@ -77,7 +81,8 @@ def _render_check(c: AdapterCheck) -> None:
 @global_options
 @click.pass_context
 def command(ctx: click.Context, tuned: str, base: str, out: str | None, all_tensors: bool, adapter: str | None,
-            tolerance: float, strict: bool, rounding_dtype: str, no_rank: bool, device: str, show_all: bool,
+            tolerance: float, strict: bool, rounding_dtype: str, no_rank: bool, exact_ranks: bool, device: str,
+            show_all: bool,
             max_shard_size: str, overwrite: bool, as_json: bool) -> None:
     """Task vector τ = θ_tuned − θ_base, in float32, tensor by tensor.
 
@@ -96,7 +101,7 @@ def command(ctx: click.Context, tuned: str, base: str, out: str | None, all_tens
       surgeon diff ./llama-merged ./llama-base --adapter ./my-lora
     """
     report = diff_checkpoints(
-        tuned, base, out, all_tensors=all_tensors, strict=strict, ranks=not no_rank,
+        tuned, base, out, all_tensors=all_tensors, strict=strict, ranks=not no_rank, exact_ranks=exact_ranks,
         rounding_dtype=rounding_dtype, adapter=adapter, tolerance=tolerance, device=device,
         max_shard_size=max_shard_size, overwrite=overwrite,
     )

@@ -40,13 +40,16 @@ def _render(report: ExtractReport, show_all: bool) -> None:
               help="Store other changed modules (norms, biases, heads) whole, or only list them.")
 @click.option("--dtype", default="fp32", show_default=True, help="dtype of the LoRA factors: fp32, bf16, fp16.")
 @click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu, cuda.")
+@click.option("--exact", is_flag=True,
+              help="Full float64 decomposition of every τ (default: randomised SVD, exact where its bounds do not "
+                   "decide the rank; same error within 1% of the optimal truncation).")
 @click.option("--tensors", "show_all", is_flag=True, help="List every module even when there are many.")
 @overwrite_option
 @json_option
 @global_options
 def command(tuned: str, base: str, out: str, rank: int | None, energy: float | None, max_rank: int | None,
-            targets: str | None, keep_modules: bool, dtype: str, device: str, show_all: bool, overwrite: bool,
-            as_json: bool) -> None:
+            targets: str | None, keep_modules: bool, dtype: str, device: str, exact: bool, show_all: bool,
+            overwrite: bool, as_json: bool) -> None:
     """A PEFT LoRA adapter from the task vector τ = θ_tuned − θ_base, by truncated SVD.
 
     Each changed matrix τ = U·S·Vᵀ gives B = U_k·√S_k and A = √S_k·V_kᵀ with
@@ -62,7 +65,8 @@ def command(tuned: str, base: str, out: str, rank: int | None, energy: float | N
           --targets 'proj$' -o ./extracted-lora
     """
     report = extract_lora(tuned, base, out, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
-                          modules_to_save=keep_modules, dtype=dtype, device=device, overwrite=overwrite)
+                          modules_to_save=keep_modules, dtype=dtype, device=device, overwrite=overwrite,
+                          exact=exact)
     if as_json:
         emit_json("extract-lora", report.to_dict())
         return

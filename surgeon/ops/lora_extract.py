@@ -7,7 +7,13 @@ A = √S_k·V_kᵀ (k × in), so that B·A is the best rank-k approximation of �
 The decomposition comes from the float64 Gram matrix of the shorter side (an
 eigendecomposition of n × n instead of an SVD of out × in): with V_k from
 τᵀτ = V·S²·Vᵀ, U_k·S_k = τ·V_k, so B = τ·V_k/√S_k and A = √S_k·V_kᵀ (and the
-mirror image when out < in). In float64 this is accurate far beyond float32.
+mirror image when out < in). In float64 this is accurate far beyond float32. That is the ``exact`` route.
+
+By default the top of τ's spectrum comes from a randomised SVD (:mod:`surgeon.ops.rsvd`):
+a range of k + oversampling columns, power iterations until the top-k energy is
+stationary, a posteriori bounds; a few passes over τ instead of its Gram matrix and an
+eigendecomposition. An energy target whose rank the bounds do not pin down, or a range
+wider than a quarter of min(m, n), takes the exact route.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surgeon.ops import rsvd
 from surgeon.ops.task_vector import energy_rank, gram
 
 
@@ -24,7 +31,10 @@ class LoraFactors:
     """A (k × in) and B (out × k), float32 on CPU; errors relative to ‖τ‖_F.
 
     ``relative_error`` = ‖τ − B·A‖_F / ‖τ‖_F (measured, not inferred from σ);
-    ``energy`` = Σ_{i≤k} σ_i² / Σ σ_i²; ``singular_values``: all of them (float64).
+    ``energy`` = share of ‖τ‖² the factors hold; ``singular_values``: all of them (float64) on the
+    exact route, the computed top on the randomised one; ``method``: "exact" or "randomized";
+    ``bound``: guaranteed ratio of the error to the optimal rank-k error (1 when exact, inf when
+    the a posteriori bound is not informative); ``passes``: products with τ or τᵀ.
     """
 
     A: torch.Tensor
@@ -33,6 +43,9 @@ class LoraFactors:
     relative_error: float
     energy: float
     singular_values: torch.Tensor
+    method: str = "exact"
+    bound: float = 1.0
+    passes: int = 0
 
 
 def choose_rank(
@@ -68,6 +81,46 @@ def _project(delta: torch.Tensor, basis: torch.Tensor, *, tall: bool, device: st
     return out
 
 
+def _finish(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, kept: float, total: float,
+            s: torch.Tensor, method: str, bound: float, passes: int) -> LoraFactors:
+    """Factors in float32 on CPU, with the error measured on the float32 product."""
+    a32, b32 = a.to("cpu", torch.float32).contiguous(), b.to("cpu", torch.float32).contiguous()
+    d32 = delta.to("cpu", torch.float32)
+    norm = float(torch.linalg.vector_norm(d32))
+    residual = float(torch.linalg.vector_norm(torch.addmm(d32, b32, a32, alpha=-1.0))) if k else norm
+    return LoraFactors(
+        A=a32, B=b32, rank=k, relative_error=residual / norm if norm > 0 else 0.0,
+        energy=kept / total if total > 0 else 1.0, singular_values=s.to("cpu"), method=method, bound=bound,
+        passes=passes,
+    )
+
+
+def _randomized(delta: torch.Tensor, rank: int | None, energy: float | None, max_rank: int | None,
+                device: str | torch.device | None) -> LoraFactors | None:
+    """The randomised route, or None where the exact one must decide."""
+    want = rank if rank is None else min(rank, max_rank or rank)
+    profile = rsvd.randomized_profile(delta.to(device), rank=want, energy=energy if rank is None else None)
+    if profile is None:
+        return None
+    if profile.total == 0.0:
+        k = 0
+    elif rank is not None:
+        k = min(want, profile.s.numel())  # type: ignore[type-var]
+    else:
+        lo, hi = profile.energy_ranks(float(energy))  # type: ignore[arg-type]
+        if max_rank is not None and lo >= max_rank:
+            k = max_rank
+        elif lo != hi or hi > profile.s.numel():
+            return None  # the bounds leave the smallest rank open: decide exactly
+        else:
+            k = hi if max_rank is None else min(hi, max_rank)
+    root = profile.s[:k].sqrt()
+    b = profile.u[:, :k] * root
+    a = root[:, None] * profile.v[:, :k].T
+    return _finish(delta, a, b, k, profile.kept(k), profile.total, profile.s, "randomized",
+                   profile.bound(k) if k else 1.0, profile.passes)
+
+
 @torch.no_grad()
 def factorize(
     delta: torch.Tensor,
@@ -76,8 +129,15 @@ def factorize(
     energy: float | None = None,
     max_rank: int | None = None,
     device: str | torch.device | None = None,
+    exact: bool = False,
 ) -> LoraFactors:
     """Truncated-SVD LoRA factors of ``delta`` (out × in, any float dtype), float32 on CPU."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if not exact:
+        found = _randomized(delta, rank, energy, max_rank, device)
+        if found is not None:
+            return found
     m, n = delta.shape
     tall = m >= n
     eigenvalues, vectors = torch.linalg.eigh(gram(delta, device=device))  # ascending
@@ -93,13 +153,5 @@ def factorize(
     else:  # basis = U_k: B = U_k·√σ, A = U_kᵀ·τ/√σ
         b = basis * root
         a = inv_root[:, None] * _project(delta, basis, tall=False, device=device)
-    a32, b32 = a.to("cpu", torch.float32).contiguous(), b.to("cpu", torch.float32).contiguous()
     s64 = sigma.to("cpu")
-    total = float((s64**2).sum())
-    d32 = delta.to("cpu", torch.float32)
-    norm = float(torch.linalg.vector_norm(d32))
-    residual = float(torch.linalg.vector_norm(d32 - b32 @ a32)) if k else norm
-    return LoraFactors(
-        A=a32, B=b32, rank=k, relative_error=residual / norm if norm > 0 else 0.0,
-        energy=float((s64[:k] ** 2).sum()) / total if total > 0 else 1.0, singular_values=s64,
-    )
+    return _finish(delta, a, b, k, float((s64[:k] ** 2).sum()), float((s64 ** 2).sum()), s64, "exact", 1.0, 0)

@@ -11,9 +11,15 @@ Definitions (DESIGN.md, "Task vector"):
   cast to d (an fp16 merge of untouched weights) lands exactly in this class.
 * ``changed``: anything else.
 
-Rank statistics of a 2-D τ use its singular values (float64 Gram eigenvalues, see
-:func:`singular_values`) with the standard tolerance max(m, n)·eps_fp32·σ₁, the one
-``torch.linalg.matrix_rank`` uses for a float32 matrix.
+Rank statistics of a 2-D τ use its singular values with the standard tolerance
+max(m, n)·eps_fp32·σ₁, the one ``torch.linalg.matrix_rank`` uses for a float32 matrix.
+Exactly (``exact=True``: float64 Gram eigenvalues, see :func:`singular_values`), or from
+the top of the spectrum by randomised SVD (:mod:`surgeon.ops.rsvd`), which is enough for
+σ₁, the stable rank and the 90%/99% energy ranks whenever its bounds pin them down (else
+the exact route decides). The numerical rank needs every σ_i above the tolerance: when
+the part of τ outside the computed range is itself above it (the bf16 rounding noise of
+a merged LoRA is), the count within the range is reported as a lower bound
+(``numerical_rank_exact`` False).
 """
 
 from __future__ import annotations
@@ -196,7 +202,8 @@ def measure_delta(
 class RankStats:
     """Spectral summary of a 2-D τ (out × in).
 
-    ``numerical_rank``: #σ_i > tolerance = max(m, n)·eps_fp32·σ₁; ``stable_rank``:
+    ``numerical_rank``: #σ_i > tolerance = max(m, n)·eps_fp32·σ₁ (a lower bound when
+    ``numerical_rank_exact`` is False); ``method``: "exact" or "randomized"; ``stable_rank``:
     ‖τ‖_F² / σ₁²; ``rank_90`` / ``rank_99``: smallest k with Σ_{i≤k} σ_i² ≥ 0.90 / 0.99·‖τ‖_F².
     """
 
@@ -206,6 +213,8 @@ class RankStats:
     rank_99: int
     sigma_max: float
     tolerance: float
+    numerical_rank_exact: bool = True
+    method: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,8 +263,12 @@ def singular_values(delta: torch.Tensor, *, device: str | torch.device | None = 
 
 
 @torch.no_grad()
-def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None) -> RankStats:
-    """Rank statistics of a 2-D τ (out × in, any float dtype), from :func:`singular_values`."""
+def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None, exact: bool = False) -> RankStats:
+    """Rank statistics of a 2-D τ (out × in, any float dtype): randomised where its bounds decide, else exact."""
+    if not exact:
+        found = _randomized_stats(delta, device)
+        if found is not None:
+            return found
     m, n = delta.shape
     s = singular_values(delta, device=device)
     sigma_max = float(s[0]) if s.numel() else 0.0
@@ -269,4 +282,30 @@ def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None)
         rank_99=energy_rank(s, 0.99),
         sigma_max=sigma_max,
         tolerance=tolerance,
+    )
+
+
+def _randomized_stats(delta: torch.Tensor, device: str | torch.device | None) -> RankStats | None:
+    """The statistics from the top of the spectrum, or None where the bounds leave one of the energy ranks open."""
+    from surgeon.ops import rsvd
+
+    m, n = delta.shape
+    if min(m, n) <= 64:
+        return None  # a small dense decomposition is as cheap and exact
+    profile = rsvd.randomized_profile(delta.to(device), energy=0.99)
+    if profile is None or profile.total == 0.0:
+        return None
+    ranks = [profile.energy_ranks(f) for f in (0.90, 0.99)]
+    if any(lo != hi for lo, hi in ranks):
+        return None
+    s = profile.s.to("cpu")
+    sigma_max = float(s[0])
+    tolerance = max(m, n) * torch.finfo(torch.float32).eps * sigma_max
+    above = int((s > tolerance).sum())
+    tail = profile.tail_norm
+    ambiguous = bool(((s <= tolerance) & ((s**2 + tail**2).sqrt() > tolerance)).any())
+    exact_count = tail < tolerance and not ambiguous  # nothing outside the range reaches the tolerance
+    return RankStats(
+        numerical_rank=above, stable_rank=profile.total / sigma_max**2, rank_90=ranks[0][1], rank_99=ranks[1][1],
+        sigma_max=sigma_max, tolerance=tolerance, numerical_rank_exact=exact_count, method="randomized",
     )

@@ -111,6 +111,7 @@ class _Options:
     rounding_dtype: str | None
     ranks: bool
     device: str
+    exact_ranks: bool = False
 
 
 def load_pair(tuned: Checkpoint, base: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -139,7 +140,7 @@ def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Option
         delta, m = measure_delta(t, b, torch_dtype(rounding) if floats else None)
     rank = None
     if opts.ranks and m.status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
-        rank = rank_stats(delta, device=opts.device)
+        rank = rank_stats(delta, device=opts.device, exact=opts.exact_ranks)
     diff = TensorDiff(
         name=name, status=m.status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,
         shape=list(t_info.shape), parameters=t_info.numel, norm=m.norm, base_norm=m.base_norm,
@@ -169,6 +170,7 @@ def diff_checkpoints(
     all_tensors: bool = False,
     strict: bool = False,
     ranks: bool = True,
+    exact_ranks: bool = False,
     rounding_dtype: str | None = None,
     adapter: str | os.PathLike[str] | None = None,
     tolerance: float = 1e-4,
@@ -182,7 +184,7 @@ def diff_checkpoints(
     also check that τ equals the adapter's ΔW on every target (see
     :mod:`surgeon.workflows.taskvec.adapter_check`).
     """
-    opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device))
+    opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device), exact_ranks)
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +55,8 @@ class MatrixFactor:
     rank: int
     relative_error: float  # ‖τ − ΔW_lora‖_F / ‖τ‖_F
     energy: float  # share of ‖τ‖² kept
+    method: str = "exact"  # "randomized" (default route) or "exact" (--exact, or where the bounds do not decide)
+    passes: int = 0  # products with τ or τᵀ on the randomised route
 
 
 @dataclass(frozen=True)
@@ -159,11 +163,21 @@ def _lora_candidates(tuned: Checkpoint, base: Checkpoint, names: list[str], kind
     return out
 
 
+def _read_ahead(tuned: Checkpoint, base: Checkpoint, names: list[str]
+                ) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, bool]]]:
+    """(name, load_pair(...)) in order, the next pair read on a thread while this one is factored."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-read") as pool:
+        pending = pool.submit(load_pair, tuned, base, names[0]) if names else None
+        for i, name in enumerate(names):
+            pair = pending.result()  # type: ignore[union-attr]
+            pending = pool.submit(load_pair, tuned, base, names[i + 1]) if i + 1 < len(names) else None
+            yield name, pair
+
+
 def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dict[str, tuple[str, str]],
-          rank: int | None, energy: float | None, max_rank: int | None, device: str) -> _State:
+          rank: int | None, energy: float | None, max_rank: int | None, device: str, exact: bool) -> _State:
     state = _State({}, {}, [])
-    for name in progress(names, total=len(names), desc="extract-lora"):
-        t, b, same = load_pair(tuned, base, name)
+    for name, (t, b, same) in progress(_read_ahead(tuned, base, names), total=len(names), desc="extract-lora"):
         if same:
             continue
         delta, measure = measure_delta(t, b, t.dtype)
@@ -172,7 +186,7 @@ def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dic
         if name in candidates:
             module, kind = candidates[name]
             matrix = delta if kind == "linear" else delta.T  # peft applies Conv1D/Embedding deltas transposed
-            f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device)
+            f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device, exact=exact)
             state.factors[module] = (kind, f, list(delta.shape))
         else:
             module = name.rsplit(".", 1)[0] if "." in name else ""
@@ -227,11 +241,13 @@ def extract_lora(
     dtype: str | None = "fp32",
     device: str | None = "auto",
     overwrite: bool = False,
+    exact: bool = False,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter for ``base`` that reproduces ``tuned`` (see module docstring).
 
     ``targets`` is a regular expression searched in module names (anchor it with ^…$);
-    by default every Linear / Conv1D / Embedding weight that changed is factored.
+    by default every Linear / Conv1D / Embedding weight that changed is factored. ``exact``:
+    every factor from the full float64 decomposition instead of the randomised SVD.
     """
     pattern = _validate(rank, energy, max_rank, targets)
     st = parse_dtype(dtype) or "F32"
@@ -245,15 +261,16 @@ def extract_lora(
                  if is_float_dtype(t_ckpt.info(n).torch_dtype) and is_float_dtype(b_ckpt.info(n).torch_dtype)]
         kinds, source = module_kinds(t_ckpt)
         candidates = _lora_candidates(t_ckpt, b_ckpt, names, kinds, source, pattern)
-        state = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank, pick_device(device))
+        state = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank, pick_device(device), exact)
         saved = _saved_modules(t_ckpt, state, kinds, source, modules_to_save)
         factors = {m: (f.A, f.B) for m, (_, f, _) in state.factors.items() if f.rank > 0}
         if not factors:
             _refuse_empty(str(tuned), str(base), state, targets)
-        matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy)
+        matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy, f.method, f.passes)
                     for m, (kind, f, shape) in state.factors.items()]
         record = provenance("extract-lora", {"rank": rank, "energy": energy, "max_rank": max_rank, "targets": targets,
-                                             "modules_to_save": modules_to_save, "dtype": st},
+                                             "modules_to_save": modules_to_save, "dtype": st,
+                                             "exact": exact},
                             inputs={"tuned": str(tuned), "base": str(base)})
         summary = {"modules": [asdict(m) for m in matrices], "dropped": [asdict(d) for d in state.dropped]}
         written = write_lora_adapter(
