@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "merge": "surgeon.cli.merge",
     "diff": "surgeon.cli.diff",
     "apply": "surgeon.cli.apply",
+    "combine": "surgeon.cli.combine",
     "extract-lora": "surgeon.cli.extract_lora",
     "spectrum": "surgeon.cli.spectrum",
     "intruders": "surgeon.cli.intruders",
