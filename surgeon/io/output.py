@@ -71,11 +71,11 @@ class OutputGuard:
         self._created.extend(folders)
 
     def close(self, *, failed: bool) -> None:
+        for target in reversed(self._releases):
+            release_lock(target)  # first: the lock file sits in a folder that may have to go
+        self._releases.clear()
         if failed:
             remove_empty(self._created)
-        for target in reversed(self._releases):
-            release_lock(target)
-        self._releases.clear()
 
 
 def current_guard() -> OutputGuard | None:
@@ -136,16 +136,24 @@ def signals_as_interrupts() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be split (a publish)."""
-    sigs = {signal.SIGINT, *_SIGNALS}
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be split (a publish).
+
+    A recording handler replaces the current ones for the block (a signal mask would not do: the
+    kernel may hand the signal to another thread); afterwards the previous handlers come back and a
+    signal that arrived meanwhile is delivered again, to them."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    arrived: list[int] = []
+    sigs = (signal.SIGINT, *_SIGNALS)
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in sigs}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if arrived:
+            os.kill(os.getpid(), arrived[0])  # now handled as it would have been (cleanup, exit code)
 
 
 # -- locks --------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from surgeon.io.output import (
     check_free_space,
     check_not_input,
     check_output,
+    current_guard,
     disk_error,
     release_lock,
     remove_empty,
@@ -202,8 +203,9 @@ class CheckpointWriter:
         self.target = check_output(self.out, [Path(p) for p in inputs], overwrite=overwrite)
         self._created = [p for p in parents_before if p.exists()]
         self.parent = self.target.parent
-        acquire_lock(self.target)
-        self._locked = True
+        self._locked = current_guard() is None  # in a guard, check_output took the lock for the whole command
+        if self._locked:
+            acquire_lock(self.target)
         try:
             sidecars = sum(p.stat().st_size for p in self.extra_files) + sum(
                 len(t.encode("utf-8")) for t in self.extra_texts.values())
@@ -219,6 +221,7 @@ class CheckpointWriter:
         self._current = -1
         self._done = False
         self._signals: contextlib.ExitStack | None = None
+        self._shared = False
 
     @contextlib.contextmanager
     def _disk(self) -> Iterator[None]:
@@ -298,8 +301,41 @@ class CheckpointWriter:
         with self._disk():
             copy_span(source, name, *self._claim(info.nbytes))
 
+    def share(self) -> Path:
+        """Make every shard a named file in the staging folder, header written and length set, so that
+        other processes can ``pwrite`` their tensors into it (:mod:`surgeon.io.shared_output`); the
+        writer then takes no tensors itself and, on finishing, checks the headers, fsyncs, publishes."""
+        from surgeon.io.shared_output import shard_lengths
+
+        with self._disk():
+            self.staging.mkdir()
+            for name, header, length in zip(self.names, self.layout.headers, shard_lengths(self.layout)):
+                fd = os.open(self.staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    pwrite_all(fd, header, 0)
+                    os.ftruncate(fd, length)
+                finally:
+                    os.close(fd)
+        self._shared = True
+        return self.staging
+
+    def _finish_shared(self) -> None:
+        with self._disk():
+            for name in self.names:
+                fd = os.open(self.staging / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if not self.single_file:
+                self._write_sidecars()
+
     # -- finishing ----------------------------------------------------------------------------
     def _finish(self) -> None:
+        if self._shared:
+            self._finish_shared()
+            self._publish()
+            return
         leftover = next(self._order, None)
         if leftover is not None:
             raise CheckpointFormatError(f"{show(self.out)}: tensor {leftover[1].name!r} was planned but never written.")
@@ -311,6 +347,9 @@ class CheckpointWriter:
                 shard.link(self.staging / name)
             if not self.single_file:
                 self._write_sidecars()
+        self._publish()
+
+    def _publish(self) -> None:
         self._validate()
         check_not_input(self.out)  # an input opened after the writer was made (inputs noted by the readers)
         with self._disk():
