@@ -178,7 +178,10 @@ def acquire_lock(target: Path) -> None:
             return
         path = lock_path(target)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise disk_error(exc, target) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -192,8 +195,9 @@ def acquire_lock(target: Path) -> None:
             if same:  # else the last holder removed the file after we opened it: lock the new one
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        with contextlib.suppress(OSError):  # the pid only names us to a second writer; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         _HELD[target] = [fd, 1]
 
 
