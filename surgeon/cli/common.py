@@ -44,6 +44,17 @@ def global_options(func: F) -> F:
 max_shard_size_option = click.option("--max-shard-size", default="5GB", show_default=True,
                                      help="Largest shard, e.g. 5GB, 500MB, 2GiB.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def _allow_non_finite(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from surgeon.io.output import current_guard
+
+    guard = current_guard()
+    if value and guard is not None:
+        guard.allow_non_finite = True
+
+
+allow_non_finite_option = click.option(
+    "--allow-non-finite", is_flag=True, expose_value=False, callback=_allow_non_finite,
+    help="Write NaN/Inf values into the output instead of refusing them (refused by default, naming the tensor).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report on stdout.")
 
 

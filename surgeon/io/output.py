@@ -26,9 +26,13 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from surgeon.errors import OutputError
+from surgeon.errors import NumericalError, OutputError
 from surgeon.io.staging import STAGING_MARK, clean_stale_staging, current_umask, fsync_dir, staging_name
+
+if TYPE_CHECKING:
+    import torch
 
 LOCK_SUFFIX = ".surgeon-lock"
 _GUARD: ContextVar[OutputGuard | None] = ContextVar("surgeon_output_guard", default=None)
@@ -57,6 +61,7 @@ class OutputGuard:
         self.inputs: list[Path] = []
         self._releases: list[Path] = []
         self._created: list[Path] = []
+        self.allow_non_finite = False  # --allow-non-finite: write NaN/Inf instead of refusing them
 
     def note_input(self, path: str | os.PathLike[str]) -> None:
         resolved = Path(path).resolve()
@@ -379,6 +384,20 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     return target
 
 
+NON_FINITE_FIX = ("check the inputs for NaN/Inf (a corrupt or diverged checkpoint), a weight or λ too large for the "
+                  "output dtype (fp16 holds at most 65504) or pass --allow-non-finite to write them anyway")
+
+
+def refuse_non_finite(tensor: torch.Tensor, *, where: str | os.PathLike[str], name: str, fix: str = NON_FINITE_FIX,
+                      role: str = "would be written with") -> None:
+    """Raise :class:`NumericalError` naming ``name`` in ``where`` when ``tensor`` holds NaN or ±Inf."""
+    from surgeon.ops.finite import non_finite_count
+
+    bad = non_finite_count(tensor)
+    if bad:
+        raise NumericalError(f"{show(where)}: tensor {name!r} {role} {bad} NaN/Inf value(s) of {tensor.numel()}; {fix}.")
+
+
 # -- side outputs -------------------------------------------------------------------------------
 def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: Iterable[str | os.PathLike[str]] = (),
                       what: str = "report") -> Path:
@@ -435,5 +454,5 @@ def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwr
 
 
 __all__ = ["STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space", "check_not_input",
-           "check_output", "check_side_output", "clean_stale_staging", "disk_error", "make_parents", "note_input", "output_guard",
+           "check_output", "check_side_output", "clean_stale_staging", "disk_error", "make_parents", "note_input", "refuse_non_finite", "output_guard",
            "release_lock", "show", "side_file", "signals_as_interrupts", "signals_deferred", "write_side_output"]

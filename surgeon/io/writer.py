@@ -42,6 +42,7 @@ from surgeon.io.output import (
     check_output,
     current_guard,
     disk_error,
+    refuse_non_finite,
     release_lock,
     remove_empty,
     show,
@@ -186,6 +187,7 @@ class CheckpointWriter:
         extra_texts: dict[str, str] | None = None,
         overwrite: bool = False,
         prefix: str = "model",
+        allow_non_finite: bool = False,
     ) -> None:
         self.out = Path(out)
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -203,7 +205,9 @@ class CheckpointWriter:
         self.target = check_output(self.out, [Path(p) for p in inputs], overwrite=overwrite)
         self._created = [p for p in parents_before if p.exists()]
         self.parent = self.target.parent
-        self._locked = current_guard() is None  # in a guard, check_output took the lock for the whole command
+        guard = current_guard()
+        self.allow_non_finite = allow_non_finite or bool(guard is not None and guard.allow_non_finite)
+        self._locked = guard is None  # in a guard, check_output took the lock for the whole command
         if self._locked:
             acquire_lock(self.target)
         try:
@@ -265,8 +269,10 @@ class CheckpointWriter:
         self._current = idx
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor (its dtype and shape must match the plan)."""
+        """Append one tensor (its dtype and shape must match the plan); NaN/Inf refused unless allowed."""
         self._next(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+        if not self.allow_non_finite:
+            refuse_non_finite(tensor, where=self.out, name=name)
         with self._disk():
             self._files[-1].write(tensor_bytes(tensor))
 
