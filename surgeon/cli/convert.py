@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
+from surgeon.cli.common import allow_non_finite_option, emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.workflows.convert import ConvertPlan, convert_checkpoint, plan_convert
 
 
@@ -14,6 +14,7 @@ from surgeon.workflows.convert import ConvertPlan, convert_checkpoint, plan_conv
 @click.option("--dtype", default="auto", show_default=True, help="Cast floating tensors: auto (keep), fp32, fp16, bf16.")
 @max_shard_size_option
 @overwrite_option
+@allow_non_finite_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor: copied or cast, bytes, shard) and write nothing.")
 @json_option
 @global_options
