@@ -214,25 +214,39 @@ class BaseNames:
 
 
 # -- what surgeon can merge -------------------------------------------------------------------
-MERGEABLE_TYPES = ("LORA", "ADALORA", "VERA", "IA3", "LOHA", "LOKR", "HIRA")
-_MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-# LoraConfig fields that select a LoRA variant (or a module kind) whose merge is not W + ΔW.
-_UNMERGEABLE_LORA_FIELDS = (
-    "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
-    "kasa_config", "use_qalora", "target_parameters", "layer_replication", "trainable_token_indices",
-    "megatron_config",
+# Merged by surgeon's own fast path (native/torch streamed, or whole in memory).
+FAST_TYPES = ("LORA", "ADALORA", "VERA", "IA3", "LOHA", "LOKR", "HIRA")
+# Merged module by module through peft's own layer code (surgeon.workflows.merge.peft_layer); any other
+# weight-based type the installed peft knows is tried the same way.
+PEFT_LAYER_TYPES = (
+    "ADAMSS", "BEFT", "BOFT", "C3A", "DEFT", "DELORA", "FOURIERFT", "FROD", "GLORA", "GRALORA", "HRA", "LN_TUNING",
+    "MISS", "OFT", "OSF", "PEANUT", "PSOFT", "PVERA", "RANDLORA", "ROAD", "SHIRA", "SUPERTUNING", "TINYLORA",
+    "TRAINABLE_TOKENS", "UNILORA", "VBLORA", "WAVEFT",
 )
+MERGEABLE_TYPES = FAST_TYPES + PEFT_LAYER_TYPES
+# Methods that add virtual tokens or route between adapters at run time: no weights to merge.
+PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT",
+                         "CPT", "CARTRIDGE")
+RUNTIME_ONLY_TYPES = ("XLORA", "POLY", "LILY", "SHADOW", "SHADOWPEFT")
+_MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def check_mergeable(adapter: Adapter) -> None:
-    """Refuse adapters whose merge onto the original base would be wrong or is unsupported."""
+    """Refuse adapters whose merge onto the original base would be wrong or that have no weights to merge."""
     cfg, where = adapter.config, adapter.folder / ADAPTER_CONFIG
-    if cfg.peft_type not in MERGEABLE_TYPES:
+    if cfg.peft_type in PROMPT_LEARNING_TYPES:
         raise UnsupportedAdapterError(
-            f"{where}: peft_type {cfg.peft_type or '(missing)'!r} cannot be merged by surgeon "
-            f"(it merges {', '.join(MERGEABLE_TYPES)}); prompt-learning methods add virtual tokens and have no "
-            "weights to merge. Use the adapter unmerged with peft, or merge it with peft's merge_and_unload() if "
-            "peft supports that for this type."
+            f"{where}: peft_type {cfg.peft_type!r} is a prompt-learning method: it adds virtual tokens and leaves the "
+            "model's weights as they are, so there is nothing to merge. Use the adapter unmerged with peft."
+        )
+    if cfg.peft_type in RUNTIME_ONLY_TYPES:
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type {cfg.peft_type!r} computes its change from each input at run time, so no fixed "
+            "weights exist to merge (peft's merge_and_unload() refuses it too). Use the adapter unmerged with peft."
+        )
+    if not cfg.peft_type:
+        raise UnsupportedAdapterError(
+            f"{where}: no peft_type; this is not a PEFT adapter config. Re-save the adapter with peft's save_pretrained()."
         )
     init = cfg.raw.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
@@ -243,16 +257,10 @@ def check_mergeable(adapter: Adapter) -> None:
             "path_initial_model_for_weight_conversion=...) (the saved config then says init_lora_weights=true), "
             "or merge it onto the modified base it was trained with."
         )
-    if isinstance(init, str) and init.lower() == "mica":
+    if cfg.raw.get("layer_replication"):
         raise UnsupportedAdapterError(
-            f"{where}: init_lora_weights='mica' selects peft's MiCA variant, which surgeon does not merge; "
-            "merge it with peft's merge_and_unload()."
+            f"{where}: layer_replication={cfg.raw['layer_replication']!r} stacks copies of the base's layers, so the "
+            "merged model has more layers than the base and does not fit its files. Use the adapter unmerged with peft."
         )
-    if cfg.peft_type in ("LORA", "ADALORA"):
-        for key in _UNMERGEABLE_LORA_FIELDS:
-            if cfg.raw.get(key) not in (None, False, {}, [], 0):
-                raise UnsupportedAdapterError(
-                    f"{where}: {key}={cfg.raw[key]!r} selects a LoRA variant or layout that surgeon does not merge "
-                    "(supported: LoRA, rsLoRA, DoRA, rank/alpha patterns, lora_bias, embeddings, Conv1D); merge it "
-                    "with peft's merge_and_unload() instead."
-                )
+    # Every other type and LoRA variant (MiCA, VeLoRA, KaSA, ...) merges through peft's own layer code;
+    # what peft itself cannot merge is refused there with peft's reason.

@@ -16,6 +16,7 @@ from surgeon.io.adapter import ADAPTER_CONFIG, Adapter, AdapterLayout
 
 # Keys whose value, when present and not null, must be a number (rank-like ones a positive integer).
 _RANKS = ("r", "init_r", "target_r")
+_FAST_RANKED = ("LORA", "ADALORA", "VERA", "LOHA", "LOKR", "HIRA")  # where r is a rank that must be >= 1
 _SCALES = ("lora_alpha", "alpha")
 _PATTERNS = {"rank_pattern": True, "alpha_pattern": False}  # name -> holds ranks (positive integers)
 _DORA_FACTORS = ("lora_A", "lora_embedding_A")
@@ -40,6 +41,8 @@ def check_config_promises(adapter: Adapter, layout: AdapterLayout) -> None:
         if raw.get(key) is None:
             continue
         rank = key in _RANKS
+        if rank and raw[key] == 0 and adapter.config.peft_type not in _FAST_RANKED:
+            continue  # OFT/BOFT/...: r=0 means "sized by block size"; peft's layer code checks the rest
         problem = _number_problem(raw[key], rank=rank)
         if problem:
             want = "a positive integer (the rank, e.g. 8)" if rank else "a number (e.g. 16)"

@@ -26,6 +26,7 @@ from surgeon.io.writer import CheckpointWriter, copy_span
 from surgeon.progress import progress
 from surgeon.workflows.merge.plan import MergePlan
 from surgeon.workflows.merge.routes import RoutePlan
+from surgeon.workflows.merge.modules import ModuleMerges
 from surgeon.workflows.merge.stream import BlockJob, TensorMerge, memory_tensor, native_tensor, stream_tensor
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class _Run:
         self.pending: deque[Future[None]] = deque()
         self.copies: list[Future[None]] = []
         self.entries: list[TensorMerge] = []
+        self.modules = ModuleMerges(ckpt, plan, routes)
 
     def streamed(self, name: str, route: str, dtype: str) -> None:
         while self.pending:  # the writer is strictly ordered: everything before this tensor first
@@ -160,6 +162,8 @@ class _Run:
             return
         if route == "memory":
             future = self.whole(name, dtype)
+        elif route == "module":
+            future = self.io.submit(self.writer.write, name, self.modules.tensor(name, dtype, self.entries))
         elif route == "cast":
             future = self.cast(name, dtype)
         else:

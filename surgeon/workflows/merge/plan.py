@@ -13,10 +13,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from surgeon.errors import AdapterError, OptionError
-from surgeon.io.adapter import Adapter, AdapterModule, BaseNames, adapter_layout, check_mergeable, pattern_value
+from surgeon.io.adapter import (
+    Adapter,
+    AdapterModule,
+    BaseNames,
+    FullTensor,
+    adapter_layout,
+    check_mergeable,
+    pattern_value,
+)
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.workflows.convert import FLOAT_DTYPES
 from surgeon.workflows.merge.config_checks import check_config_promises
+from surgeon.workflows.merge.module_plan import peft_module_ops, route_modules
 
 # Architectures whose projections are transformers' Conv1D (weight stored in × out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
@@ -29,9 +38,10 @@ class MergeOp:
     """One adapter module acting on one base tensor.
 
     ``kind``: lora, lora_embedding, dora, dora_embedding, lora_bias, adalora, vera, ia3,
-    ia3_bias, loha, lokr, hira, hira_embedding, replace (modules_to_save, trained biases) or
-    base_layer (a saved copy of the frozen base tensor). ``tensors`` maps roles to adapter
-    tensor names; ``scaling`` already includes the adapter's weight.
+    ia3_bias, loha, lokr, hira, hira_embedding, replace (modules_to_save, trained biases),
+    base_layer (a saved copy of the frozen base tensor) or peft_module (a whole module merged by
+    peft's layer code: ``module_plan``/``peft_layer``). ``tensors`` maps roles to adapter tensor
+    names; ``scaling`` already includes the adapter's weight.
     """
 
     kind: str
@@ -43,6 +53,7 @@ class MergeOp:
     fan_in_fan_out: bool = False
     ranknum: float = 0.0
     features: tuple[int, int] = (0, 0)  # (out, in) of the module, for VeRA's shared projections
+    group: tuple[str, ...] = ()  # peft_module: every base tensor of the module, merged together
 
 
 @dataclass(frozen=True)
@@ -337,10 +348,10 @@ class _Planner:
             "and give TASK_BASE as the base (its new head is replaced by the adapter's)."
         )
 
-    def plan_full(self) -> list[tuple[str, MergeOp]]:
+    def plan_full(self, full_tensors: Sequence[FullTensor] | None = None) -> list[tuple[str, MergeOp]]:
         """Whole-tensor replacements: modules_to_save, trained biases, saved base_layer copies."""
         plan = []
-        for full in adapter_layout(self.adapter.weights).full:
+        for full in adapter_layout(self.adapter.weights).full if full_tensors is None else full_tensors:
             target = self.resolve(full.name)
             if target is None and self._task_head(full.name):
                 raise self._fail_head(full.source, full.name)
@@ -405,15 +416,17 @@ def plan_adapter_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter, float
             raise OptionError(f"{adapter.folder}: adapter weight {weight} is not a finite number; give e.g. ADAPTER:0.5.")
         planner = _Planner(base, names, adapter, idx, float(weight))
         layout = adapter_layout(adapter.weights)
-        planned = planner.plan_full()  # base_layer copies first: later ops act on the saved base
+        routed = route_modules(base, names, adapter, layout)  # what peft's layer code merges (module_plan)
+        planned = planner.plan_full(routed.full)  # base_layer copies first: later ops act on the saved base
         planned.sort(key=lambda step: step[1].kind != "base_layer")
-        for module in layout.modules.values():
+        for module in routed.fast:
             planned += planner.plan_module(module)
+        planned += [(t, MergeOp(**kw)) for t, kw in peft_module_ops(base, names, adapter, idx, float(weight), routed)]
         if adapter.config.peft_type == "VERA" and planner.vera_dims:
             planned, spec = planner.vera_shared(planned, layout.shared)
             if spec is not None:
                 vera[idx] = spec
-        if not planned and not layout.modules:
+        if not planned and not layout.modules and not routed.peft:
             raise AdapterError(
                 f"{adapter.folder}: the adapter holds no tensor surgeon recognizes as a {adapter.config.peft_type} "
                 "factor or a saved module; it is empty or not a PEFT adapter."

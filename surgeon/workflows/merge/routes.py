@@ -9,6 +9,8 @@ Routes:
 - ``stream``: other additive deltas (LoHa, LoKr, VeRA, ...) on the CPU, the same way in torch;
 - ``memory``: everything else (DoRA, IA3, HiRA, replacements, any merge on a GPU): the whole
   tensor in memory, W' in float32, rounded once;
+- ``module``: a module merged by peft's own layer code (``peft_layer``: OFT, BOFT, VB-LoRA, ...,
+  convolutions, MultiheadAttention), all of the module's tensors together, in memory;
 - ``cast``: an untouched tensor whose dtype changes; ``copy``: an untouched tensor, byte for byte.
 
 All routes give the same bits; they differ in memory and speed only.
@@ -139,7 +141,9 @@ def plan_routes(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], *, de
             routes.append(TensorRoute(name, route, route, dtype, nbytes))
             continue
         action = "replace" if all(op.kind in ("replace", "base_layer") for op in ops) else "merge"
-        if lib is not None and _native_fits(ckpt, plan, name, dtype):
+        if any(op.kind == "peft_module" for op in ops):
+            route = "module"
+        elif lib is not None and _native_fits(ckpt, plan, name, dtype):
             route = "native"
         elif on_cpu and resolved != "memory" and all(op.kind in ADDITIVE for op in ops):
             route = "stream"
