@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import (
+    allow_non_finite_option,
     emit_json,
     global_options,
     human_bytes,
@@ -47,6 +48,7 @@ from surgeon.workflows.taskvec.methods import METHODS, ApplyOptions
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, what happens, bytes) and write nothing.")
 @max_shard_size_option
 @overwrite_option
+@allow_non_finite_option
 @hub_options
 @push_to_option
 @json_option
