@@ -271,10 +271,15 @@ class CheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (its dtype and shape must match the plan); NaN/Inf refused unless allowed."""
         self._next(name, st_dtype(tensor.dtype), tuple(tensor.shape))
-        if not self.allow_non_finite:
-            refuse_non_finite(tensor, where=self.out, name=name)
+        self.check_finite(name, tensor)
         with self._disk():
             self._files[-1].write(tensor_bytes(tensor))
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        """Refuse NaN/Inf in (a block of) tensor ``name`` unless allowed; for callers that ``pwrite`` into a
+        :meth:`reserve`\ d place themselves."""
+        if not self.allow_non_finite:
+            refuse_non_finite(tensor, where=self.out, name=name)
 
     def write_raw(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Append already-serialized bytes for a planned tensor."""
