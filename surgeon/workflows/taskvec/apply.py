@@ -242,6 +242,7 @@ def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor,
                 place.append(writer.reserve(name))
             fd, offset = place[0]
             cast = block.to(out_dtype)
+            writer.check_finite(name, cast)  # a NaN τ or a λ that overflows the dtype: refused, naming it
             pwrite_all(fd, tensor_bytes(cast), offset + start * cast.element_size())
 
         if merge_tensor(base, name, terms, options, emit):
