@@ -27,7 +27,7 @@ from surgeon.errors import OptionError, OutputError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import SvdCache, content_key
-from surgeon.io.output import check_side_output, write_side_output
+from surgeon.io.output import check_side_output, refuse_non_finite, write_side_output
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target, TargetSpecError, select_targets
@@ -88,6 +88,8 @@ def linear_float64(raw: bytes | bytearray, ckpt: Checkpoint, target: Target) -> 
     info = ckpt.info(target.name)
     w = torch.frombuffer(raw, dtype=info.torch_dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape)
     w = w.to(torch.float64)
+    refuse_non_finite(w, where=info.file, name=target.name, role="holds",
+                      fix="its singular vectors are undefined; re-download or re-create this checkpoint")
     return w.T.contiguous() if target.transposed else w
 
 
