@@ -22,6 +22,7 @@ from surgeon.errors import OptionError, ShapeMismatchError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for callers
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
+from surgeon.io.output import refuse_non_finite
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, check_output
 from surgeon.ops.task_vector import (
@@ -122,6 +123,8 @@ def load_pair(tuned: Checkpoint, base: Checkpoint, name: str) -> tuple[torch.Ten
     tensors = []
     for raw, info in ((t_raw, t_info), (b_raw, b_info)):
         t = torch.frombuffer(raw, dtype=info.torch_dtype) if info.numel else torch.empty(0, dtype=info.torch_dtype)
+        refuse_non_finite(t, where=info.file, name=name, role="holds",
+                          fix="a task vector of it means nothing; re-download or re-create this checkpoint")
         tensors.append(t.reshape(info.shape))
     return tensors[0], tensors[1], same
 
