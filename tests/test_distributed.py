@@ -117,3 +117,130 @@ def test_an_error_on_every_rank_is_said_once(tmp_path):
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"Error: {tmp_path / 'missing'}: no such file or folder; check the path."]
+
+
+# -- intruders and scale-intruders ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_pair(tiny_llama, tmp_path_factory):
+    """A real peft LoRA on tiny Llama (B drawn at random so intruders exist), and the merged model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("dist-lora")
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    model.save_pretrained(root / "adapter")
+    model.merge_and_unload().save_pretrained(root / "merged", safe_serialization=True)
+    return root / "adapter", root / "merged"
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_intruders_on_several_ranks_equals_one_process(tiny_llama, lora_pair, nproc):
+    _, merged = lora_pair
+    args = ("intruders", str(merged), "--base", str(tiny_llama), "--json", "-q", "--no-cache")
+    solo, multi = run_surgeon(*args), run_surgeon(*args, nproc=nproc)
+    assert solo.returncode == 0 and multi.returncode == 0, multi.stderr
+    a, b = json.loads(solo.stdout), json.loads(multi.stdout)
+    assert b["world_size"] == nproc and a["totals"]["intruders"] > 0
+    assert {m["computed_by_rank"] for m in b["matrices"]} == set(range(nproc))
+    assert without_timing(a) == without_timing(b)
+
+
+def test_several_tuned_share_matrices_over_ranks(tiny_llama, lora_pair, tmp_path):
+    adapter, merged = lora_pair
+    args = ("intruders", str(merged), str(adapter), "--base", str(tiny_llama), "--json", "-q",
+            "--cache", str(tmp_path / "cache"))
+    multi = run_surgeon(*args, nproc=2)
+    assert multi.returncode == 0, multi.stderr
+    doc = json.loads(multi.stdout)
+    solo = run_surgeon(*args[:-2], "--no-cache")
+    assert [m["totals"] for m in doc["models"]] == [m["totals"] for m in json.loads(solo.stdout)["models"]]
+    # each changed base matrix decomposed once over both models and both ranks (unchanged ones never)
+    analysed = [m["name"] for m in doc["models"][0]["matrices"] if m["status"] == "analysed"]
+    assert analysed and doc["cache"]["misses"] == len(analysed)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_scale_intruders_output_is_byte_identical(tiny_llama, lora_pair, tmp_path, nproc):
+    _, merged = lora_pair
+    solo, multi = tmp_path / "solo", tmp_path / "multi"
+    args = ("scale-intruders", str(merged), "--base", str(tiny_llama), "--lambda", "0.3", "-q", "--no-cache")
+    assert run_surgeon(*args, "-o", str(solo)).returncode == 0
+    done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
+    assert done.returncode == 0, done.stderr
+    assert (solo / "model.safetensors").read_bytes() == (multi / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in solo.iterdir()) == sorted(p.name for p in multi.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi", "solo"]  # no staging left
+
+
+def test_scale_intruders_of_an_adapter_writes_the_merged_rest_identically(tiny_llama, lora_pair, tmp_path):
+    adapter, _ = lora_pair
+    solo, multi = tmp_path / "solo.safetensors", tmp_path / "multi.safetensors"
+    args = ("scale-intruders", str(adapter), "--base", str(tiny_llama), "--lambda", "0", "-q", "--no-cache",
+            "--targets", "qv")
+    assert run_surgeon(*args, "-o", str(solo)).returncode == 0
+    done = run_surgeon(*args, "-o", str(multi), nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert solo.read_bytes() == multi.read_bytes()
+
+
+# -- faults -----------------------------------------------------------------------------------------
+def _slow_pair(root: Path) -> tuple[Path, Path]:
+    """Base and tuned (base + a rank-4 change) with twenty-four 768 × 768 matrices: a few seconds of SVDs."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(768, 768, generator=g) / 30 for i in range(24)}
+    tuned = {k: v + torch.randn(768, 4, generator=g) @ torch.randn(4, 768, generator=g) / 10 for k, v in base.items()}
+    for name, tensors in (("base", base), ("tuned", tuned)):
+        (root / name).mkdir()
+        save_file(tensors, root / name / "model.safetensors")
+    return root / "base", root / "tuned"
+
+
+def _pids_of_rank(rank: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"SURGEON_NPROC_CHILD=1" in env and b"scale-intruders" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
+    import signal
+    import time
+
+    base, tuned = _slow_pair(tmp_path)
+    out = tmp_path / "repaired"
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon", "scale-intruders", str(tuned), "--base", str(base),
+                             "--lambda", "0", "-o", str(out), "-q", "--no-cache", "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": "60"})
+    deadline = time.monotonic() + 60
+    victims: list[int] = []
+    while not victims and time.monotonic() < deadline and proc.poll() is None:
+        victims = [p for p in _pids_of_rank(1) if p != proc.pid]
+        time.sleep(0.05)
+    assert victims, "rank 1 never started"
+    time.sleep(4.0)  # well into its SVDs (a busy machine starts ranks slowly)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 1 was killed by SIGKILL"), err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned"]  # no staging, no lock left

@@ -6,6 +6,8 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.workflows.spectral.entry import run_intruders
 from surgeon.workflows.spectral.intruders import SIDES, IntruderOptions, IntrudersReport
 from surgeon.workflows.spectral.multi import ManyReport, model_label
@@ -54,9 +56,10 @@ def spectral_options(func):  # type: ignore[no-untyped-def]
               help="Write a self-contained report page (cards, counts, ε sweep, heat-maps, spectra); needs surgeon[plot].")
 @json_option
 @global_options
+@distributed_command
 def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: float, top_k: int, targets: str,
             side: str, device: str, cache: str | None, no_cache: bool, method: str, sequence: bool, match: float,
-            plot: str | None, plot_matrices: str | None, html: str | None, as_json: bool) -> None:
+            plot: str | None, plot_matrices: str | None, html: str | None, as_json: bool, world: World) -> None:
     """Find intruder dimensions: new high-ranking singular vectors a fine-tune introduced.
 
     For each of the top-k left singular vectors u_j of the tuned matrix W_t
@@ -83,10 +86,11 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
       surgeon intruders --base ./bert --adapter ./lora --epsilon 0.3 --json
       surgeon intruders ./lora-a ./lora-b ./full-ft --base ./bert --html report.html
       surgeon intruders ./stage1 ./stage2 ./stage3 --base ./bert --sequence --json
+      torchrun --nproc-per-node 8 -m surgeon intruders ./ft-* --base ./Llama-3.1-70B --json
     """
     report = run_intruders(list(tuned), base, adapter=adapter, targets=targets, device=device, cache=cache,
                            use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices, sequence=sequence,
-                           match=match, html=html,
+                           match=match, html=html, world=world,
                            options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
     if as_json:
         emit_json("intruders", report.to_dict())

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import gc
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -113,6 +114,8 @@ class SurgeonGroup(click.Group):
             if State.debug:
                 raise
             if isinstance(exc, Interrupted):
+                if os.environ.get("SURGEON_NPROC_CHILD") == "1":  # a rank stopped by `--nproc`: its parent says why
+                    ctx.exit(128 + exc.signum)
                 click.echo(f"Interrupted by {exc}; nothing partial was left.", err=True)
                 ctx.exit(128 + exc.signum)
             click.echo("Interrupted; nothing was written.", err=True)

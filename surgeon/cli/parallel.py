@@ -12,6 +12,7 @@ import functools
 import io
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable
@@ -22,10 +23,12 @@ import click
 
 from surgeon.cli.common import State
 from surgeon.errors import SurgeonError
+from surgeon.parallel.exchange import PeerLostError
 from surgeon.parallel.world import SOLO, World, detect, process_group
 from surgeon.progress import set_progress
 
 F = TypeVar("F", bound=Callable[..., Any])
+CHILD_ENV = "SURGEON_NPROC_CHILD"
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -51,6 +54,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn")
+    os.environ[CHILD_ENV] = "1"  # the ranks leave the report of a lost peer to this process
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if env_threads is None:  # one BLAS thread per core per rank, not N × cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -61,14 +65,29 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "surgeon", *argv)
     except ChildFailedError as exc:
-        ranks = sorted(exc.failures)
-        return max(1, min(int(exc.failures[r].exitcode or 1) for r in ranks)) if ranks else 1
+        return _report_failure(exc)
     finally:
+        os.environ.pop(CHILD_ENV, None)
         for log, level in zip(quiet, levels):
             log.setLevel(level)
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return 0
+
+
+def _report_failure(exc: Any) -> int:
+    """One line for a rank that died of a signal (a rank that raised has already said why)."""
+    rank, failure = exc.get_first_failure()
+    code = int(failure.exitcode or 1)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        click.echo(f"Error: rank {rank} was killed by {name} (pid {failure.pid}); the run stopped and nothing was "
+                   "written. Run again: finished base decompositions are in the cache.", err=True)
+        return 1
+    return code
 
 
 def distributed_command(func: F) -> F:
@@ -93,13 +112,23 @@ def distributed_command(func: F) -> F:
 def _run_on_rank(func: Callable[..., Any], world: World, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not world.distributed:
         return func(*args, world=SOLO, **kwargs)
-    with process_group(world):
-        if world.is_main:
-            return func(*args, world=world, **kwargs)
-        State.quiet = True
-        set_progress(False)
-        try:
+    child = os.environ.get(CHILD_ENV) == "1"
+    try:
+        with process_group(world):
+            if world.is_main:
+                return func(*args, world=world, **kwargs)
+            State.quiet = True
+            set_progress(False)
             with redirect_stdout(io.StringIO()):
                 return func(*args, world=world, **kwargs)
-        except SurgeonError:  # DistributedError included: rank 0 prints the one line for the whole group
-            raise click.exceptions.Exit(1) from None
+    except (PeerLostError, KeyboardInterrupt):
+        if world.is_main and not child:
+            raise
+        if child:  # the launcher is stopping the group: finish cleaning up, then leave without a word
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+        raise click.exceptions.Exit(1) from None  # the --nproc parent names the rank that died
+    except SurgeonError:
+        if world.is_main:
+            raise
+        raise click.exceptions.Exit(1) from None  # rank 0 says it once for the group

@@ -7,6 +7,8 @@ import click
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.cli.intruders import spectral_options
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.workflows.spectral.intruders import IntruderOptions
 from surgeon.workflows.spectral.entry import run_scale_intruders
 
@@ -37,11 +39,12 @@ _SHOW_ROWS = 30
 @push_to_option
 @json_option
 @global_options
+@distributed_command
 def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: float, top_k: int, targets: str, side: str,
             device: str, cache: str | None, no_cache: bool, method: str, lam: float, out: str, only_top: int | None,
             as_adapter: bool, sequence_from: int | None, match: float, html: str | None, max_shard_size: str,
             overwrite: bool,
-            push_to: str | None, private: bool, as_json: bool) -> None:
+            push_to: str | None, private: bool, as_json: bool, world: World) -> None:
     """Rescale intruder dimensions and write the repaired checkpoint.
 
     Each intruder j of a matrix (found as by `surgeon intruders`) gets its singular
@@ -60,14 +63,15 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
       surgeon scale-intruders ./full-ft --base ./Llama-3.2-1B --lambda 0.5 -o ./repaired
       surgeon scale-intruders ./my-lora --base ./Llama-3.2-1B --lambda 0 --as-adapter -o ./my-lora-fixed
       surgeon scale-intruders ./s1 ./s2 ./s3 --base ./bert --sequence-from 2 --lambda 0 -o ./s3-fixed --html r.html
+      surgeon scale-intruders ./full-ft --base ./Llama-3.2-1B --lambda 0.5 -o ./repaired --nproc 2
     """
     run = run_scale_intruders(list(tuned), base, out, lam=lam, adapter=adapter, targets=targets, only_top=only_top,
                               as_adapter=as_adapter, device=device, cache=cache, use_cache=not no_cache,
                               max_shard_size=max_shard_size, overwrite=overwrite, sequence_from=sequence_from,
-                              match=match, html=html,
+                              match=match, html=html, world=world,
                               options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
     report = run.report
-    pushed = push_after(out, push_to, private=private, as_json=as_json)
+    pushed = push_after(out, push_to, private=private, as_json=as_json) if world.is_main else None
     if as_json:
         emit_json("scale-intruders", {**run.to_dict(), "push": pushed.to_dict() if pushed else None})
         return

@@ -33,9 +33,13 @@ def all_gather_bytes(world: World, data: bytes) -> list[bytes]:
         out = [torch.zeros_like(buf) for _ in range(world.size)]
         dist.all_gather(out, buf)
     except Exception as exc:  # a peer died or timed out: gloo/nccl raise RuntimeError subclasses
-        raise DistributedError(f"rank {world.rank}: a collective with the other ranks failed ({_first_line(exc)}); "
+        raise PeerLostError(f"rank {world.rank}: a collective with the other ranks failed ({_first_line(exc)}); "
                                "another rank probably died: see its message above.") from None
     return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(out, lengths)]
+
+
+class PeerLostError(DistributedError):
+    """A collective failed: another rank died, hung past the timeout, or left early."""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
+from surgeon.parallel.world import SOLO, World
 from surgeon.workflows.spectral.intruders import find_intruders
 from surgeon.workflows.spectral.multi import ManyReport, check_tuned, find_intruders_many
 from surgeon.workflows.spectral.results import IntruderOptions, IntrudersReport
@@ -32,6 +33,7 @@ def run_intruders(
     sequence: bool = False,
     match: float = DEFAULT_MATCH,
     html: str | os.PathLike[str] | None = None,
+    world: World = SOLO,
 ) -> IntrudersReport | ManyReport:
     """One TUNED (or only ``adapter``): :func:`find_intruders`, the one-model report. Several: one report
     per model (:func:`find_intruders_many`); ``sequence``: the stages view too. ``html``: write the page."""
@@ -51,12 +53,12 @@ def run_intruders(
     elif len(tuned) > 1:
         check_tuned(tuned, adapter=adapter)
         report = find_intruders_many(tuned, base, targets=targets, options=options, device=device, cache=cache,
-                                     use_cache=use_cache, plot=plot, plot_matrices=plot_matrices)
+                                     use_cache=use_cache, plot=plot, plot_matrices=plot_matrices, world=world)
     else:
         report = find_intruders(tuned[0] if tuned else None, base, adapter=adapter, targets=targets, options=options,
                                 device=device, cache=cache, use_cache=use_cache, plot=plot,
-                                plot_matrices=plot_matrices)
-    if html is not None:
+                                plot_matrices=plot_matrices, world=world)
+    if html is not None and world.is_main:
         from surgeon.workflows.spectral.page import write_intruders_page
 
         write_intruders_page(html, report, plot_matrices=plot_matrices)
@@ -93,6 +95,7 @@ def run_scale_intruders(
     sequence_from: int | None = None,
     match: float = DEFAULT_MATCH,
     html: str | os.PathLike[str] | None = None,
+    world: World = SOLO,
     **write: Any,
 ) -> ScaleRun:
     """:func:`scale_intruders` of the last TUNED. With ``sequence_from`` the TUNED are the stages of one
@@ -119,8 +122,8 @@ def run_scale_intruders(
                            "a continual run with --sequence-from STAGE.")
     last = tuned[-1] if tuned else None
     report = scale_intruders(last, base, out, lam=lam, adapter=adapter, targets=targets, options=options,
-                             device=device, cache=cache, use_cache=use_cache, only_ranks=ranks, **write)
-    if html is not None:
+                             device=device, cache=cache, use_cache=use_cache, only_ranks=ranks, world=world, **write)
+    if html is not None and world.is_main:
         from surgeon.workflows.spectral.page import write_scale_page
 
         if before is None:

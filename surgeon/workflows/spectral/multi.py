@@ -21,6 +21,7 @@ from typing import Any
 
 from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
+from surgeon.parallel.world import SOLO, World
 from surgeon.workflows.spectral.intruders import find_intruders
 from surgeon.workflows.spectral.results import IntruderOptions, IntrudersReport
 
@@ -96,6 +97,7 @@ def find_intruders_many(
     use_cache: bool = True,
     plot: str | os.PathLike[str] | None = None,
     plot_matrices: str | None = None,
+    world: World = SOLO,
 ) -> ManyReport:
     """:func:`find_intruders` for every TUNED against BASE, one shared base cache.
 
@@ -107,7 +109,8 @@ def find_intruders_many(
     with SharedCache(cache, use_cache=use_cache) as shared:
         for i, path in enumerate(tuned):
             report = find_intruders(path, base, targets=targets, options=options, device=device, cache=shared.path,
-                                    use_cache=True, plot=_plot_dir(plot, path, i), plot_matrices=plot_matrices)
+                                    use_cache=True, plot=_plot_dir(plot, path, i), plot_matrices=plot_matrices,
+                                    world=world)
             reports.append(report if use_cache else hide_cache_dir(report))
         root = Path(reports[0].cache["dir"]) if use_cache and reports[0].cache.get("dir") else None
     return ManyReport(str(base), reports, sum_cache(reports, root), None, time.perf_counter() - begin)

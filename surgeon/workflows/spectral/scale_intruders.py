@@ -18,35 +18,25 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from surgeon.errors import AdapterError, CheckpointFormatError, IncompatibleInputError, NumericalError, OptionError
+from surgeon.errors import AdapterError, CheckpointFormatError, IncompatibleInputError, OptionError
 from surgeon.io.adapter_writer import write_lora_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.ops import intruders as ops
 from surgeon.ops.targets import DEFAULT_PRESET, Target
+from surgeon.parallel.exchange import device_for
+from surgeon.parallel.world import SOLO, World
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.spectral.intruders import (Analysis, Inputs, IntruderOptions, MatrixIntruders, analyse_stream,
                                          open_inputs, totals)
 from surgeon.workflows.merge.run import merged_float32, pick_device
+from surgeon.workflows.spectral.repair import IntruderChange, matrix_change, chosen_ranks, restricted, rounded, tuned_dense
 from surgeon.workflows.spectral.spectrum import open_cache, resolve_targets
-
-
-@dataclass(frozen=True)
-class IntruderChange:
-    """One repaired matrix: the intruder ranks scaled, σ before and after, ‖W' − W_t‖_F."""
-
-    name: str
-    ranks: list[int]
-    cosines: list[float]
-    sigma_before: list[float]
-    sigma_after: list[float]
-    delta_norm: float
-    dtype: str
 
 
 @dataclass(frozen=True)
@@ -68,39 +58,6 @@ class ScaleReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _chosen_ranks(row: MatrixIntruders, only_top: int | None) -> list[int]:
-    return row.intruders[:only_top] if only_top is not None else list(row.intruders)
-
-
-def _change(a: Analysis, ranks: list[int], lam: float, dtype: str) -> tuple[IntruderChange, torch.Tensor]:
-    """The change entry and the edit (λ − 1)·U_IΣ_IV_Iᵀ (float64, nn.Linear orientation)."""
-    t = a.triplets
-    assert t is not None
-    edit = ops.intruder_edit(t.u, t.s, t.v, ranks, lam)
-    cos = a.row.cos_left if a.row.cos_left is not None else a.row.cos_right
-    before = [a.row.sigma[j - 1] for j in ranks]
-    entry = IntruderChange(a.row.name, ranks, [cos[j - 1] for j in ranks] if cos else [], before,
-                           [lam * s for s in before], float(edit.norm()), dtype)
-    return entry, edit
-
-
-def _tuned_dense(a: Analysis) -> torch.Tensor:
-    """W_t (float64, nn.Linear orientation, on the triplets' device)."""
-    loaded = a.loaded
-    device = a.triplets.u.device if a.triplets is not None else torch.device("cpu")
-    if loaded.factors is not None:
-        left, right = (f.to(device) for f in loaded.factors)
-        return loaded.w0.to(device) + left @ right
-    return (loaded.tuned if loaded.tuned is not None else loaded.w0).to(device)
-
-
-def _rounded(w: torch.Tensor, target: Target, dtype: str) -> torch.Tensor:
-    out = (w.T if target.transposed else w).to(torch_dtype(dtype)).cpu().contiguous()
-    if not bool(torch.isfinite(out).all()):
-        raise NumericalError(f"{target.name}: the repaired weights are not finite in {dtype}; lower --lambda.")
-    return out
 
 
 def _validate(lam: float, only_top: int | None) -> None:
@@ -127,6 +84,7 @@ def scale_intruders(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     only_ranks: Mapping[str, Sequence[int]] | None = None,
+    world: World = SOLO,
 ) -> ScaleReport:
     """Write TUNED (or BASE + ``adapter``) with every intruder's σ_j scaled to λσ_j.
 
@@ -134,8 +92,11 @@ def scale_intruders(
     intruders (`--sequence-from`: the ones born at or after a stage); the report counts those."""
     options.check()
     _validate(lam, only_top)
+    if as_adapter and world.distributed:
+        raise OptionError("--as-adapter runs in one process (the adapter's factors are small); drop --nproc/torchrun "
+                          "for it, or write the repaired model instead.")
     begin = time.perf_counter()
-    dev = pick_device(device)
+    dev = pick_device(device_for(world, device))
     store = open_cache(cache, enabled=use_cache)
     counts = {"hits": 0, "misses": 0, "computed": 0}
     with open_inputs(tuned, base, adapter) as inputs:
@@ -146,14 +107,21 @@ def scale_intruders(
         chosen = [by_host_name[n] for n in sorted(by_host_name, key=order.__getitem__)]
         stream = analyse_stream(inputs, chosen, options, store, dev, counts, desc="scale-intruders")
         if only_ranks is not None:
-            stream = _restricted(stream, only_ranks)
+            stream = restricted(stream, only_ranks)
         params = {"lambda": lam, "epsilon": options.epsilon, "top_k": options.top_k, "only_top": only_top,
                   "side": options.side, "targets": targets, "as_adapter": as_adapter,
                   **({"only_ranks": {k: list(v) for k, v in only_ranks.items()}} if only_ranks is not None else {})}
         record = provenance("scale-intruders", params, inputs={k: str(v) for k, v in (
             ("base", inputs.base_path), ("tuned", inputs.tuned_path), ("adapter", inputs.adapter_path)) if v})
         try:
-            if as_adapter:
+            if world.distributed:
+                from surgeon.workflows.spectral.scale_shared import write_model_shared
+
+                rows, changes, written = write_model_shared(
+                    world, inputs, by_host_name, chosen, options=options, store=store, device=dev, counts=counts,
+                    out=out, lam=lam, only_top=only_top, record=record, max_shard_size=max_shard_size,
+                    overwrite=overwrite, only_ranks=only_ranks)
+            elif as_adapter:
                 rows, changes, written = _write_adapter(inputs, stream, out, lam, only_top, record, overwrite)
             else:
                 rows, changes, written = _write_model(inputs, by_host_name, stream, out, lam, only_top, record,
@@ -163,21 +131,9 @@ def scale_intruders(
         return ScaleReport(
             str(inputs.tuned_path) if inputs.tuned_path else None, str(base),
             str(inputs.adapter_path) if inputs.adapter_path else None, str(out), as_adapter, lam, options.epsilon,
-            options.top_k, only_top, changes, sum(1 for r in rows if not _chosen_ranks(r, only_top)), totals(rows),
+            options.top_k, only_top, changes, sum(1 for r in rows if not chosen_ranks(r, only_top)), totals(rows),
             written, time.perf_counter() - begin,
         )
-
-
-def _restricted(stream: Iterator[Analysis], only: Mapping[str, Sequence[int]]) -> Iterator[Analysis]:
-    """The stream with each row's intruders narrowed to ``only[name]``."""
-    try:
-        for a in stream:
-            kept = [j for j in a.row.intruders if j in set(only.get(a.row.name, ()))]
-            row = replace(a.row, intruders=kept, intruder_sigma=[a.row.sigma[j - 1] for j in kept],
-                          energy_share=ops.energy_share(a.row.sigma, kept))
-            yield replace(a, row=row)
-    finally:
-        stream.close()  # type: ignore[attr-defined]
 
 
 def _host_names(inputs: Inputs, targets: list[Target]) -> dict[str, Target]:
@@ -212,11 +168,11 @@ def _write_model(inputs: Inputs, targets: dict[str, Target], stream: Iterator[An
             if target is not None:
                 a = next(stream)
                 rows.append(a.row)
-                ranks = _chosen_ranks(a.row, only_top) if lam != 1.0 else []
+                ranks = chosen_ranks(a.row, only_top) if lam != 1.0 else []
                 if ranks:
-                    entry, edit = _change(a, ranks, lam, spec.dtype)
+                    entry, edit = matrix_change(a, ranks, lam, spec.dtype)
                     changes.append(entry)
-                    writer.write(spec.name, _rounded(_tuned_dense(a) + edit, target, spec.dtype))
+                    writer.write(spec.name, rounded(tuned_dense(a) + edit, target, spec.dtype))
                     continue
             if inputs.plan is not None and spec.name in inputs.plan.targets:
                 writer.write(spec.name, merged_float32(host, inputs.plan, spec.name).to(torch_dtype(spec.dtype)))
@@ -265,10 +221,10 @@ def _write_adapter(inputs: Inputs, stream: Iterator[Analysis], out: str | os.Pat
     changes: list[IntruderChange] = []
     for a in stream:  # the factors of an adapter are small: collect the edits, then write once
         rows.append(a.row)
-        ranks = _chosen_ranks(a.row, only_top) if lam != 1.0 else []
+        ranks = chosen_ranks(a.row, only_top) if lam != 1.0 else []
         if ranks:
             edits[a.row.name] = a
-            changes.append(_change(a, ranks, lam, "F32")[0])
+            changes.append(matrix_change(a, ranks, lam, "F32")[0])
     lora_modules = _module_ops(inputs)
     orphans = sorted(set(edits) - {name for name, _ in lora_modules.values()})
     if orphans:
@@ -290,7 +246,7 @@ def _write_adapter(inputs: Inputs, stream: Iterator[Analysis], out: str | os.Pat
         elif name in edits:
             an = edits[name]
             extra_a, extra_b = ops.intruder_factors(an.triplets.u.cpu(), an.triplets.s.cpu(), an.triplets.v.cpu(),
-                                                    _chosen_ranks(an.row, only_top), lam)
+                                                    chosen_ranks(an.row, only_top), lam)
             a_mat, b_mat = torch.cat([a_mat, extra_a], 0), torch.cat([b_mat, extra_b / op.scaling], 1)
         modules[module] = (a_mat, b_mat)
         scaling[module] = op.scaling
