@@ -28,6 +28,7 @@ import torch
 from surgeon.errors import AdapterError, CheckpointFormatError, OptionError, ShapeMismatchError
 from surgeon.io.adapter import Adapter, BaseNames, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.output import refuse_non_finite
 from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import CachedBasis, SvdCache, content_key
 from surgeon.ops import intruders as ops
@@ -202,6 +203,11 @@ def materialize(inputs: Inputs, loaded: Loaded) -> Loaded:
         if w is None or w.numel() == 0:
             w = linear_float64(raw, inputs.tuned, replace(target, name=name))  # type: ignore[arg-type]
         loaded.tuned, loaded.unchanged = (None, True) if torch.equal(w, loaded.w0) else (w, False)
+    undefined = "its singular vectors are undefined; re-download or re-create this checkpoint"
+    refuse_non_finite(loaded.w0, where=inputs.base.info(target.name).file, name=target.name, role="holds", fix=undefined)
+    if loaded.tuned is not None:
+        refuse_non_finite(loaded.tuned, where=str(inputs.tuned_path or inputs.adapter_path), name=target.name,
+                          role="holds", fix=undefined)
     loaded.raw0, loaded.tuned_raw = bytearray(), None
     return loaded
 
