@@ -10,8 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from safetensors.torch import load_file
+
 from _finetune_helpers import build_model, lm_rows, sentiment_rows, topic_rows, write_jsonl
-from surgeon.cli.main import _load, cli
+from _spectral_helpers import merged_state, reference_cosines
+from surgeon.cli.main import cli
 from surgeon.errors import SurgeonError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.provenance import PROVENANCE_FILE
@@ -111,20 +114,28 @@ def test_causal_lm_lora_learns_the_pattern(ft, tmp_path, model):
     assert again.metrics.loss == pytest.approx(report.eval["loss"], abs=1e-5)
 
 
+def _factor_zeros(adapter: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """The LoRA factors in the written file (safetensors' own reader) and their fraction of exact zeros."""
+    factors = {n: t for n, t in load_file(adapter / "adapter_model.safetensors").items()
+               if ".lora_A." in n or ".lora_B." in n}
+    assert factors
+    return factors, sum(int((t == 0).sum()) for t in factors.values()) / sum(t.numel() for t in factors.values())
+
+
 def test_sparse_lora_reaches_the_target_sparsity(ft, tmp_path):
     out = tmp_path / "sparse"
     report = run(ft, out, method="sparse-lora", rank=4, sparsity=0.7, epochs=2)
-    assert report.sparsity is not None and report.sparsity >= 0.7
-    with Checkpoint.open(out / "adapter_model.safetensors") as ckpt:
-        for name in ckpt.keys():
-            if ".lora_" in name:
-                w = ckpt.get(name)
-                assert (w == 0).sum().item() == round(0.7 * w.numel()), name
+    factors, measured = _factor_zeros(out)
+    for name, w in factors.items():
+        assert (w == 0).sum().item() == round(0.7 * w.numel()), name
+    assert measured == pytest.approx(0.7, abs=0.01) and report.sparsity == pytest.approx(measured, abs=1e-12)
 
 
 def test_sparse_lora_l1_makes_exact_zeros(ft, tmp_path):
-    report = run(ft, tmp_path / "l1", method="sparse-lora", rank=4, l1=5.0)
-    assert 0.2 < report.sparsity < 1.0
+    out = tmp_path / "l1"
+    report = run(ft, out, method="sparse-lora", rank=4, l1=5.0)
+    _, measured = _factor_zeros(out)
+    assert 0.2 < measured < 1.0 and report.sparsity == pytest.approx(measured, abs=1e-12)
 
 
 def test_same_seed_same_adapter_bytes(ft, tmp_path):
@@ -241,10 +252,10 @@ def test_cli_prints_the_report_and_json(ft, tmp_path):
     assert "full (all weights) on 64 examples, stage 1" in result.output and "trainable:" in result.output
 
 
-@pytest.mark.skipif(_load("merge") is None or _load("intruders") is None, reason="merge/intruders not built yet")
 @pytest.mark.parametrize("method", ["lora", "dora", "rslora", "pissa", "sparse-lora", "hira", "causal-lora"])
 def test_surgeon_merge_and_intruders_accept_the_adapter(ft, tmp_path, method):
-    """Merged by surgeon onto a base that has the head, the adapter gives the accuracy it was trained to."""
+    """Merged by surgeon onto a base that has the head: peft's merge_and_unload of the saved adapter, the
+    accuracy it was trained to, and intruder cosines equal to full float64 SVDs of base and merged."""
     out = tmp_path / method
     if method == "causal-lora":
         base = build_model("llama", tmp_path / "llama-base")
@@ -255,11 +266,25 @@ def test_surgeon_merge_and_intruders_accept_the_adapter(ft, tmp_path, method):
     merged = tmp_path / "merged"
     result = CliRunner().invoke(cli, ["merge", str(base), str(out), "-o", str(merged)])
     assert result.exit_code == 0, result.output
+    reference = merged_state(base, out, kind="causal" if method == "causal-lora" else "seqcls")
+    ours, base_weights = load_file(merged / "model.safetensors"), load_file(base / "model.safetensors")
+    assert ours.keys() == base_weights.keys()
+    changed = {n for n in ours if not torch.equal(ours[n], base_weights[n])}
+    assert changed and changed == {n for n in reference if not torch.equal(reference[n], base_weights[n])}
+    for name in ours:  # float32 base: the same operations as peft, so the same bits
+        assert torch.equal(ours[name], reference[name]), name
     if method != "causal-lora":
         again = evaluate(merged, data=ft["eval"], task="classification")
         assert again.metrics.loss == pytest.approx(report.eval["loss"], abs=1e-4)
-    result = CliRunner().invoke(cli, ["intruders", str(merged), "--base", str(base)])
+    result = CliRunner().invoke(cli, ["intruders", str(merged), "--base", str(base), "--json", "--no-cache"])
     assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.stdout)["matrices"] if r["status"] == "analysed"]
+    assert rows and {r["name"] for r in rows} <= changed
+    for row in rows:
+        cosines, sigma = reference_cosines(base_weights[row["name"]], ours[row["name"]], 10)
+        assert row["cos_left"] == pytest.approx(cosines, abs=1e-5), row["name"]
+        assert row["sigma"] == pytest.approx(sigma[:10].tolist(), rel=1e-5), row["name"]
+        assert row["intruders"] == [j + 1 for j, c in enumerate(cosines) if c < 0.5], row["name"]
 
 
 def test_finetune_requires_tokenizer(ft, tmp_path, tiny_bert):
