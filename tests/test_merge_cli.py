@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from _merge_helpers import make_adapter, read_folder, save_model
+from _merge_helpers import make_adapter, peft_merged, read_folder, save_model
 from conftest import tiny_llama_config
 from surgeon.cli.main import cli
 
@@ -61,6 +61,17 @@ def test_json_report(tiny_llama, lora, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
          "surgeon_provenance.json", "tokenizer_config.json"])
+    _assert_equals_peft(read_folder(out), peft_merged(tiny_llama, [(lora, 0.5)]), tiny_llama, changed=4)
+
+
+def _assert_equals_peft(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], base: Path,
+                        *, changed: int) -> None:
+    """Every written tensor equals peft's merge_and_unload bit for bit; exactly ``changed`` differ from the base."""
+    original = read_folder(base)
+    assert ours.keys() == reference.keys() == original.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[name]), name
+    assert sum(not torch.equal(ours[n], original[n]) for n in ours) == changed
 
 
 def test_human_output_lists_changed_tensors(tiny_llama_bf16, tmp_path):
@@ -77,7 +88,8 @@ def test_human_output_lists_changed_tensors(tiny_llama_bf16, tmp_path):
 def test_single_file_output(tiny_llama, lora, tmp_path):
     result = run(tiny_llama, lora, "-o", tmp_path / "merged.safetensors")
     assert result.exit_code == 0, result.output
-    assert len(read_folder(tmp_path)) == len(read_folder(tiny_llama))
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["merged.safetensors"]
+    _assert_equals_peft(read_folder(tmp_path), peft_merged(tiny_llama, [(lora, 1.0)]), tiny_llama, changed=4)
 
 
 def expect_error(result: object, message: str) -> None:
