@@ -187,6 +187,8 @@ def diff_checkpoints(
     also check that τ equals the adapter's ΔW on every target (see
     :mod:`surgeon.workflows.taskvec.adapter_check`).
     """
+    if not (tolerance >= 0 and tolerance != float("inf")):  # NaN fails >= too
+        raise OptionError(f"--tolerance {tolerance}: give a finite relative error of 0 or more, e.g. --tolerance 1e-4.")
     opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device), exact_ranks)
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)
     with ExitStack() as stack:
