@@ -20,6 +20,29 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(path: Path, raw: dict[str, Any]) -> None:
+    """"r": "four" must not become a rank read from the weights: the config's numbers are numbers."""
+    for key in ("r", "init_r", "lora_alpha", "alpha"):
+        if key in raw and raw[key] is not None and not _is_number(raw[key]):
+            raise AdapterError(f"{path}: {key!r} is {raw[key]!r}, not a number; write it as a number "
+                               f"(e.g. \"{key}\": 8) or re-save the adapter with peft's save_pretrained.")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = raw.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{path}: {key!r} is {patterns!r}, not an object of pattern -> number; "
+                               "re-save the adapter with peft's save_pretrained.")
+        for pattern, value in patterns.items():
+            if not _is_number(value):
+                raise AdapterError(f"{path}: {key}[{pattern!r}] is {value!r}, not a number; write it as a number "
+                                   "or re-save the adapter with peft's save_pretrained.")
+
+
 def is_adapter_folder(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -81,6 +104,7 @@ class Adapter:
         if not isinstance(raw, dict):
             raise AdapterError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, found a {type(raw).__name__}; "
                                "re-save the adapter with peft's save_pretrained or re-download it.")
+        _check_numbers(folder / ADAPTER_CONFIG, raw)
         weights_path = folder / ADAPTER_WEIGHTS
         if not weights_path.is_file():
             pickles = [p for p in folder.iterdir() if p.name.startswith("adapter_model") and p.suffix in PICKLE_SUFFIXES]
