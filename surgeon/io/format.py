@@ -56,6 +56,8 @@ _SNIFF_BYTES = 512
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # the floating dtypes surgeon computes in and writes
 
+_REMEDY = "download it again, or re-save it with safetensors (save_file, save_pretrained) from the tool that wrote it."
+
 
 def parse_dtype(name: str | None) -> str | None:
     """A ``--dtype`` value: 'bf16' -> 'BF16'; None/'auto' -> None (keep each tensor's dtype)."""
@@ -236,14 +238,14 @@ def _parse_header(path: Path, fd: int) -> FileHeader:
             "the file is corrupt. Re-export it."
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: header is not valid JSON ({exc}); the file is corrupt or not safetensors.") from None
+        raise CheckpointFormatError(f"{path}: header is not valid JSON ({exc}); the file is corrupt or not safetensors; " + _REMEDY) from None
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: header is a JSON {type(header).__name__}, expected an object; the file is not safetensors.")
     data_start = 8 + n
     data_len = file_size - data_start
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings; the file is corrupt.")
+        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings; the file is corrupt; " + _REMEDY)
     entries = []
     for name, entry in header.items():
         entries.append(_parse_entry(path, name, entry, data_start))
@@ -276,7 +278,7 @@ def _parse_header(path: Path, fd: int) -> FileHeader:
 
 def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise CheckpointFormatError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets in the header; the file is corrupt.")
+        raise CheckpointFormatError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets in the header; the file is corrupt; " + _REMEDY)
     dtype = entry["dtype"]
     if dtype not in DTYPES:
         raise CheckpointFormatError(
@@ -286,13 +288,13 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     shape = entry["shape"]
     offsets = entry["data_offsets"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise CheckpointFormatError(f"{path}: tensor {name!r} has invalid shape {shape!r}; the file is corrupt.")
+        raise CheckpointFormatError(f"{path}: tensor {name!r} has invalid shape {shape!r}; the file is corrupt; " + _REMEDY)
     if not (
         isinstance(offsets, list) and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise CheckpointFormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the file is corrupt.")
+        raise CheckpointFormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the file is corrupt; " + _REMEDY)
     nbytes = math.prod(shape) * DTYPES[dtype][1]
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointFormatError(
