@@ -135,7 +135,8 @@ def _validate(rank: int | None, energy: float | None, max_rank: int | None, targ
     try:
         return re.compile(targets)
     except re.error as exc:
-        raise OptionError(f"--targets {targets!r} is not a valid regular expression ({exc}).") from None
+        raise OptionError(f"--targets {targets!r} is not a valid regular expression ({exc}); escape special "
+                          "characters, e.g. --targets 'layers\\.\\d+\\..*proj'.") from None
 
 
 @dataclass
