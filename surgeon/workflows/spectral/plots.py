@@ -35,7 +35,8 @@ def choose(rows: Sequence[MatrixIntruders], select: str | None) -> list[MatrixIn
         try:
             pattern = re.compile(select)
         except re.error as exc:
-            raise OptionError(f"--plot-matrices {select!r} is not a valid regular expression ({exc}).") from None
+            raise OptionError(f"--plot-matrices {select!r} is not a valid regular expression ({exc}); escape special "
+                              "characters, e.g. --plot-matrices 'layers\\.0\\.'.") from None
         return [r for r in analysed if pattern.search(r.name)]
     ranked = sorted(analysed, key=lambda r: (-r.energy_share, -len(r.intruders)))
     return ranked[:DEFAULT_SIMILARITY_PLOTS]
