@@ -18,6 +18,7 @@ tests pass a tiny model, tiny data and tiny settings to run it in seconds.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import time
@@ -179,3 +180,68 @@ def headline(d: dict[str, Any]) -> list[dict[str, str]]:
          "text": num(check.get("max_abs_error")), "detail": "passed" if check.get("passed") else "FAILED"},
         {"key": "time", "label": "total time", "text": secs(d["total_seconds"]), "detail": f"{os.cpu_count()} CPU cores"},
     ]
+
+
+# -- `surgeon demo --continual` ---------------------------------------------------------------------
+def _continual_stages() -> tuple[Stage, ...]:
+    from surgeon.workflows.demo import continual as c
+
+    return (Stage("setup", "Load model and the three tasks", c.setup),
+            Stage("train-lora", "LoRA through the tasks (continued stage by stage, merged)", c.train_lora),
+            Stage("train-full", "Full fine-tuning through the tasks", c.train_full),
+            Stage("eval", "Accuracy on every earlier task after each stage, drift", c.evaluate_all),
+            Stage("intruders", "Intruders per stage and their persistence", c.intruders),
+            Stage("scale-intruders", "Scale the accumulated LoRA intruders", c.scale))
+
+
+def run_continual_demo(
+    out: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    tasks: list[tuple[str, str | os.PathLike[str], str | os.PathLike[str]]] | None = None,
+    settings: Any = None,
+    overwrite: bool = False,
+    on_stage: Callable[[int, int, str, float | None], None] | None = None,
+) -> DemoReport:
+    """The continual demo on ``model`` (default: embedded MiniLM) through ``tasks`` ((name, train, test), in
+    order; default: sentiment, topic, question as shipped); report and JSON into ``out``."""
+    from surgeon.workflows.demo import continual as c
+    from surgeon.workflows.demo.continual_report import write_report as write_continual
+
+    base, name = _default_model() if model is None else (resolve_path(model), resolve_path(model).name)
+    chosen = c.packaged_tasks() if tasks is None else [c.Task(n, resolve_path(tr), resolve_path(te)) for n, tr, te in tasks]
+    out_path = Path(out)
+    _prepare_output(out_path, [base] + ([p for t in chosen for p in (t.train, t.test)] if tasks else []),
+                    overwrite=overwrite)
+    run = c.ContinualRun(out=out_path.resolve(), base=base, base_name=name, tasks=chosen,
+                         settings=settings or c.ContinualSettings())
+    stages = _continual_stages()
+    timings: list[StageTiming] = []
+    started = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        if on_stage:
+            on_stage(i, len(stages), stage.title, None)
+        t0 = time.perf_counter()
+        stage.run(run)  # type: ignore[arg-type]
+        timings.append(StageTiming(stage.name, stage.title, time.perf_counter() - t0))
+        if on_stage:
+            on_stage(i, len(stages), stage.title, timings[-1].seconds)
+    body: dict[str, Any] = {
+        "schema": 1, "surgeon_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "settings": run.settings.to_dict(), **run.results, "stages": [asdict(t) for t in timings],
+        "total_seconds": time.perf_counter() - started, "machine": _machine(),
+    }
+    html_path, json_path, plots = write_continual(body, run.out)
+    written = json.loads(json_path.read_text(encoding="utf-8"))
+    return DemoReport(str(run.out), str(html_path), str(json_path), [p["file"] for p in plots.values()],
+                      written["headline"], timings, time.perf_counter() - started)
+
+
+def _machine() -> str:
+    """CPU cores and the load average when the run ended (the machine may be shared)."""
+    try:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return f"{os.cpu_count()} CPU cores, load average {load}"
