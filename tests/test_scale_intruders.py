@@ -113,16 +113,51 @@ def test_as_adapter_merges_to_the_direct_output(request, tmp_path, model, lora, 
             torch.testing.assert_close(state[change.name], b.get(change.name), rtol=0, atol=1e-5)
 
 
+def _tuned_by_hand(base: dict[str, torch.Tensor], adapter: Path, name: str) -> torch.Tensor:
+    """W₀ + (α/r)·B·A in float64 from the adapter file (the tuned weight scale-intruders starts from)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    factors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model." + name.removesuffix(".weight")
+    a, b = factors[f"{key}.lora_A.weight"].double(), factors[f"{key}.lora_B.weight"].double()
+    return base[name].double() + cfg["lora_alpha"] / cfg["r"] * (b @ a)
+
+
 def test_only_top_and_bf16(tiny_llama_bf16, tmp_path):
-    from _spectral_helpers import train_lora
+    """The written bf16 weights, read back: W_t − σ_j u_j v_jᵀ (λ = 0) for the top intruder j only, rounded once
+    to bf16; LoRA targets without intruders are bf16(W_t); every other tensor is the base's bytes."""
+    from _spectral_helpers import reference_cosines, train_lora
+    from safetensors.torch import load_file
 
     lora = train_lora(tiny_llama_bf16, tmp_path / "lora", kind="causal", targets=["q_proj", "gate_proj"])
     report = scale_intruders(lora, tiny_llama_bf16, tmp_path / "out", lam=0.0, only_top=1, use_cache=False)
-    assert report.changes and all(c.ranks == [c.ranks[0]] for c in report.changes)
     full = scale_intruders(lora, tiny_llama_bf16, tmp_path / "out2", lam=0.0, use_cache=False)
-    assert [c.ranks[0] for c in full.changes] == [c.ranks[0] for c in report.changes]
-    with Checkpoint.open(tmp_path / "out") as out:
-        assert {out.info(c.name).dtype for c in report.changes} == {"BF16"}
+    base, out = load_file(tiny_llama_bf16 / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert out.keys() == base.keys()
+    targets = {n for n in base if n.endswith(("q_proj.weight", "gate_proj.weight"))}
+    ranks = {c.name: c.ranks for c in report.changes}
+    assert ranks and set(ranks) <= targets
+    all_ranks = {c.name: c.ranks for c in full.changes}
+    for name in targets:
+        tuned = _tuned_by_hand(base, lora, name)
+        cosines, _ = reference_cosines(base[name], tuned, 10)
+        intruders = [j + 1 for j, c in enumerate(cosines) if c < 0.5]
+        assert all_ranks.get(name, []) == intruders, name
+        assert ranks.get(name, []) == intruders[:1], name
+        expected = tuned
+        if intruders:
+            u, sigma, vh = torch.linalg.svd(tuned, full_matrices=False)
+            j = intruders[0] - 1
+            expected = tuned - sigma[j] * torch.outer(u[:, j], vh[j])
+            s_out = torch.linalg.svdvals(out[name].double())
+            kept = torch.cat([sigma[:j], sigma[j + 1:]])  # σ_j -> 0, every other σ stays (to bf16 rounding)
+            torch.testing.assert_close(s_out[: kept.numel()], kept, rtol=0, atol=2 ** -7 * float(sigma[0]))
+        assert out[name].dtype == torch.bfloat16
+        err = (out[name].double() - expected).abs()
+        assert (err <= 2 ** -8 * expected.abs() + 1e-6 * float(expected.abs().max())).all(), name  # ≤ ½ ulp of bf16
+    for name in base.keys() - targets:
+        assert torch.equal(out[name].view(torch.int16), base[name].view(torch.int16)), name
 
 
 def test_errors(tiny_llama, llama_lora, tmp_path):
