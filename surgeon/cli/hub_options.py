@@ -25,6 +25,7 @@ import click
 
 from surgeon.cli.common import info
 from surgeon.errors import SurgeonError
+from surgeon.io.model_card import check_base_model
 from surgeon.workflows.publish.push import PushReport, preflight_push, push_folder, set_hub_defaults
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,10 +69,17 @@ def push_to_option(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        base_model = kwargs.pop("base_model", None)
+        if base_model is not None:
+            check_base_model(base_model)
+            click.get_current_context().meta["surgeon.base_model"] = base_model
         if kwargs.get("push_to"):
             preflight_push(kwargs["push_to"], token=_token())
         return func(*args, **kwargs)
 
+    wrapper = click.option("--base-model", metavar="REPO_ID", default=None,
+                           help="With --push-to: the Hub model the card names as base_model when the provenance "
+                                "records none. [default: config.json's _name_or_path when a repo id]")(wrapper)
     wrapper = click.option("--private", is_flag=True, help="With --push-to: create the repo as private.")(wrapper)
     wrapper = click.option("--push-to", metavar="REPO_ID", default=None,
                            help="After the output is written and verified, publish it to this Hub repo "
@@ -86,8 +94,10 @@ def push_after(out_dir: str, repo_id: str | None, *, private: bool = False, as_j
     """
     if not repo_id:
         return None
+    ctx = click.get_current_context(silent=True)
+    base_model = ctx.meta.get("surgeon.base_model") if ctx is not None else None
     try:
-        report = push_folder(out_dir, repo_id, private=private, token=_token())
+        report = push_folder(out_dir, repo_id, private=private, token=_token(), base_model=base_model)
     except SurgeonError as exc:
         raise type(exc)(f"{exc} The output {out_dir} was written and is intact; push it again with "
                         f"`surgeon push {out_dir} {repo_id}`.") from None

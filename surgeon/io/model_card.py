@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from surgeon.errors import CheckpointFormatError
+from surgeon.errors import CheckpointFormatError, OptionError
 from surgeon.io import hub
 from surgeon.provenance import PROVENANCE_FILE
 
@@ -106,25 +106,59 @@ def _card_input(role: str, arg: str, known: Any) -> CardInput:
     return CardInput(role, arg, repo_id, revision, commit or hub.cached_commit(repo_id, revision))
 
 
-def card_metadata(folder: Path, record: dict[str, Any] | None) -> dict[str, Any]:
-    """Front matter for a surgeon output folder."""
+def card_metadata(folder: Path, record: dict[str, Any] | None, *, base_model: str | None = None) -> dict[str, Any]:
+    """Front matter for a surgeon output folder.
+
+    ``base_model`` (``push --base-model``) names the Hub model the folder derives from when its
+    provenance records none; without it, ``config.json``'s ``_name_or_path`` (or an adapter's
+    ``base_model_name_or_path``) is used when that is a Hub repo id. A local path never goes in.
+    """
     is_adapter = (folder / "adapter_config.json").is_file()
     meta: dict[str, Any] = {}
+    bases: list[CardInput] = []
+    relation = "adapter" if is_adapter else "finetune"
     if record is not None:
         inputs = card_inputs(record)
         bases, relation = _lineage(record["command"], inputs, is_adapter)
-        hub_bases = [i.repo_id for i in bases if i.repo_id]
-        if hub_bases:
-            meta["base_model"] = hub_bases[0] if len(hub_bases) == 1 else hub_bases
-            meta["base_model_relation"] = relation
-        license_meta = _base_license(bases[0]) if bases else {}
-        meta.update(license_meta)
+    hub_bases = [i.repo_id for i in bases if i.repo_id]
+    if hub_bases and base_model is not None and base_model not in hub_bases:
+        raise OptionError(f"--base-model {base_model}: {folder}'s provenance already records the Hub base "
+                          f"{', '.join(hub_bases)}; drop --base-model.")
+    if not hub_bases:
+        named = base_model or _named_base(folder, is_adapter)
+        if named is not None:
+            hub_bases = [named]
+    if hub_bases:
+        meta["base_model"] = hub_bases[0] if len(hub_bases) == 1 else hub_bases
+        meta["base_model_relation"] = relation
+    license_meta = _base_license(bases[0]) if bases else {}
+    meta.update(license_meta)
     if is_adapter:
         meta["library_name"] = "peft"
     elif (folder / "config.json").is_file():
         meta["library_name"] = "transformers"
     meta["tags"] = ["surgeon"] + ([str(record["command"])] if record is not None else [])
     return meta
+
+
+def check_base_model(value: str) -> str:
+    """``--base-model``: a Hub repo id (``org/name``), never a local path or a revision."""
+    if not hub.is_repo_id(value) or Path(value).exists():
+        raise OptionError(f"--base-model {value!r}: give the Hub repo id of the base model (org/name, no @revision); "
+                          "a local path never goes into a model card.")
+    return value
+
+
+def _named_base(folder: Path, is_adapter: bool) -> str | None:
+    """The base a transformers/peft config names, when that is a Hub repo id (not a local path)."""
+    name, key = ("adapter_config.json", "base_model_name_or_path") if is_adapter else ("config.json", "_name_or_path")
+    try:
+        value = json.loads((folder / name).read_text("utf-8")).get(key)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(value, str) or not hub.is_repo_id(value) or Path(value).exists() or value.startswith((".", "/")):
+        return None
+    return value
 
 
 def _lineage(command: str, inputs: list[CardInput], is_adapter: bool) -> tuple[list[CardInput], str]:
@@ -157,10 +191,10 @@ def _base_license(base: CardInput) -> dict[str, Any]:
     return {k: meta[k] for k in _LICENSE_KEYS if meta.get(k)}
 
 
-def render_card(folder: Path, *, repo_id: str, existing: str | None = None) -> str:
+def render_card(folder: Path, *, repo_id: str, existing: str | None = None, base_model: str | None = None) -> str:
     """The README.md to publish for ``folder`` as ``repo_id``, updating ``existing`` if given."""
     record = read_provenance(folder)
-    meta = card_metadata(folder, record)
+    meta = card_metadata(folder, record, base_model=base_model)
     section = _section(folder, record, repo_id)
     if existing is None:
         body = f"\n# {repo_id.split('/')[-1]}\n\n{section}"

@@ -25,7 +25,7 @@ from surgeon.io import hub, hub_errors
 from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
 from surgeon.io.hub import set_hub_defaults  # re-exported for the CLI
-from surgeon.io.model_card import read_provenance, render_card
+from surgeon.io.model_card import card_metadata, check_base_model, read_provenance, render_card
 
 __all__ = ["LocalFile", "PushReport", "preflight_push", "push_folder", "set_hub_defaults", "validate_folder"]
 _READ_CHUNK = 16 << 20
@@ -160,15 +160,22 @@ def push_folder(
     create_pr: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
+    base_model: str | None = None,
 ) -> PushReport:
-    """Publish ``folder`` to ``repo_id`` (branch ``revision``, default main) in one commit."""
+    """Publish ``folder`` to ``repo_id`` (branch ``revision``, default main) in one commit.
+
+    ``base_model``: the Hub repo id the card names as ``base_model`` when the provenance has no Hub
+    input (else config.json's ``_name_or_path`` when that is a repo id)."""
+    if base_model is not None:
+        check_base_model(base_model)
     tok = preflight_push(repo_id, token=token, check_token=False)
     local = validate_folder(folder)
     root, branch = Path(folder), revision or "main"
+    card_metadata(root, read_provenance(root), base_model=base_model)  # a --base-model conflict fails before the Hub
     try:
         with hub.hf_progress_bars():
             return _push(root, local, repo_id, private=private, branch=branch, create_pr=create_pr,
-                         message=commit_message, token=tok)
+                         message=commit_message, token=tok, base_model=base_model)
     except SurgeonError as exc:
         raise type(exc)(hub.redact(str(exc), tok)) from None
     except Exception as exc:
@@ -176,13 +183,14 @@ def push_folder(
 
 
 def _push(root: Path, local: list[LocalFile], repo_id: str, *, private: bool, branch: str, create_pr: bool,
-          message: str | None, token: str) -> PushReport:
+          message: str | None, token: str, base_model: str | None = None) -> PushReport:
     from huggingface_hub import CommitOperationAdd
 
     api = hub.api(token)
     created = _ensure_repo(api, repo_id, private)
     parent, remote_files = _ensure_branch(api, repo_id, branch)
-    card = render_card(root, repo_id=repo_id, existing=_existing_card(api, repo_id, parent, local, remote_files))
+    card = render_card(root, repo_id=repo_id, existing=_existing_card(api, repo_id, parent, local, remote_files),
+                       base_model=base_model)
     card_bytes = card.encode("utf-8")
     ops = []
     for f in local:
