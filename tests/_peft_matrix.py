@@ -61,6 +61,21 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             param.add_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
+def _effective(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's merged state with any ModulesToSaveWrapper it left in place (LN-tuning with modules_to_save
+    does) read as what its forward uses: the trained copy, not the original."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "original_module" in parts:
+            continue
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            key = ".".join(parts[:i] + parts[i + 2:])  # drop "modules_to_save.<adapter name>"
+        out[key] = value
+    return out
+
+
 def _cli_merge(base: Path, adapters: list[Path], out: Path) -> tuple[int, str]:
     from surgeon.cli.main import cli
 
@@ -89,7 +104,7 @@ def run_case(name: str, model_id: str, cls_name: str, configs: list[dict[str, An
         try:
             if len(configs) > 1:
                 model.base_model.set_adapter(["default", "other"])
-            reference = model.merge_and_unload().state_dict()
+            reference = _effective(model.merge_and_unload().state_dict())
         except Exception as exc:  # noqa: BLE001 - peft refuses to merge it
             reference, peft_error = None, f"{type(exc).__name__}: {exc}"[:200]
         code, output = _cli_merge(tmp / "base", adapters, tmp / "merged")

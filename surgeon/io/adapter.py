@@ -251,7 +251,7 @@ MERGEABLE_TYPES = FAST_TYPES + PEFT_LAYER_TYPES
 # Methods that add virtual tokens or route between adapters at run time: no weights to merge.
 PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT",
                          "CPT", "CARTRIDGE")
-RUNTIME_ONLY_TYPES = ("XLORA", "POLY", "LILY", "SHADOW", "SHADOWPEFT")
+RUNTIME_ONLY_TYPES = ("XLORA", "POLY", "LILY")  # peft merges none of them (Lily: NotImplementedError)
 _MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 

@@ -119,7 +119,23 @@ def route_modules(base: Checkpoint, names: BaseNames, adapter: Adapter, layout: 
             full.append(FullTensor(plain, key, "base_layer" in parts))
             continue
         grouped.setdefault(path, {})[name[len(path) + 1:]] = key
+    if not grouped and not fast and shared and whole_adapter_through_peft(adapter):
+        grouped = {path: {} for path in _targeted_by_config(adapter, base)}  # e.g. UniLoRA: all in shared tensors
     return ModuleRoute(tuple(fast), grouped, tuple(full), tuple(shared))
+
+
+def _targeted_by_config(adapter: Adapter, base: Checkpoint) -> list[str]:
+    """The base modules the adapter's config targets, by peft's own matching (for tuners that save no
+    per-module tensor at all)."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    raw = {k: v for k, v in adapter.config.raw.items() if k not in ("modules_to_save", "task_type")}
+    config = peft.PeftConfig.from_peft_type(**raw)
+    skip = set(config.modules_to_save or []) if hasattr(config, "modules_to_save") else set()
+    skip |= set(adapter.config.modules_to_save or [])
+    paths = sorted({k.rsplit(".", 1)[0] for k in base.keys() if "." in k})
+    return [p for p in paths if p.rsplit(".", 1)[-1] not in skip and check_target_module_exists(config, p)]
 
 
 def _module_path(parts: list[str], modules: _Modules, where: str) -> str | None:

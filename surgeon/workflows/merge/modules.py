@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     import torch
 
 
+MODEL_WIDE_TYPES = {"TINYLORA", "UNILORA", "RANDLORA"}
+
+
+def _natural(path: str) -> list[tuple[int, object]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in path.split(".")]
+
+
 def _common_module(names: tuple[str, ...]) -> str:
     """The module holding all of ``names``: their longest common dotted prefix (the parent for one name)."""
     split = [n.split(".") for n in names]
@@ -71,6 +78,25 @@ class ModuleMerges:
         steps.sort(key=lambda step: step[1].adapter)  # stable: each adapter's own order is kept
         return group, steps
 
+    def _joins(self, joint: list[MergeOp], op: MergeOp) -> bool:
+        first = joint[0]
+        kinds = {self.plan.adapters[o.adapter].config.peft_type for o in (*joint, op)}
+        return op.kind == PEFT_MODULE and op.module == first.module and len(kinds) == 1 and \
+            all(o.weight == 1.0 for o in (*joint, op)) and op.adapter not in {o.adapter for o in joint}
+
+    def _siblings(self, op: MergeOp) -> dict[str, dict[str, tuple[int, ...]]] | None:
+        """For tuners that number or size their parameters over all targeted modules: every module of the
+        adapter (path -> {tensor: shape}), in the model's order (names sorted with numbers as numbers)."""
+        if self.plan.adapters[op.adapter].config.peft_type not in MODEL_WIDE_TYPES:
+            return None
+        found: dict[str, dict[str, tuple[int, ...]]] = {}
+        for ops in self.plan.targets.values():
+            for other in ops:
+                if other.kind == PEFT_MODULE and other.adapter == op.adapter and other.module not in found:
+                    base = _common_module(other.group)
+                    found[other.module] = {n[len(base) + 1:]: tuple(self.ckpt.info(n).shape) for n in other.group}
+        return {p: found[p] for p in sorted(found, key=_natural)}
+
     def _merge_group(self, name: str) -> None:
         import torch
 
@@ -84,12 +110,19 @@ class ModuleMerges:
         unmerged = dict(current)
         base_config = self.ckpt.config() or {}
         cpu = torch.device("cpu")
-        for tensor, op in steps:
-            if op.kind == PEFT_MODULE:
-                current.update(merge_module(self.plan, op, _common_module(op.group), current, unmerged,
-                                            base_config=base_config))
-            else:
+        i = 0
+        while i < len(steps):
+            tensor, op = steps[i]
+            if op.kind != PEFT_MODULE:
                 current[tensor], unmerged[tensor] = apply_op(self.plan, op, current[tensor], unmerged[tensor], cpu)
+                i += 1
+                continue
+            joint = [op]  # adapters on the same module merge together, as peft merges several active adapters
+            while i + len(joint) < len(steps) and self._joins(joint, steps[i + len(joint)][1]):
+                joint.append(steps[i + len(joint)][1])
+            current.update(merge_module(self.plan, joint, _common_module(op.group), current, unmerged,
+                                        base_config=base_config, siblings=self._siblings(op)))
+            i += len(joint)
         for n in group:
             dtype = self.dtypes[n]
             rounded, stats = round_merged(stored[n], torch_dtype(dtype), merged=current[n])

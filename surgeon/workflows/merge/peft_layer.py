@@ -104,16 +104,17 @@ def layer_candidates(tensors: dict[str, torch.Tensor], *, name: str, conv1d_firs
     yield _params_holder(tensors)
 
 
-def _skeleton(path: str, layer: nn.Module) -> nn.Module:
-    """An otherwise empty module tree with ``layer`` at ``path``."""
+def _skeleton(layers: dict[str, nn.Module]) -> nn.Module:
+    """An otherwise empty module tree with each layer at its path (in the given order)."""
     root = nn.Module()
-    node = root
-    *parents, leaf = path.split(".")
-    for part in parents:
-        child = nn.Module()
-        node.add_module(part, child)
-        node = child
-    node.add_module(leaf, layer)
+    for path, layer in layers.items():
+        node = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(leaf, layer)
     return root
 
 
@@ -156,60 +157,117 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
         node._buffers[leaf] = value
 
 
-def _peft_model(layer: nn.Module, op: MergeOp, config: Any, local: dict[str, torch.Tensor],
-                shared: dict[str, torch.Tensor]) -> Any:
-    """peft wrapping ``layer`` at the module's path with the adapter loaded; None when the adapter parameters
-    peft creates for this layer are shaped otherwise than the saved ones (a wrong layer candidate)."""
-    import peft
+def _adapter_name(i: int) -> str:
+    return f"surgeon{i}"
+
+
+def _load_adapter(model: Any, i: int, op: MergeOp, local: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
+                  strict: bool) -> bool:
+    """Load adapter ``i``'s saved tensors into ``model``; False when peft created other parameters for this layer
+    (other names, or with ``strict`` other shapes: a wrong layer candidate). Tensors peft sized from the whole
+    model (shared projections, bases) are put in place as saved."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = _adapter_name(i)
+    prefix = f"base_model.model.{op.module}."
+    created = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=name).items() if k.startswith(prefix)}
+    saved = {k: v.shape for k, v in local.items()}
+    if set(created) != set(saved) or strict and created != saved:
+        return False
+    state = model.state_dict()
+    own = {k.replace(f".{name}", ""): k for k in state if f".{name}" in k}
+    loadable = {**local, **shared}
+    for key, value in loadable.items():
+        if key in own and (key in shared or state[own[key]].shape != value.shape):
+            _assign(model, own[key], value.clone())  # then loaded like the rest (peft checks they are there)
+    try:
+        set_peft_model_state_dict(model, loadable, adapter_name=name)
+    except (ValueError, RuntimeError, KeyError):
+        return False
+    return True
+
+
+def _peft_model(layers: dict[str, nn.Module], ops: list[MergeOp], configs: list[Any],
+                tensors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], strict: bool) -> Any:
+    """peft wrapping the layers with every op's adapter loaded and active; None for a wrong layer candidate."""
+    import peft
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = peft.get_peft_model(_skeleton(op.module, layer), config)
-        except (ValueError, TypeError, RuntimeError, NotImplementedError):
+            model = peft.get_peft_model(_skeleton(layers), configs[0], adapter_name=_adapter_name(0))
+            for i, config in enumerate(configs[1:], 1):
+                model.add_adapter(_adapter_name(i), config)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError):
             return None
-        expected = get_peft_model_state_dict(model)
-    prefix = f"base_model.model.{op.module}."
-    created = {k: v.shape for k, v in expected.items() if k.startswith(prefix)}
-    if created != {k: v.shape for k, v in local.items()}:
-        return None
-    by_saved = {k.replace(".default", ""): k for k in model.state_dict()}
-    loadable = dict(local)
-    for key, value in shared.items():
-        own = by_saved.get(key)
-        if own is not None and own in model.state_dict() and model.state_dict()[own].shape == value.shape:
-            loadable[key] = value
-        elif own is not None:
-            _assign(model, own, value)
-    set_peft_model_state_dict(model, loadable)
+        for i, op in enumerate(ops):
+            if not _load_adapter(model, i, op, *tensors[i], strict):
+                return None
+        if len(ops) > 1:
+            model.base_model.set_adapter([_adapter_name(i) for i in range(len(ops))])
     return model
 
 
-def merge_module(plan: MergePlan, op: MergeOp, base_module: str, current: dict[str, torch.Tensor],
-                 unmerged: dict[str, torch.Tensor], *, base_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The module's base tensors (float32, by base name) after peft merged ``op``'s adapter module into them.
-    ``unmerged``: the tensors as the adapter was trained on them (peft initializes from these);
-    ``current``: what earlier operations made of them (merged into)."""
+def _siblings(siblings: dict[str, dict[str, tuple[int, ...]]], conv1d_first: bool) -> dict[str, nn.Module]:
+    """The adapter's other modules as shapes only (meta tensors): tuners that number or size their
+    parameters across the whole model (TinyLoRA, UniLoRA, RandLoRA) see every module they saw in training."""
+    layers = {}
+    for path, shapes in siblings.items():
+        meta = {r: torch.empty(shape, device="meta") for r, shape in shapes.items()}
+        layer = next(layer_candidates(meta, name=path, conv1d_first=conv1d_first, embedding=False))
+        layers[path] = _load(layer, meta) or _params_holder(meta)
+    return layers
+
+
+def _merged_layer(model: Any, path: str, *, alone: bool) -> nn.Module:
+    """The layer at ``path`` after peft's merge: ``merge_and_unload()`` when it is the only real layer, else
+    that layer's own merge (its siblings are shapes only)."""
+    if alone:
+        return model.merge_and_unload().get_submodule(path)
+    layer = model.base_model.model.get_submodule(path)
+    layer.merge(adapter_names=list(layer.active_adapters))
+    return layer.get_base_layer()
+
+
+def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current: dict[str, torch.Tensor],
+                 unmerged: dict[str, torch.Tensor], *, base_config: dict[str, Any],
+                 siblings: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[str, torch.Tensor]:
+    """The module's base tensors (float32, by base name) after peft merged ``ops``' adapter modules into them
+    (several: all active at once, as peft merges several active adapters). ``unmerged``: the tensors as the
+    adapters were trained on them (peft initializes from these); ``current``: what earlier operations made of
+    them. ``siblings``: the adapter's other modules (path -> tensor shapes), for tuners that need them."""
+    op = ops[0]
     adapter = plan.adapters[op.adapter]
     where, kind = adapter.folder, adapter.config.peft_type
     rel = {n[len(base_module) + 1:]: n for n in op.group}
-    local, shared = _adapter_tensors(plan, op)
-    roles = {r for r in op.tensors if not r.startswith(SHARED_ROLE)}
+    tensors = [_adapter_tensors(plan, o) for o in ops]
+    roles = [{r for r in o.tensors if not r.startswith(SHARED_ROLE)} for o in ops]
+    configs = [module_config(plan.adapters[o.adapter].config.raw, o.module, roles[i]) for i, o in enumerate(ops)]
     conv1d_first = base_config.get("model_type") in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out"))
-    embedding = any("embedding" in r or r.startswith(("token_adapter.", "trainable_tokens")) for r in roles)
+    embedding = any("embedding" in r or r.startswith(("token_adapter.", "trainable_tokens")) for r in roles[0])
+    others = _siblings({p: v for p, v in (siblings or {}).items() if p != op.module}, conv1d_first)
+    model = held = None
     with torch.no_grad():
-        for candidate in layer_candidates({r: unmerged[n] for r, n in rel.items()}, name=op.module,
-                                          conv1d_first=conv1d_first, embedding=embedding):
-            layer = _load(candidate, {r: unmerged[n].float() for r, n in rel.items()})
-            if layer is None:
-                continue
-            held = layer.state_dict(keep_vars=True)
-            model = _peft_model(layer, op, module_config(adapter.config.raw, op.module, roles), local, shared)
+        for strict in (True, False):
+            for candidate in layer_candidates({r: unmerged[n] for r, n in rel.items()}, name=op.module,
+                                              conv1d_first=conv1d_first, embedding=embedding):
+                layer = _load(candidate, {r: unmerged[n].float() for r, n in rel.items()})
+                if layer is None:
+                    continue
+                held = layer.state_dict(keep_vars=True)
+                # the model's order first (TinyLoRA numbers modules by it), then this layer first (RandLoRA
+                # makes its shared bases on the first layer's device, which must not be a shapes-only one)
+                for layers in ({p: others.get(p, layer) for p in siblings or {op.module: None}}, {op.module: layer, **others}):
+                    model = _peft_model(layers, ops, configs, tensors, strict)
+                    if model is not None or not others:
+                        break
+                if model is not None:
+                    break
             if model is not None:
                 break
-        else:
-            shapes = ", ".join(f"{k.removeprefix('base_model.model.')} {list(v.shape)}" for k, v in list(local.items())[:3])
+        if model is None:
+            shapes = ", ".join(f"{k.removeprefix('base_model.model.')} {list(v.shape)}"
+                               for k, v in list(tensors[0][0].items())[:3])
             raise UnsupportedAdapterError(
                 f"{where}: peft builds no {kind} layer on base module {base_module!r} "
                 f"({', '.join(f'{r} {list(unmerged[n].shape)}' for r, n in rel.items())}) with the saved adapter "
@@ -221,7 +279,7 @@ def merge_module(plan: MergePlan, op: MergeOp, base_module: str, current: dict[s
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                merged = model.merge_and_unload().get_submodule(op.module)
+                merged = _merged_layer(model, op.module, alone=not others)
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedAdapterError(
