@@ -22,6 +22,9 @@ _SHOW_ROWS = 10
 @max_shard_size_option
 @click.option("--precision-report", "precision_report", default=None, metavar="FILE",
               help="Write the per-tensor rounding report (JSON) to FILE.")
+@click.option("--base-quant", "base_quant", type=click.Choice(["nf4", "fp4", "none"]), default=None,
+              help="A QLoRA adapter's base: round the base weights through bitsandbytes' 4-bit NF4/FP4 "
+                   "quantize-dequantize before merging (default: the adapter's recorded quantization config, if any).")
 @click.option("--dry-run", "dry_run", is_flag=True,
               help="Print the plan (every tensor: what happens to it, by which route, bytes out) and write nothing.")
 @overwrite_option
@@ -30,7 +33,7 @@ _SHOW_ROWS = 10
 @json_option
 @global_options
 def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: str, max_shard_size: str,
-            precision_report: str | None, dry_run: bool, overwrite: bool,
+            precision_report: str | None, base_quant: str | None, dry_run: bool, overwrite: bool,
             push_to: str | None, private: bool, as_json: bool) -> None:
     """Merge PEFT adapters into BASE, streamed from the files, at a chosen precision.
 
@@ -48,9 +51,10 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
       surgeon merge ./base ./math-lora:0.7 ./code-lora:0.3 -o ./merged --dtype fp32 \\
           --precision-report precision.json
       surgeon merge ./base ./my-lora -o ./merged --dry-run
+      surgeon merge ./Llama-3.2-1B ./my-qlora -o ./merged --base-quant nf4
     """
     report = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                   overwrite=overwrite, precision_report=precision_report, dry_run=dry_run)
+                   overwrite=overwrite, precision_report=precision_report, dry_run=dry_run, base_quant=base_quant)
     if isinstance(report, MergeDryRun):
         _show_plan(report, as_json)
         return
@@ -61,6 +65,8 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
     info(f"wrote {report.output}: {report.merged} merged, {report.replaced} replaced, {report.cast_only} cast only, "
          f"{report.copied} copied unchanged; {human_bytes(report.bytes_written)} in {len(report.shards)} file(s), "
          f"{report.seconds:.1f}s on {report.device}")
+    for note in report.notes:
+        info(f"Note: {note}")
     merged = sorted((e for e in report.entries if e.action != "cast only"), key=lambda e: -e.lost_fraction)
     if merged:
         click.echo(f"{len(merged)} tensors changed; largest share of ΔW lost to rounding first:")

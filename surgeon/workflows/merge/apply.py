@@ -16,6 +16,7 @@ import torch
 from surgeon.errors import UnsupportedAdapterError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops import lora, lycoris
+from surgeon.workflows.merge import base_quant
 from surgeon.workflows.merge.plan import MergeOp, MergePlan
 from surgeon.workflows.merge.routes import ADDITIVE
 
@@ -98,6 +99,9 @@ def apply_op(plan: MergePlan, op: MergeOp, weight: torch.Tensor, unmerged: torch
     """One operation: (W merged so far, unmerged W₀) -> (new W, new W₀)."""
     f = lambda role: factor(plan, op, role, device)  # noqa: E731
     k = op.kind
+    if k == base_quant.KIND:  # the 4-bit round trip of a QLoRA base: the new W and W₀ both
+        rounded = base_quant.apply_base_quant(plan, op, weight)
+        return rounded, rounded
     if k in ("base_layer", "replace"):
         new = f("tensor")
         if k == "replace" and op.weight != 1.0:  # a weighted modules_to_save moves part of the way

@@ -53,8 +53,8 @@ def check_config_promises(adapter: Adapter, layout: AdapterLayout) -> None:
         if patterns is None or (key == "rank_pattern" and adapter.config.peft_type == "ADALORA"):
             continue  # AdaLoRA's rank_pattern holds boolean masks of the kept singular values
         if not isinstance(patterns, dict):
-            raise AdapterError(f"{where}: {key!r} is a {type(patterns).__name__}, expected an object mapping module "
-                               "names to numbers; fix or remove it.")
+            raise AdapterError(f"{where}: {key!r} is {patterns!r}, expected an object mapping module names to "
+                               "numbers; fix or remove it.")
         for module, value in patterns.items():
             problem = _number_problem(value, rank=rank)
             if problem:

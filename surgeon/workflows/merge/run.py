@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -28,6 +28,7 @@ from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSp
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
 from surgeon.workflows.device import device_name, pick_device  # noqa: F401 - re-exported for callers
+from surgeon.workflows.merge.base_quant import resolve_base_quant, with_base_quant
 from surgeon.workflows.merge.plan import MergeOp, MergePlan, plan_adapter_merge
 from surgeon.workflows.merge.routes import STREAM_CHUNK, RoutePlan, plan_routes
 from surgeon.workflows.merge.stream import TensorMerge
@@ -70,6 +71,7 @@ class MergeOptions:
     precision_report: str | None = None
     engine: str = "auto"
     chunk: int = STREAM_CHUNK
+    base_quant: str | None = None  # nf4, fp4, none, or None: the adapter's recorded quantization config decides
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class MergeReport:
     warnings: list[str]
     entries: list[TensorMerge]
     precision_report: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the merge decided for the user (base_quant, vocab)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +125,7 @@ class _Job:
     target: str | None  # the output dtype asked for (None: auto)
     device: str
     base_arg: str
+    notes: tuple[str, ...] = ()
 
     @property
     def adapters_info(self) -> list[dict[str, Any]]:
@@ -168,6 +172,7 @@ def merge(
     engine: str = "auto",
     chunk: int = STREAM_CHUNK,
     dry_run: bool = False,
+    base_quant: str | None = None,
 ) -> MergeReport | MergeDryRun:
     """Merge PEFT ``adapters`` (``path``, ``path:weight`` or ``(path, weight)``, applied in order) into
     ``base`` and write a complete model folder (or one ``.safetensors`` file) to ``out``.
@@ -175,11 +180,13 @@ def merge(
     ``dtype``: auto (each tensor keeps the base's dtype) or fp32/fp16/bf16 for the whole output.
     Untouched tensors are copied byte for byte unless that changes their dtype ("cast only").
     ``dry_run``: return the plan (:class:`MergeDryRun`) and write nothing.
+    ``base_quant``: nf4/fp4 rounds the base through bitsandbytes' 4-bit quantization first (a QLoRA
+    adapter's base), none never; None (default) follows the adapter's recorded quantization config.
     """
     started = time.perf_counter()
     options = MergeOptions(dtype=dtype, device=str(device), max_shard_size=max_shard_size, overwrite=overwrite,
                            precision_report=None if precision_report is None else os.fspath(precision_report),
-                           engine=engine, chunk=chunk)
+                           engine=engine, chunk=chunk, base_quant=base_quant)
     parsed = tuple(parse_adapter_arg(a) for a in adapters)
     if not parsed:
         raise OptionError("no adapter given; name at least one adapter folder after the base.")
@@ -188,7 +195,10 @@ def merge(
         opened = [Adapter.open(path) for path, _ in parsed]
         try:
             plan = plan_adapter_merge(ckpt, [(a, w) for a, (_, w) in zip(opened, parsed)])
-            job = _Job(ckpt, plan, parsed, os.fspath(out), options, target, dev, str(base))
+            quant = resolve_base_quant(base_quant, opened)
+            plan = with_base_quant(plan, ckpt, quant)
+            notes = (quant.note(),) if quant else ()
+            job = _Job(ckpt, plan, parsed, os.fspath(out), options, target, dev, str(base), notes)
             routes = plan_routes(ckpt, plan, _output_dtypes(ckpt, target), device=dev, engine=engine, chunk=chunk)
             if dry_run:
                 return MergeDryRun(str(ckpt.root), job.adapters_info, job.out, str(dtype or "auto"), routes)
@@ -204,7 +214,8 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
     ckpt, options = job.ckpt, job.options
     specs = [TensorSpec(t.name, t.dtype, ckpt.info(t.name).shape) for t in routes.tensors]
     record = provenance("merge", {"adapters": job.adapters_info, "dtype": str(options.dtype or "auto"),
-                                  "device": job.device, "max_shard_size": str(options.max_shard_size)},
+                                  "device": job.device, "max_shard_size": str(options.max_shard_size),
+                                  **({"base_quant": job.notes[0]} if job.notes else {})},
                         inputs={"base": job.base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(job.sources)}})
     extra_files, extra_texts = side_files(ckpt, job.target)
     side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
@@ -231,7 +242,7 @@ def _report(job: _Job, entries: list[TensorMerge], routes: RoutePlan, shards: li
         device=job.device, tensors=len(routes.tensors), merged=count("merged"), replaced=count("replaced"),
         cast_only=count("cast only"), copied=len(routes.tensors) - len(entries), bytes_written=routes.bytes_out,
         shards=shards, seconds=time.perf_counter() - started, warnings=[e.warning for e in entries if e.warning],
-        entries=entries, precision_report=job.options.precision_report,
+        entries=entries, precision_report=job.options.precision_report, notes=list(job.notes),
     )
 
 
@@ -244,6 +255,7 @@ def _precision_payload(report: MergeReport) -> dict[str, Any]:
     rows = [asdict(e) for e in report.entries if e.action != "cast only"]
     return {"base": report.base, "adapters": report.adapters, "output": report.output, "dtype": report.dtype,
             "columns": {"lost_fraction": "||round(W+dW) - (W+dW)|| / ||dW||",
-                        "changed": "elements whose stored value differs from the base's"},
+                        "changed": "elements whose stored value differs from the base's",
+                        "base_quant_error": "||dequant(quant(W)) - W|| of the 4-bit base round trip (--base-quant)"},
             "tensors": rows, "cast_only": [e.name for e in report.entries if e.action == "cast only"],
-            "warnings": report.warnings}
+            "warnings": report.warnings, "notes": report.notes}

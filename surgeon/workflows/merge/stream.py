@@ -16,6 +16,7 @@ from surgeon.io.format import pread_into, torch_dtype
 from surgeon.io.writer import pwrite_all
 from surgeon.ops import native_merge
 from surgeon.ops.native_merge import LoraFactors, RoundingStats
+from surgeon.workflows.merge.base_quant import quant_error
 from surgeon.workflows.merge.plan import MergeOp, MergePlan
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class TensorMerge:
     lost_fraction: float
     warning: str | None = None
     route: str = ""
+    base_quant_error: float | None = None  # ‖dequant(W) − W‖ when --base-quant rounded the base (base_quant)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def tensor_entry(name: str, plan: MergePlan, dtype: str, stats: RoundingStats, r
         warning = (f"{name}: {stats.lost_fraction:.0%} of the adapter's change is lost rounding to {dtype} "
                    f"(only {stats.changed:,} of {stats.numel:,} elements changed); merge with --dtype fp32 to keep it.")
     return TensorMerge(name, action, plan.describe(name), dtype, stats.numel, stats.changed, stats.delta_norm,
-                       stats.lost_fraction, warning, route)
+                       stats.lost_fraction, warning, route, quant_error(plan, name))
 
 
 def check_finite(plan: MergePlan, name: str, dtype: str, stats: RoundingStats) -> None:
