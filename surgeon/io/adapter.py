@@ -32,8 +32,8 @@ def _check_numbers(path: Path, raw: dict[str, Any]) -> None:
                                f"(e.g. \"{key}\": 8) or re-save the adapter with peft's save_pretrained.")
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = raw.get(key)
-        if patterns is None:
-            continue
+        if patterns is None or key == "rank_pattern" and str(raw.get("peft_type", "")).upper() == "ADALORA":
+            continue  # AdaLoRA's rank_pattern holds boolean masks of the kept singular values
         if not isinstance(patterns, dict):
             raise AdapterError(f"{path}: {key!r} is {patterns!r}, not an object of pattern -> number; "
                                "re-save the adapter with peft's save_pretrained.")
