@@ -248,7 +248,7 @@ def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current:
     others = _siblings({p: v for p, v in (siblings or {}).items() if p != op.module}, conv1d_first)
     model = held = None
     with torch.no_grad():
-        for strict in (True, False):
+        for strict in (True,):  # a layer whose adapter parameters peft shapes otherwise is the wrong layer
             for candidate in layer_candidates({r: unmerged[n] for r, n in rel.items()}, name=op.module,
                                               conv1d_first=conv1d_first, embedding=embedding):
                 layer = _load(candidate, {r: unmerged[n].float() for r, n in rel.items()})
