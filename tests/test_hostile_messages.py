@@ -79,6 +79,8 @@ def test_a_newline_in_a_file_name_keeps_the_message_on_one_line(world, tmp_path)
     (odd / "keep.txt").write_text("x")
     line = one_line(invoke("convert", world["base"], "-o", odd), 1, "output folder is not empty")
     assert "two\\nlines" in line
+    missing = tmp_path / "no\nsuch"  # a message from a reader, not from the output rules
+    assert "no\\nsuch: no such file or folder" in one_line(invoke("inspect", missing), 1)
 
 
 def test_failed_write_leaves_no_empty_parents(world, tmp_path):  # noqa: F811
