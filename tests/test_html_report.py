@@ -103,3 +103,15 @@ def test_html_path_errors_before_work(stages, tmp_path):
     missing = tmp_path / "no" / "page.html"
     result = CliRunner().invoke(cli, ["spectrum", str(base), "--html", str(missing)])
     assert result.exit_code != 0 and "no such folder" in result.output
+
+
+def test_one_model_page_has_every_figure(stages, tmp_path):
+    base, paths = stages
+    page = tmp_path / "one.html"
+    result = CliRunner().invoke(cli, ["intruders", str(paths[0]), "--base", str(base), "--targets", "proj",
+                                      "--no-cache", "--html", str(page), "--json"])
+    assert result.exit_code == 0, result.output
+    text = page.read_text(encoding="utf-8")
+    _self_contained(text)
+    assert len(_images(text)) == 2 + 2 * 2  # per layer, ε sweep; heat-map + spectra for both matrices
+    assert _embedded(text)["totals"] == json.loads(result.stdout)["totals"]

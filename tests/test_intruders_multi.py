@@ -62,3 +62,11 @@ def test_adapter_option_with_several_tuned_is_refused(tiny_llama, llama_lora):
     result = CliRunner().invoke(cli, ["intruders", str(llama_lora), str(llama_lora), "--base", str(tiny_llama),
                                       "--adapter", str(llama_lora)])
     assert result.exit_code != 0 and "--adapter" in result.output and "Traceback" not in result.output
+
+
+def test_plots_of_several_models_go_to_one_folder_each(tiny_llama, llama_lora, tmp_path):
+    report = find_intruders_many([llama_lora, llama_lora], tiny_llama, use_cache=False, plot=tmp_path / "figs")
+    folders = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert folders == [f"1-{llama_lora.name}", f"2-{llama_lora.name}"]
+    for model in report.models:
+        assert model.plots and all(str(tmp_path / "figs") in p for p in model.plots)
