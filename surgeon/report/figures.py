@@ -70,8 +70,9 @@ def bars(path: Path, categories: Sequence[str], series: Sequence[tuple[str, Sequ
 
 def lines(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[float], str | None]], *,
           xlabel: str, ylabel: str, title: str, size: tuple[float, float] = (4.5, 3.2), dpi: int = 110,
-          vline: float | None = None, clean: bool = False) -> None:
-    """One line with markers per (label, xs, ys, colour); an optional dotted vertical marker at ``vline``."""
+          vline: float | None = None, clean: bool = False, integer_x: bool = False) -> None:
+    """One line with markers per (label, xs, ys, colour); an optional dotted vertical marker at ``vline``;
+    ``integer_x``: ticks only at whole numbers (layers, stages)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=size, dpi=dpi)
     for label, xs, ys, color in series:
@@ -81,6 +82,8 @@ def lines(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[floa
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    if integer_x:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     if len(series) > 1:
         ax.legend(frameon=False, fontsize=9)
     if clean:

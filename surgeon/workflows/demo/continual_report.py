@@ -36,7 +36,8 @@ def plot_forgetting(d: dict[str, Any], path: Path) -> None:
             ys = [100 * ev[method]["accuracy"][s - 1][t] for s in stages]
             series.append((f"{LABELS[method]}: {name}", stages, ys, COLORS[method]))
     figures.lines(path, series, xlabel="after stage", ylabel="accuracy on an earlier task (%)",
-                  title="Forgetting: accuracy on earlier tasks after each stage", size=(7.0, 3.4), clean=True)
+                  title="Forgetting: accuracy on earlier tasks after each stage", size=(7.0, 3.4), clean=True,
+                  integer_x=True)
 
 
 def plot_intruders(d: dict[str, Any], path: Path) -> None:

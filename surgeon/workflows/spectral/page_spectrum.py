@@ -34,7 +34,7 @@ def _per_layer(report: Any, figs: Figures, value: str, label: str) -> str:
     if not series:
         return ""
     return figs.draw(lambda p: figures.lines(p, series, xlabel="layer", ylabel=label, title=f"{label} per layer",
-                                             size=(6.4, 3.2), clean=True),
+                                             size=(6.4, 3.2), clean=True, integer_x=True),
                      f"{label} of each matrix against its layer, one line per module type.")
 
 
