@@ -24,7 +24,7 @@ from typing import Any, Union
 
 import torch
 
-from surgeon.errors import CheckpointFormatError, OptionError, ShapeMismatchError
+from surgeon.errors import CheckpointFormatError, IncompatibleInputError, OptionError, ShapeMismatchError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.model_config import side_files
@@ -115,6 +115,25 @@ def input_kind(base: Checkpoint, ckpt: Checkpoint) -> str:
     return "finetune" if set(base.keys()) <= set(ckpt.keys()) else "task_vector"
 
 
+def _refuse_weights_as_task_vector(base: Checkpoint, arg: str, ckpt: Checkpoint, *, sample: int = 4) -> None:
+    """A bare file taken as a task vector that holds model weights (one shard of a model, say) would add
+    the weights to themselves; refuse it when its first matrices lie closer to the base's than to zero
+    (a τ is a small change: ‖x − base‖ ≈ ‖base‖; weights: ‖x − base‖ ≪ ‖x‖)."""
+    if ckpt.metadata.get("surgeon_kind") == TASK_VECTOR_KIND:
+        return
+    matrices = [n for n in ckpt.keys() if len(ckpt.info(n).shape) == 2 and is_float_dtype(ckpt.info(n).torch_dtype)]
+    for name in matrices[:sample]:
+        x = torch.from_numpy(ckpt.float32_array(name)).double()
+        norm = float(torch.linalg.vector_norm(x))
+        gap = float(torch.linalg.vector_norm(x - torch.from_numpy(base.float32_array(name)).double()))
+        if norm > 0 and gap < 0.5 * norm:
+            raise IncompatibleInputError(
+                f"{arg}: looks like model weights, not a task vector: tensor {name!r} is closer to the base's than "
+                f"to zero (||x - base|| / ||x|| = {gap / norm:.3g}), so adding it would double the weights. Give the "
+                "whole fine-tuned model folder (apply computes tau = tuned - base), or make a task vector with "
+                "`surgeon diff TUNED BASE -o TV`.")
+
+
 def _check_input(base: Checkpoint, arg: str, ckpt: Checkpoint, kind: str) -> None:
     """Every input tensor must exist in the base as a float tensor of the same shape."""
     what = "task vector" if kind == "task_vector" else "fine-tune"
@@ -196,6 +215,8 @@ def apply_task_vectors(
         kinds = [input_kind(b_ckpt, ckpt) for _, ckpt, _ in opened]
         for (arg, ckpt, _), kind in zip(opened, kinds):
             _check_input(b_ckpt, arg, ckpt, kind)
+            if kind == "task_vector":
+                _refuse_weights_as_task_vector(b_ckpt, arg, ckpt)
         weightless = options.spec.kind != "gta"
         plan = plan_apply(b_ckpt, [(c, w) for _, c, w in opened], target, keep_zero_weights=weightless)
         terms = [TaskTerm(a, w, sum(1 for p in plan if i in p.inputs)) for i, (a, _, w) in enumerate(opened)]
