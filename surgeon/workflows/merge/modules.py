@@ -100,6 +100,16 @@ class ModuleMerges:
     def _merge_group(self, name: str) -> None:
         import torch
 
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.routes.workers)  # peft's matmuls use every core; the streamers run on one each
+        try:
+            self._merge_steps(name)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _merge_steps(self, name: str) -> None:
+        import torch
+
         from surgeon.ops.merge_rounding import round_merged
         from surgeon.workflows.merge.apply import apply_op
         from surgeon.workflows.merge.peft_layer import merge_module
