@@ -95,3 +95,25 @@ def test_failed_write_leaves_no_empty_parents(world, tmp_path):  # noqa: F811
     one_line(invoke("convert", nan, "-o", tmp_path / "new" / "a" / "b" / "out", "--dtype", "fp16"), 1,
              "tensor 'model.norm.weight' would be written with 1 NaN/Inf value(s)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+
+
+def test_apply_refuses_model_weights_given_as_a_task_vector(world, tmp_path):  # noqa: F811
+    """A bare shard of a model (a subset of the base's tensors, no task-vector mark) would be added to the
+    base, doubling those weights."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(world["base"] / "model.safetensors")
+    shard = tmp_path / "model-00001-of-00002.safetensors"
+    save_file({k: weights[k] for k in sorted(weights)[:6]}, shard, metadata={"format": "pt"})
+    one_line(invoke("apply", world["base"], shard, "-o", tmp_path / "out"), 1,
+             f"{shard}: looks like model weights, not a task vector", "surgeon diff TUNED BASE -o TV")
+    assert not (tmp_path / "out").exists()
+    tau = {k: 0.01 * torch_randn_like(weights[k]) for k in sorted(weights)[:6]}  # a real (bare) τ still applies
+    save_file(tau, tmp_path / "tau.safetensors", metadata={"format": "pt"})
+    assert invoke("apply", world["base"], tmp_path / "tau.safetensors", "-o", tmp_path / "ok").exit_code == 0
+
+
+def torch_randn_like(t):
+    import torch
+
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype)
