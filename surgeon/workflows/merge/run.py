@@ -32,6 +32,8 @@ from surgeon.workflows.merge.base_quant import resolve_base_quant, with_base_qua
 from surgeon.workflows.merge.plan import MergeOp, MergePlan, plan_adapter_merge
 from surgeon.workflows.merge.routes import STREAM_CHUNK, RoutePlan, plan_routes
 from surgeon.workflows.merge.stream import TensorMerge
+from surgeon.workflows.merge.vocab import VocabChanges, patch_config
+from surgeon.workflows.merge.vocab import prepare as prepare_vocab
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +128,7 @@ class _Job:
     device: str
     base_arg: str
     notes: tuple[str, ...] = ()
+    vocab: VocabChanges = field(default_factory=VocabChanges)  # resized / untied embeddings (merge.vocab)
 
     @property
     def adapters_info(self) -> list[dict[str, Any]]:
@@ -194,12 +197,14 @@ def merge(
     with Checkpoint.open(resolve_path(base)) as ckpt:
         opened = [Adapter.open(path) for path, _ in parsed]
         try:
-            plan = plan_adapter_merge(ckpt, [(a, w) for a, (_, w) in zip(opened, parsed)])
+            view, vocab = prepare_vocab(ckpt, opened)  # added tokens, untied lm_head: the base as the adapters see it
+            plan = plan_adapter_merge(view, [(a, w) for a, (_, w) in zip(opened, parsed)])
             quant = resolve_base_quant(base_quant, opened)
-            plan = with_base_quant(plan, ckpt, quant)
-            notes = (quant.note(),) if quant else ()
-            job = _Job(ckpt, plan, parsed, os.fspath(out), options, target, dev, str(base), notes)
-            routes = plan_routes(ckpt, plan, _output_dtypes(ckpt, target), device=dev, engine=engine, chunk=chunk)
+            plan = with_base_quant(plan, view, quant)
+            notes = ((quant.note(),) if quant else ()) + vocab.notes
+            job = _Job(view, plan, parsed, os.fspath(out), options, target, dev, str(base), notes, vocab)
+            dtypes = {**_output_dtypes(view, target), **(vocab.dtypes if target is None else {})}
+            routes = plan_routes(view, plan, dtypes, device=dev, engine=engine, chunk=chunk)
             if dry_run:
                 return MergeDryRun(str(ckpt.root), job.adapters_info, job.out, str(dtype or "auto"), routes)
             return _execute(job, routes, started)
@@ -217,7 +222,7 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
                                   "device": job.device, "max_shard_size": str(options.max_shard_size),
                                   **({"base_quant": job.notes[0]} if job.notes else {})},
                         inputs={"base": job.base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(job.sources)}})
-    extra_files, extra_texts = side_files(ckpt, job.target)
+    extra_files, extra_texts = patch_config(ckpt, *side_files(ckpt, job.target), job.vocab)
     side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
     if options.precision_report is not None:  # before any work: a report that cannot be written fails now
         check_side_output(options.precision_report, overwrite=options.overwrite, inputs=side_inputs,
