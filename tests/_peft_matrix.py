@@ -25,7 +25,12 @@ from _peft_matrix_cases import MULTI, SINGLE  # noqa: E402
 from _peft_matrix_models import build  # noqa: E402
 
 # Cases whose surgeon merge equals peft's to float32 rounding but not bit for bit, and why.
-NOT_BIT_IDENTICAL: dict[str, str] = {}
+NOT_BIT_IDENTICAL: dict[str, str] = {
+    "Embedding + transformers Conv1D 1 VeRA": (
+        "a Conv1D with one output column: torch computes the VeRA product with a matrix-vector kernel whose "
+        "order of additions depends on the thread count; surgeon's streamed merge runs torch on one thread, "
+        "peft in the test process on all, so they agree bit for bit only on one core (else within 1e-8)"),
+}
 
 
 @dataclass(frozen=True)
