@@ -142,3 +142,14 @@ def test_combine_cli_errors_and_json(tiny_llama, tmp_path):
     assert (body["r"], body["combination"]) == (12, "cat") and body["adapters"][1]["weight"] == -1.0
     help_text = CliRunner().invoke(cli, ["combine", "--help"]).output
     assert help_text.split("Options:")[0].rstrip().endswith("--base ./base -o ./as-lora")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp",
+                                    "model_stock"])
+def test_blocks_and_threads_do_not_change_a_byte(method, tiny_llama, fts, tmp_path):
+    """Tiny tensors are one block each; 100-element blocks (split over the worker threads) give the same bytes."""
+    inputs = [(fts[0], 0.8)] if method == "slerp" else [(fts[0], 0.8), (fts[1], 0.4)]
+    opts = ApplyOptions(method=method, density=0.4, epsilon=0.1, seed=2)
+    apply_task_vectors(tiny_llama, inputs, tmp_path / "one", options=opts)
+    apply_task_vectors(tiny_llama, inputs, tmp_path / "many", options=opts, block_elements=100)
+    assert _raw(tmp_path / "one") == _raw(tmp_path / "many")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import parse_dtype
 from surgeon.workflows.taskvec.diff import TASK_VECTOR_KIND
-from surgeon.workflows.taskvec.methods import ApplyOptions, Term, check_options, merge_tensor
+from surgeon.workflows.taskvec.methods import BLOCK_ELEMENTS, ApplyOptions, TensorMerge, Term, block_workers, check_options
 
 TaskArg = Union[str, "os.PathLike[str]", tuple[Union[str, "os.PathLike[str]"], float]]
 
@@ -196,11 +197,13 @@ def apply_task_vectors(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     dry_run: bool = False,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> ApplyReport:
     """Write BASE combined with ``tasks`` ('INPUT[:λ]' strings or (path, λ) pairs) by ``options.method``.
 
     With the default task arithmetic, terms with λ = 0 are dropped, so applying only zero weights copies
     the base byte for byte. ``dry_run`` plans and returns without reading a tensor or writing anything.
+    ``block_elements``: about how many elements of each input one block holds (the result does not depend on it).
     """
     if not tasks:
         raise OptionError("no inputs given; pass at least one task vector or fine-tune INPUT[:λ] (e.g. ./tau:0.5).")
@@ -238,15 +241,16 @@ def apply_task_vectors(
                               extra_texts={**texts, PROVENANCE_FILE: provenance_file_text(record)}) as writer:
             sources = [(c, kinds[i] == "finetune") for i, (_, c, _) in enumerate(opened)]
             weights = [w for _, _, w in opened]
+            pool = stack.enter_context(block_workers())
             computed = {p.name for p in progress(plan, total=len(plan), desc=f"apply {options.method}")
-                        if _write_one(writer, b_ckpt, p, sources, weights, options)}
+                        if _write_one(writer, b_ckpt, p, sources, weights, options, pool, block_elements)}
         cast = sum(1 for p in plan if p.name not in computed and p.dtype != b_ckpt.info(p.name).dtype)
         return ApplyReport(**report, computed=len(computed), copied=len(plan) - len(computed) - cast, cast=cast,
                            shards=writer.shard_files)
 
 
-def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor,
-               sources: list[tuple[Checkpoint, bool]], weights: list[float], options: ApplyOptions) -> bool:
+def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor, sources: list[tuple[Checkpoint, bool]],
+               weights: list[float], options: ApplyOptions, pool: Executor | None, block_elements: int) -> bool:
     """Write one output tensor; True when it was computed, False when copied or only cast.
 
     A τ that is all zeros (``diff --all`` writes those for identical tensors, an untouched tensor of a
@@ -255,18 +259,16 @@ def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor,
     name, st = entry.name, entry.dtype
     if entry.action == "merge":
         terms = [Term(sources[i][0], weights[i], sources[i][1], i) for i in entry.inputs]
-        out_dtype = torch_dtype(st)
-        place: list[tuple[int, int]] = []
+        job = TensorMerge(base, name, terms, options, pool=pool, block_elements=block_elements)
+        if job.prepare():
+            out_dtype = torch_dtype(st)
+            fd, offset = writer.reserve(name)
 
-        def emit(start: int, block: torch.Tensor) -> None:
-            if not place:
-                place.append(writer.reserve(name))
-            fd, offset = place[0]
-            cast = block.to(out_dtype)
-            writer.check_finite(name, cast)  # a NaN τ or a λ that overflows the dtype: refused, naming it
-            pwrite_all(fd, tensor_bytes(cast), offset + start * cast.element_size())
+            def emit(start: int, block: torch.Tensor) -> None:
+                cast = block.to(out_dtype)
+                pwrite_all(fd, tensor_bytes(cast), offset + start * cast.element_size())
 
-        if merge_tensor(base, name, terms, options, emit):
+            job.run(emit)
             return True
     if st == base.info(name).dtype:
         writer.copy_from(base, name)

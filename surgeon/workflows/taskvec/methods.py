@@ -11,8 +11,12 @@ whatever the number of inputs. τ of a fine-tune is θ − θ_base in float32, n
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,9 +25,9 @@ from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
 from surgeon.ops import combine as C
 from surgeon.ops.counter_rng import stream_key
-from surgeon.ops.task_vector import abs_max, task_vector
+from surgeon.ops.task_vector import abs_max
 
-BLOCK_ELEMENTS = 1 << 22  # ~16 MB of float32 per block and input
+BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block and input
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def read_block(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tens
 
 @dataclass
 class TensorMerge:
-    """One output tensor: prepare() runs the first sweep, blocks() yields (start, float32 block) pairs."""
+    """One output tensor: prepare() runs the first sweep, run(emit) the second, block by block."""
 
     base: Checkpoint
     name: str
@@ -164,6 +168,14 @@ class TensorMerge:
     active: list[Term] = field(default_factory=list)
     stock_ratio: float = 0.0
     slerp: tuple[float, float] = (0.5, 0.5)
+    pool: Executor | None = None  # blocks are independent: workers each run single-threaded torch ops
+    block_elements: int = BLOCK_ELEMENTS
+
+    def _map(self, fn: Callable[[tuple[int, int]], Any]) -> list[Any]:
+        spans = list(self.spans())
+        if self.pool is None or len(spans) == 1:
+            return [fn(span) for span in spans]
+        return list(self.pool.map(fn, spans))
 
     @property
     def width(self) -> int:
@@ -174,14 +186,14 @@ class TensorMerge:
 
     def spans(self) -> Iterator[tuple[int, int]]:
         numel = self.base.info(self.name).numel
-        step = max(1, BLOCK_ELEMENTS // self.width) * self.width
+        step = max(1, self.block_elements // self.width) * self.width
         for start in range(0, numel, step):
             yield start, min(numel, start + step)
 
     def tau(self, term: Term, start: int, stop: int, base_block: torch.Tensor | None) -> torch.Tensor:
         if term.finetune:
             base_block = read_block(self.base, self.name, start, stop) if base_block is None else base_block
-            return task_vector(read_block(term.ckpt, self.name, start, stop), base_block)
+            return read_block(term.ckpt, self.name, start, stop).sub_(base_block)  # as mergekit: θ − θ_base
         return read_block(term.ckpt, self.name, start, stop)
 
     def rows(self, flat: torch.Tensor) -> torch.Tensor:
@@ -190,6 +202,8 @@ class TensorMerge:
     def prepare(self) -> bool:
         """First sweep; False when every τ is zero here (the tensor is then copied from the base)."""
         spec = self.options.spec
+        for ckpt in [self.base, *(t.ckpt for t in self.terms)]:
+            ckpt.fd_and_span(self.name)  # open the files here, not racing in the worker threads
         for term in self.terms:
             if self._prepare_term(term, spec):
                 self.active.append(term)
@@ -206,15 +220,20 @@ class TensorMerge:
         full_abs = torch.empty(numel, dtype=torch.float32) if sparse in ("magnitude", "magnitude_outliers") else None
         rule = C.KeepRule("all") if sparse is None else C.KeepRule(
             "random" if sparse == "random" else "della", density=opts.density, epsilon=opts.epsilon, key=key)
-        nonzero, before, after = False, 0.0, 0.0
-        for start, stop in self.spans():
+        def scan(span: tuple[int, int]) -> tuple[bool, float, float]:
+            start, stop = span
             block = self.tau(term, start, stop, None)
-            nonzero = nonzero or abs_max(block) != 0.0
+            nonzero = abs_max(block) != 0.0
             if full_abs is not None:
                 torch.abs(block, out=full_abs[start:stop])
             elif sparse is not None and opts.rescale_on:
-                before += float(block.abs().sum(dtype=torch.float64))
-                after += float(C.sparsify_block(self.rows(block), rule, start).abs().sum(dtype=torch.float64))
+                kept = C.sparsify_block(self.rows(block), rule, start)
+                return nonzero, float(block.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64))
+            return nonzero, 0.0, 0.0
+
+        found = self._map(scan)
+        nonzero = any(f[0] for f in found)
+        before, after = sum(f[1] for f in found), sum(f[2] for f in found)
         if not nonzero:
             return False
         if full_abs is not None:
@@ -234,7 +253,7 @@ class TensorMerge:
         dots = [[0.0] * count for _ in range(count)]
         for start, stop in self.spans():
             base_block = read_block(self.base, self.name, start, stop)
-            taus = [self.tau(term, start, stop, base_block) for term in self.terms]
+            taus = [self.tau(term, start, stop, base_block).double() for term in self.terms]
             for i in range(count):
                 for j in range(i, count):
                     dots[i][j] += float(torch.dot(taus[i], taus[j]))
@@ -245,18 +264,23 @@ class TensorMerge:
         sums = [0.0, 0.0, 0.0]  # ‖v0‖², ‖v1‖², ⟨v0, v1⟩ over the whole tensor
         for start, stop in self.spans():
             v0 = read_block(self.base, self.name, start, stop)
-            v1 = self._theta(self.terms[0], start, stop, v0)
+            v1 = self._theta(self.terms[0], start, stop, v0).double()  # float64 sums: the split hardly matters
+            v0 = v0.double()
             sums[0] += float(torch.dot(v0, v0))
             sums[1] += float(torch.dot(v1, v1))
             sums[2] += float(torch.dot(v0, v1))
         return C.slerp_coefficients(self.options.t, math.sqrt(sums[0]), math.sqrt(sums[1]), sums[2])
 
-    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Second sweep: (flat start, float32 output block) in order."""
+    def run(self, emit: Callable[[int, torch.Tensor], None]) -> None:
+        """Second sweep: ``emit(flat start, float32 output block)`` for every block (from worker threads, in
+        any order, when there is a pool)."""
         combine = {"gta": self._gta, "slerp": self._slerp, "model_stock": self._stock}[self.options.spec.kind]
-        for start, stop in self.spans():
-            base_block = read_block(self.base, self.name, start, stop)
-            yield start, combine(base_block, start, stop)
+
+        def one(span: tuple[int, int]) -> None:
+            start, stop = span
+            emit(start, combine(read_block(self.base, self.name, start, stop), start, stop))
+
+        self._map(one)
 
     def _gta(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         opts = self.options
@@ -268,7 +292,7 @@ class TensorMerge:
         deltas = []
         for term in self.active:
             kept = C.sparsify_block(self.rows(self.tau(term, start, stop, base_block)), self.rules[term.index], start)
-            deltas.append(kept.reshape(-1) * term.weight)
+            deltas.append(kept.reshape(-1).mul_(term.weight))  # kept is a fresh tensor (τ was read for it)
         consensus = ("sum" if opts.majority_sign == "total" else "count") if opts.spec.consensus else None
         # without a sign election mergekit divides by Σw of every input that has the tensor, zero τ or not
         weights = [t.weight for t in self.active] if consensus else [sum(t.weight for t in self.terms)]
@@ -293,13 +317,19 @@ class TensorMerge:
         return ratio * (total / len(self.terms)) + (1 - ratio) * base_block
 
 
-def merge_tensor(base: Checkpoint, name: str, terms: Sequence[Term], options: ApplyOptions,
-                 emit: Callable[[int, torch.Tensor], None]) -> bool:
-    """Compute one output tensor, handing each float32 block to ``emit(start, block)``; False (nothing
-    emitted) when no input changes this tensor."""
-    job = TensorMerge(base, name, terms, options)
-    if not job.prepare():
-        return False
-    for start, block in job.blocks():
-        emit(start, block)
-    return True
+@contextmanager
+def block_workers(workers: int | None = None) -> Iterator[Executor | None]:
+    """A pool of ``workers`` threads (default: the CPU count) for the blocks, torch single-threaded inside
+    it (one torch op per block and thread beats one op over two threads, most of all on a loaded machine);
+    the previous torch thread count is restored on exit."""
+    count = workers or os.cpu_count() or 1
+    if count <= 1:
+        yield None
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="surgeon-apply") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(previous)
