@@ -165,3 +165,25 @@ def test_recorded_config_is_the_default_and_none_turns_it_off(tiny_llama, qlora,
     assert result.exit_code == 0, result.output
     assert "Note: base weights rounded through bitsandbytes' 4-bit nf4" in result.output
     assert math.isfinite(float(read_folder(tmp_path / "cli")["model.layers.0.mlp.up_proj.weight"].sum()))
+
+
+def test_gpt2_conv1d_weights_are_rounded_as_the_linear_layers_transformers_quantizes(tiny_gpt2, tmp_path):
+    """transformers quantizes a Conv1D weight (stored in x out) transposed, as a Linear: blocks of 64 run
+    along its input dimension. The merge rounds W.T and stores the result back in the Conv1D layout."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    adapter = make_adapter(tiny_gpt2, tmp_path / "adapter", config)
+    model = peft.PeftModel.from_pretrained(load_model(tiny_gpt2), adapter).eval()
+    deltas = {f"{name[len('base_model.model.'):]}.weight": module.get_delta_weight("default")
+              for name, module in model.named_modules() if isinstance(module, peft.tuners.lora.Linear)}
+    merge(tiny_gpt2, [adapter], tmp_path / "out", dtype="fp32", base_quant="nf4")
+    got = read_folder(tmp_path / "out")
+    for name, weight in load_model(tiny_gpt2).state_dict().items():
+        if name not in got:  # lm_head: tied to wte, not stored
+            continue
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            as_linear = weight.T.contiguous()
+            base = torch.tensor(_hand_nf4(as_linear.reshape(-1).tolist(), 64)).view(as_linear.shape).T
+        else:
+            base = weight  # embeddings, norms, biases, the tied head: kept
+        expected = base + deltas[name] if name in deltas else base
+        assert torch.equal(got[name], expected), name

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from surgeon.errors import AdapterError, OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.workflows.merge.plan import MergeOp, MergePlan
+from surgeon.workflows.merge.plan import CONV1D_MODEL_TYPES, MergeOp, MergePlan
 
 if TYPE_CHECKING:
     import torch
@@ -107,13 +107,15 @@ def with_base_quant(plan: MergePlan, base: Checkpoint, spec: BaseQuant | None) -
     or not: the adapter was trained with all of them rounded)."""
     if spec is None:
         return plan
+    conv1d = (base.config() or {}).get("model_type") in CONV1D_MODEL_TYPES
     targets: dict[str, tuple[MergeOp, ...]] = {}
     for name in base.keys():
         info = base.info(name)
         ops = plan.targets.get(name, ())
         if quantized(name, info.shape, info.dtype, spec) and not any(o.kind in ("replace", "base_layer") for o in ops):
+            # GPT-2's Conv1D weights are stored (in × out); transformers quantizes them transposed, as a Linear
             step = MergeOp(KIND, 0, name, {"quant_type": spec.quant_type, "dtype": info.dtype},
-                           features=(spec.blocksize, int(spec.double_quant)))
+                           features=(spec.blocksize, int(spec.double_quant)), fan_in_fan_out=conv1d)
             ops = (step, *ops)
         if ops:
             targets[name] = ops
@@ -128,8 +130,10 @@ def apply_base_quant(plan: MergePlan, op: MergeOp, weight: torch.Tensor) -> torc
     from surgeon.ops.quant import quantization_error, roundtrip_4bit
 
     stored = weight.to(torch_dtype(op.tensors["dtype"]))
-    out = roundtrip_4bit(stored, op.tensors["quant_type"], blocksize=op.features[0],
+    as_linear = stored.T if op.fan_in_fan_out else stored
+    out = roundtrip_4bit(as_linear, op.tensors["quant_type"], blocksize=op.features[0],
                          double_quant=bool(op.features[1])).to(torch.float32)
+    out = out.T.contiguous() if op.fan_in_fan_out else out
     plan._cache[(KIND, op.module)] = quantization_error(weight, out)
     return out
 
