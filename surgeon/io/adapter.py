@@ -253,6 +253,26 @@ PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING",
                          "CPT", "CARTRIDGE")
 RUNTIME_ONLY_TYPES = ("XLORA", "POLY", "LILY")  # peft merges none of them (Lily: NotImplementedError)
 _MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoraConfig fields selecting a variant or layout the fast path does not compute: peft's layer code does.
+LORA_VARIANT_FIELDS = ("velora_config", "monteclora_config", "kasa_config", "use_bdlora", "bdlora_config",
+                       "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config")
+ROUTE_NAMES = {"fast": "surgeon's streamed fast path", "peft": "peft's own layer code, one module at a time",
+               "none": "not mergeable"}
+
+
+def merge_route(cfg: AdapterConfig) -> str:
+    """How ``surgeon merge`` merges an adapter of this config: "fast" (its own streamed arithmetic), "peft"
+    (peft's layer code, module by module; modules the fast path does not cover go there too) or "none"."""
+    if cfg.peft_type in PROMPT_LEARNING_TYPES or cfg.peft_type in RUNTIME_ONLY_TYPES or not cfg.peft_type:
+        return "none"
+    if cfg.peft_type not in FAST_TYPES:
+        return "peft"
+    init = cfg.raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        return "peft"
+    variant = cfg.peft_type in ("LORA", "ADALORA") and any(cfg.raw.get(k) not in (None, False, {}, [], 0)
+                                                           for k in LORA_VARIANT_FIELDS)
+    return "peft" if variant else "fast"
 
 
 def check_mergeable(adapter: Adapter) -> None:

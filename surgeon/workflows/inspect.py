@@ -7,7 +7,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.io.adapter import ADAPTER_WEIGHTS, Adapter, is_adapter_folder
+from surgeon.io.adapter import (
+    ADAPTER_WEIGHTS,
+    FAST_TYPES,
+    PEFT_LAYER_TYPES,
+    PROMPT_LEARNING_TYPES,
+    ROUTE_NAMES,
+    RUNTIME_ONLY_TYPES,
+    Adapter,
+    is_adapter_folder,
+    merge_route,
+)
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
 
@@ -43,6 +53,7 @@ class AdapterSummary:
     modules_to_save: list[str] | None
     base_model: str | None
     extra: dict[str, Any]
+    merge_route: str = ""  # how `surgeon merge` merges it: fast, peft or none (see merge_support())
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
             adapter_summary = AdapterSummary(
                 peft_type=cfg.peft_type, r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules,
                 modules_to_save=cfg.modules_to_save, base_model=cfg.base_model,
-                extra={k: cfg.raw[k] for k in _ADAPTER_EXTRA_KEYS if k in cfg.raw},
+                extra={k: cfg.raw[k] for k in _ADAPTER_EXTRA_KEYS if k in cfg.raw}, merge_route=merge_route(cfg),
             )
         ckpt = Checkpoint.open(local / ADAPTER_WEIGHTS)
         fmt = "peft adapter"
@@ -109,3 +120,22 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
             adapter=adapter_summary,
             tensors=[TensorEntry(t.name, t.dtype, list(t.shape), Path(t.file).name) for t in ckpt.tensors.values()],
         )
+
+
+def merge_support() -> dict[str, list[str]]:
+    """Every peft type by how ``surgeon merge`` treats it (the README's support list is tested against this):
+    "fast" (surgeon's own streamed arithmetic, bit-identical to peft), "peft" (peft's layer code, one module
+    at a time; also any LoRA variant or layout the fast path does not cover: convolutions, MultiheadAttention,
+    target_parameters, trainable tokens, ...) and "none" (no weights to merge, or peft cannot merge them)."""
+    return {"fast": list(FAST_TYPES), "peft": list(PEFT_LAYER_TYPES),
+            "none": [*PROMPT_LEARNING_TYPES, *RUNTIME_ONLY_TYPES]}
+
+
+def merge_support_text() -> str:
+    """The support list as Markdown lines (what the README carries between its merge-support markers)."""
+    names = {"fast": "Fast path (native kernel / torch streamed)", "peft": "Through peft's layer code, one module "
+             "at a time", "none": "Refused (no weights to merge, or peft cannot merge them)"}
+    return "\n".join(f"- {names[k]}: {', '.join(f'`{t}`' for t in v)}." for k, v in merge_support().items())
+
+
+__all__ = ["ROUTE_NAMES", "InspectReport", "inspect_checkpoint", "merge_support", "merge_support_text"]

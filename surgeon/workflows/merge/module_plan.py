@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgeon.errors import AdapterError
-from surgeon.io.adapter import ROLE_SUFFIXES, Adapter, AdapterLayout, AdapterModule, BaseNames, FullTensor
+from surgeon.io.adapter import (
+    ROLE_SUFFIXES,
+    Adapter,
+    AdapterLayout,
+    AdapterModule,
+    BaseNames,
+    FullTensor,
+    merge_route,
+)
 from surgeon.io.checkpoint import Checkpoint
 
 PEFT_PREFIX = "base_model.model."
@@ -26,9 +34,6 @@ FAST_TYPES = {"LORA": {"lora_A", "lora_B", "lora_B_bias", "magnitude", "lora_emb
               "IA3": {"ia3_l"}, "LOHA": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
               "LOKR": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"},
               "HIRA": {"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"}}
-# LoraConfig fields selecting a variant or layout the fast path does not compute: peft's layer code does.
-VARIANT_FIELDS = ("velora_config", "monteclora_config", "kasa_config", "use_bdlora", "bdlora_config",
-                  "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config")
 _WRAPPERS = ("modules_to_save", "original_module")
 
 
@@ -46,14 +51,7 @@ class ModuleRoute:
 
 def whole_adapter_through_peft(adapter: Adapter) -> bool:
     """Every module of this adapter goes through peft's layer code: not a fast type, or a LoRA variant."""
-    cfg = adapter.config
-    if cfg.peft_type not in FAST_TYPES:
-        return True
-    init = cfg.raw.get("init_lora_weights")
-    if isinstance(init, str) and init.lower() == "mica":
-        return True
-    return cfg.peft_type in ("LORA", "ADALORA") and any(cfg.raw.get(k) not in (None, False, {}, [], 0)
-                                                         for k in VARIANT_FIELDS)
+    return merge_route(adapter.config) == "peft"
 
 
 class _Modules:
