@@ -94,6 +94,20 @@ def svd_factors(delta: torch.Tensor, rank: int, *, clamp: float | None = None) -
     return A, B
 
 
+@torch.no_grad()
+def lowrank_svd_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the rank-``rank`` truncated SVD of ΔW = ``lora_B`` (out × R) · ``lora_A`` (R × in) without
+    forming ΔW: QR of both factors, SVD of the R × R core in float64 (exact up to rounding; R ≪ out, in).
+    B = U·diag(S), A = Vᴴ as :func:`svd_factors`; fewer than ``rank`` columns when R < rank."""
+    q_b, r_b = torch.linalg.qr(lora_B)
+    q_a, r_a = torch.linalg.qr(lora_A.T)
+    u, s, vh = torch.linalg.svd((r_b.double() @ r_a.double().T), full_matrices=False)
+    k = min(rank, s.numel())
+    B = q_b @ (u[:, :k] * s[:k]).to(lora_B.dtype)
+    A = (vh[:k].to(lora_A.dtype) @ q_a.T)
+    return A, B
+
+
 def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
     """Smallest k whose top-k singular values hold ``fraction`` of Σσ² (peft's convert_to_lora threshold)."""
     energy = torch.cumsum(singular_values.double() ** 2, dim=0)

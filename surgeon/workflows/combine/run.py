@@ -22,7 +22,7 @@ from surgeon.errors import OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.writer import CheckpointWriter, TensorSpec
-from surgeon.ops.combine import peft_combine, svd_factors
+from surgeon.ops.combine import lowrank_svd_factors, peft_combine, svd_factors
 from surgeon.ops.counter_rng import stream_key
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
@@ -124,6 +124,10 @@ def combine_module(job: ModuleJob, method: str, adapters: Sequence[tuple[Adapter
         lora_B = peft_combine([b for _, b in factors], weights_B, method, density=density,
                               majority_sign=options.majority_sign, key_of=_keys(options, job, "lora_B"))
         return lora_A, lora_B
+    if method == "svd" and options.svd_clamp is None:  # ΔW = Σ w·s·B·A has rank ≤ Σr: factor it without forming it
+        stacked_A = torch.cat([a * (m.weight * m.scaling) for (a, _), m in zip(factors, job.members)], dim=0)
+        lora_A, lora_B = lowrank_svd_factors(torch.cat([b for _, b in factors], dim=1), stacked_A, job.rank)
+        return _pad(lora_A, lora_B, job.rank)
     inner = "linear" if method == "svd" else method[: -len("_svd")]
     deltas = [(b @ a) * m.scaling for (a, b), m in zip(factors, job.members)]  # B·A orientation, as peft's SVD sees it
     delta = peft_combine(deltas, [m.weight for m in job.members], inner, density=density,
