@@ -81,6 +81,10 @@ def test_random_methods_same_seed_same_bytes(method, tiny_llama, fts, tmp_path):
     assert run(4, "b") == first and run(5, "c") != first
     prov = json.loads((tmp_path / "a" / "surgeon_provenance.json").read_text())
     assert prov["parameters"]["seed"] == 4 and prov["parameters"]["method"] == method
+    from surgeon.io.model_card import render_card
+
+    card = render_card(tmp_path / "a", repo_id="me/merged")  # what --push-to publishes
+    assert f"| method | {method} |" in card and "| seed | 4 |" in card and "| density | 0.5 |" in card
 
 
 @pytest.mark.parametrize("rescale", [False, True])

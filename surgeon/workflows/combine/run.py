@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,7 +35,6 @@ from surgeon.workflows.combine.plan import (
     check_options,
     plan_combine,
 )
-from surgeon.workflows.convert import parse_dtype
 from surgeon.workflows.taskvec.apply import TaskArg, parse_task
 
 _ONE_FILE = 1 << 62  # an adapter stays one file, as peft saves it
