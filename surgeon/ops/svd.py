@@ -38,6 +38,7 @@ __all__ = [
 
 _DENSE_UP_TO = 256
 _CHEBYSHEV_STEPS = 1000  # applications of G to the block before the low-rank path turns to block Lanczos
+_START_STEPS = 150  # the merged route's start (top eigenvectors of the cheap operator, to 1e-6): Chebyshev budget
 
 
 def _krylov_budget(dim: int, block: int, method: str) -> int:
@@ -130,31 +131,39 @@ def top_k_low_rank(w0: torch.Tensor, base: BaseBasis, left: torch.Tensor, right:
 
 
 def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L (m × l) orthonormal, R = Lᵀτ (l × n)): τ's dominant range by a blocked randomised range finder.
+    """(L (m × l) orthonormal, R = Lᵀτ (l × n)), float64: τ's dominant range by a blocked randomised range finder.
 
-    Blocks of ``step`` Gaussian probes are added while the newest block still holds more than
-    4x its share of the energy left outside the range (i.e. while the spectrum has not reached
-    a flat tail: the rounding noise of a merged LoRA, the bulk of a full fine-tune), at most ``limit``.
+    Blocks of ``step`` Gaussian probes (one power step each) are added while the newest block still
+    holds more than 8x its share of the energy left outside the range (i.e. while the spectrum has not
+    reached a flat tail: the rounding noise of a merged LoRA, the bulk of a full fine-tune), at most
+    ``limit``. In float32: L and R only shape a preconditioner, the answer is checked in float64.
     """
-    m, n = tau.shape
+    a = tau.to(torch.float32)
+    m, n = a.shape
     gen = torch.Generator().manual_seed(0)
-    total = float(tau.square().sum())
-    q = torch.zeros(m, 0, dtype=tau.dtype, device=tau.device)
+    total = float(a.square().sum())
+    blocks: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    captured = 0.0
     top = min(limit, m, n)
-    while q.shape[1] < top:
+    while sum(b.shape[1] for b in blocks) < top:
+        q = torch.cat(blocks, 1) if blocks else a.new_zeros(m, 0)
         width = min(step, top - q.shape[1])
-        y = tau @ torch.randn(n, width, generator=gen, dtype=tau.dtype).to(tau.device)
+        y = a @ torch.randn(n, width, generator=gen).to(a.device)
+        y = a @ (a.T @ torch.linalg.qr(y - q @ (q.T @ y))[0])  # one power step: the flat tail drops out
         for _ in range(2):
             y = y - q @ (q.T @ y)
         new = torch.linalg.qr(y)[0]
-        before = total - float((q.T @ tau).square().sum()) if q.shape[1] else total
-        q = torch.cat([q, new], 1)
-        held = float((new.T @ tau).square().sum())
-        rest = max(before - held, 0.0)
-        share = rest * width / max(min(m, n) - q.shape[1], 1)
-        if held <= 4.0 * share or rest <= 1e-20 * total:
+        row = new.T @ a
+        held = float(row.square().sum())
+        blocks.append(new)
+        rows.append(row)
+        rest = max(total - captured - held, 0.0)
+        captured += held
+        share = rest * width / max(min(m, n) - q.shape[1] - width, 1)
+        if held <= 8.0 * share or rest <= 1e-12 * total:
             break
-    return q, q.T @ tau
+    return torch.cat(blocks, 1).to(torch.float64), torch.cat(rows, 0).to(torch.float64)
 
 
 @torch.no_grad()
@@ -174,9 +183,9 @@ def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *,
     q = base.basis
     pre = LowRankOperator.build(w0, q, base.s, left, right)
     wide = min(k + max(4, k // 2), m)
-    first = chebyshev_eigs(pre, m, wide, tol=1e-6, block=min(wide + 4, m), start=torch.eye(m, wide, dtype=wt.dtype),
-                           max_steps=_CHEBYSHEV_STEPS, device=wt.device)
-    y0 = first[1] if first is not None else torch.eye(m, wide, dtype=wt.dtype, device=wt.device)
+    first = chebyshev_eigs(pre, m, wide, tol=1e-6, block=min(wide + 4, m), max_steps=_START_STEPS,
+                           start=torch.eye(m, wide, dtype=wt.dtype, device=wt.device), device=wt.device)
+    y0 = first[1] if first is not None else _start(pre, m, wide)
     found = davidson_eigs(lambda x: q.T @ (wt @ (wt.T @ (q @ x))), pre, y0, k, tol=tol)
     if found is not None:
         theta, y, steps = found
@@ -186,6 +195,16 @@ def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *,
         if result.residual <= tol:
             return result
     return top_k(wt, k, tol=tol, method=method, start=start)
+
+
+def _start(pre: LowRankOperator, m: int, wide: int) -> torch.Tensor:
+    """The top ``wide`` Ritz vectors of the cheap operator in span(base's top directions, τ's range C, W₀Rᵀ's P):
+    where the tuned top-k lies, up to the part of τ outside its range."""
+    space = torch.linalg.qr(torch.cat([torch.eye(m, wide, dtype=pre.lam.dtype, device=pre.lam.device),
+                                       pre.down.T], 1))[0]
+    h = space.T @ pre(space)
+    _, z = torch.linalg.eigh((h + h.T) / 2)
+    return space @ z.flip(1)[:, :wide]
 
 
 def estimate_cost(shape: tuple[int, int] | list[int], k: int, *, route: str, cached: bool = False,

@@ -56,18 +56,19 @@ class LowRankOperator:
         cx_px[self.rank:] += self.rr @ cx_px[:self.rank]
         return torch.addmm(self.lam[:, None] * x, self.up, cx_px)
 
-    def solve(self, theta: float, rhs: torch.Tensor) -> torch.Tensor:
-        """(G − θI)⁻¹·rhs by Woodbury: D⁻¹ − D⁻¹U(K⁻¹ + V D⁻¹ U)⁻¹V D⁻¹ with D = diag(lam) − θ."""
-        d = self.lam - theta
-        floor = 1e-13 * float(self.lam[0]) if self.lam.numel() else 1e-300
+    def solve(self, theta: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """(G − θ_j I)⁻¹·rhs_j for each shift θ_j (b,) and right-hand sides rhs (b × N × c), by Woodbury:
+        D⁻¹ − D⁻¹U(K⁻¹ + V D⁻¹ U)⁻¹V D⁻¹ with D = diag(lam) − θ_j; all shifts in one batched product."""
+        d = self.lam[None, :] - theta[:, None]
+        floor = 1e-13 * float(self.lam.abs().max()) if self.lam.numel() else 1e-300
         d = torch.where(d.abs() < floor, torch.full_like(d, floor).copysign(d), d)
-        inv = 1.0 / d
+        inv = 1.0 / d  # (b × N)
         r = self.rank
         k_inv = torch.eye(2 * r, dtype=d.dtype, device=d.device)
         k_inv[r:, :r] = -self.rr
-        small = k_inv + (self.down * inv) @ self.up
-        y = inv[:, None] * rhs
-        return y - inv[:, None] * (self.up @ torch.linalg.solve(small, self.down @ y))
+        small = k_inv + torch.matmul(self.down[None] * inv[:, None, :], self.up)  # (b × 2r × 2r)
+        y = inv[:, :, None] * rhs
+        return y - inv[:, :, None] * torch.matmul(self.up, torch.linalg.solve(small, torch.matmul(self.down, y)))
 
 
 def davidson_eigs(
@@ -97,8 +98,8 @@ def davidson_eigs(
         excess = (res.norm(dim=0) / sigma) / (tol * float(sigma[0]))
         if float(excess.max()) <= 1.0:
             return theta[:k], y[:, :k], steps
-        open_ = [j for j in range(k) if float(excess[j]) > 1.0]
-        t = torch.cat([_olsen(precond, float(theta[j]), y[:, j:j + 1], res[:, j:j + 1]) for j in open_], 1)
+        open_ = torch.nonzero(excess > 1.0).flatten()
+        t = _olsen(precond, theta[open_], y[:, open_], res[:, open_])
         if v.shape[1] + t.shape[1] > _RESTART * width:  # thick restart: keep the current Ritz vectors
             v, gv = y, gy
         t = flush(orth(t, v, gen))
@@ -107,10 +108,12 @@ def davidson_eigs(
     return None
 
 
-def _olsen(precond: LowRankOperator, theta: float, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """The correction M⁻¹r − ε·M⁻¹y with M = G − θI and ε = yᵀM⁻¹r / yᵀM⁻¹y (so that t ⊥ y to first order)."""
-    both = precond.solve(theta, torch.cat([r, y], 1))
-    mr, my = both[:, :1], both[:, 1:]
-    denom = float((y * my).sum())
-    eps = float((y * mr).sum()) / denom if denom != 0 else 0.0
+def _olsen(precond: LowRankOperator, theta: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per column j: M_j⁻¹r_j − ε_j·M_j⁻¹y_j with M_j = G − θ_j·I and ε_j = y_jᵀM_j⁻¹r_j / y_jᵀM_j⁻¹y_j
+    (so that the correction is ⊥ y_j to first order)."""
+    both = precond.solve(theta, torch.stack([r.T, y.T], 2))  # (b × N × 2)
+    mr, my = both[:, :, 0].T, both[:, :, 1].T
+    denom = (y * my).sum(0)
+    eps = torch.where(denom != 0, (y * mr).sum(0) / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                      torch.zeros_like(denom))
     return mr - eps * my
