@@ -1,5 +1,7 @@
-"""Merge a rank-16 LoRA on all seven projections into the ~1.1B-parameter bf16 Llama-shaped
-checkpoint: `surgeon merge` vs peft (load + merge_and_unload + save_pretrained) vs `cp -r`.
+"""Merge a rank-16 LoRA on all seven projections (or, with --adapter oft, an OFT adapter with 32-wide
+blocks on the four attention projections: the per-module route through peft's layer code) into the
+~1.1B-parameter bf16 Llama-shaped checkpoint: `surgeon merge` vs peft (load + merge_and_unload +
+save_pretrained) vs `cp -r`.
 
 Prints, side by side in one run, the wall time, CPU time and peak RSS of each (median / max over
 --repeat runs, contenders interleaved, page cache warmed and dirty pages synced the same way
@@ -11,7 +13,7 @@ output is also on disk: every output file fsynced right after it exits). surgeon
 output before it returns (its rename into place is crash-safe), cp and peft leave gigabytes of
 dirty pages for the kernel to write later, so "durable" compares the same guarantee.
 
-    python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2] [--scale 1.0]
+    python benchmarks/merge_vs_peft.py [--workdir /tmp/surgeon-bench] [--repeat 2] [--scale 1.0] [--adapter oft]
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._measure import warm_cache  # noqa: E402
 from benchmarks._models import build_llama_checkpoint, build_lora_adapter  # noqa: E402
+from benchmarks._peft_adapters import build_oft_adapter  # noqa: E402
+
+OFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 PEFT_MERGE = """
 import sys, torch
@@ -96,12 +101,19 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/surgeon-bench")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="model size relative to 1.1B (for a quick try)")
+    parser.add_argument("--adapter", choices=("lora", "oft"), default="lora",
+                        help="lora: r=16 on 7 projections (fast path); oft: 32-wide blocks on q/k/v/o (peft's layer code)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     label = "llama-1.1b" if args.scale == 1.0 else f"llama-x{args.scale:g}"
     model = build_llama_checkpoint(workdir / label, scale=args.scale)
-    adapter = build_lora_adapter(model, workdir / f"{label}-lora16", rank=16)
+    if args.adapter == "oft":
+        adapter = build_oft_adapter(model, workdir / f"{label}-oft32", block_size=32, targets=OFT_TARGETS)
+        what = f"OFT (32-wide blocks) on {len(OFT_TARGETS)} attention projections"
+    else:
+        adapter = build_lora_adapter(model, workdir / f"{label}-lora16", rank=16)
+        what = "LoRA r=16 on 7 projections"
     runs = contenders(model, adapter, workdir)
     times: dict[str, list[float]] = {k: [] for k in runs}
     durable: dict[str, list[float]] = {k: [] for k in runs}
@@ -129,9 +141,9 @@ def main() -> None:
     size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9
     load = os.getloadavg()[0]
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    print(f"model: {size:.2f} GB bf16, 3 shards; LoRA r=16 on 7 projections x {layers} layers; "
+    print(f"model: {size:.2f} GB bf16, 3 shards; {what} x {layers} layers; "
           f"{os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeat}")
-    print(f"surgeon's CPU merge path: {kernel}")
+    print(f"surgeon's CPU merge path: {kernel if args.adapter == 'lora' else 'peft layer code, module by module'}")
     print(f"{'contender':<14} {'exit s':>8} {'x cp':>6} {'durable s':>10} {'x cp':>6} {'CPU s':>7} {'peak RSS MB':>12}")
     med = lambda d, k: statistics.median(d[k])  # noqa: E731
     cp, cp_durable = med(times, "cp -r"), med(durable, "cp -r")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
-from surgeon.io.writer import CheckpointWriter, copy_span
+from surgeon.io.writer import CheckpointWriter, copy_span, pwrite_all
 from surgeon.progress import progress
 from surgeon.workflows.merge.plan import MergePlan
 from surgeon.workflows.merge.routes import RoutePlan
@@ -102,6 +102,12 @@ def read_ahead(ckpt: Checkpoint, plan: MergePlan, name: str) -> None:
             return
 
 
+def _pwrite_tensor(fd: int, offset: int, tensor: torch.Tensor) -> None:
+    import torch
+
+    pwrite_all(fd, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+
+
 class _Run:
     """The state of one execution: thread pools, pending writes, prefetched reads."""
 
@@ -159,6 +165,10 @@ class _Run:
             return
         if route in ("native", "stream"):
             self.streamed(name, route, dtype)
+            return
+        if route == "module" and self.routes.positional:  # into its reserved place, while the next is computed
+            tensor = self.modules.tensor(name, dtype, self.entries)
+            self.copies.append(self.io.submit(_pwrite_tensor, *self.writer.reserve(name), tensor))
             return
         if route == "memory":
             future = self.whole(name, dtype)

@@ -150,7 +150,7 @@ def plan_routes(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], *, de
         else:
             route = "memory"
         routes.append(TensorRoute(name, action, route, dtype, nbytes, plan.describe(name)))
-    positional = all(t.route in ("native", "stream", "copy") for t in routes) and \
+    positional = all(t.route in ("native", "stream", "module", "copy") for t in routes) and \
         all(dtypes[n] == ckpt.info(n).dtype for n in ckpt.keys())
     used = lib if any(t.route == "native" for t in routes) else None
     return RoutePlan(device, resolved, tuple(routes), positional, cpu_workers() if on_cpu else 1, chunk, used)
