@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import AdapterError, IncompatibleInputError, NumericalError, OptionError
-from surgeon.io.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
+from surgeon.io.adapter import ADAPTER_CONFIG, Adapter, BaseNames, adapter_layout, is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.data import TaskData, load_task_data
 from surgeon.io.resolve import resolve_path
@@ -133,6 +133,19 @@ def _previous(o: FinetuneOptions) -> Previous | None:
     return prev
 
 
+def _check_same_architecture(folder: Path, base: Path) -> None:
+    """An adapter of another architecture: say so (not peft's warning and a hint at --targets)."""
+    with Adapter.open(folder) as adapter, Checkpoint.open(base) as ckpt:
+        names = BaseNames(ckpt.keys())
+        modules = sorted(adapter_layout(adapter.weights).modules)
+        missing = [m for m in modules if names.resolve(f"{m}.weight", what=str(folder)) is None]
+    if missing:
+        raise IncompatibleInputError(
+            f"{folder}: {len(missing)} of the {len(modules)} modules it adapts are not in {base} (e.g. {missing[0]!r}): "
+            "it was trained on another architecture. Continue from an adapter of this base, or give the base it "
+            "was trained on.")
+
+
 def _resolved(o: FinetuneOptions) -> FinetuneOptions:
     if o.method == "full":
         return replace(o, lr=o.lr or default_lr(o.method))
@@ -151,6 +164,8 @@ def finetune(options: FinetuneOptions) -> FinetuneReport:
     if o.task == "causal-lm" and not is_decoder_config(config):
         raise IncompatibleInputError(f"{base}: is an encoder ({config.get('model_type')}); --task causal-lm needs a decoder model (GPT-2, Llama, ...).")
     prev = _previous(options)  # before defaults: an omitted --rank means "the previous stage's"
+    if prev is not None and prev.is_adapter:
+        _check_same_architecture(prev.folder, base)
     out = Path(o.out)
     inputs = [base, Path(o.data)] + ([Path(o.eval_data)] if o.eval_data else []) + ([prev.folder] if prev else [])
     check_output(out, inputs, overwrite=o.overwrite)
