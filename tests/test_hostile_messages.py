@@ -117,3 +117,17 @@ def torch_randn_like(t):
     import torch
 
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype)
+
+
+def test_continue_from_an_adapter_of_another_architecture(tmp_path):
+    from _finetune_helpers import build_model, lm_rows, write_jsonl
+
+    llama, gpt2 = build_model("llama", tmp_path / "llama"), build_model("gpt2", tmp_path / "gpt2")
+    data = write_jsonl(tmp_path / "lm.jsonl", lm_rows(8, 0))
+    common = ["--data", data, "--task", "causal-lm", "--method", "lora", "--epochs", "1", "--batch-size", "8"]
+    assert invoke("finetune", llama, *common, "-o", tmp_path / "stage1").exit_code == 0
+    before = digest(tmp_path / "stage1", gpt2)
+    one_line(invoke("finetune", gpt2, *common, "--continue-from", tmp_path / "stage1", "-o", tmp_path / "stage2"), 1,
+             f"{tmp_path / 'stage1'}: 14 of the 14 modules it adapts are not in {gpt2}",
+             "it was trained on another architecture. Continue from an adapter of this base")
+    assert digest(tmp_path / "stage1", gpt2) == before and not (tmp_path / "stage2").exists()
