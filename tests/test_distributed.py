@@ -244,3 +244,18 @@ def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("Error: rank 1 was killed by SIGKILL"), err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned"]  # no staging, no lock left
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_extract_lora_adapter_is_byte_identical(tiny_llama, lora_pair, tmp_path, nproc):
+    _, merged = lora_pair
+    solo, multi = tmp_path / "solo", tmp_path / "multi"
+    args = ("extract-lora", str(merged), str(tiny_llama), "-r", "4", "-q", "--json")
+    first = run_surgeon(*args, "-o", str(solo))
+    done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
+    assert first.returncode == 0 and done.returncode == 0, done.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (solo / name).read_bytes() == (multi / name).read_bytes(), name
+    a, b = json.loads(first.stdout), json.loads(done.stdout)
+    assert {m["computed_by_rank"] for m in b["modules"]} == set(range(nproc))
+    assert without_timing(a) | {"output": None, "adapter": None} == without_timing(b) | {"output": None, "adapter": None}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.workflows.taskvec.extract_lora import ExtractReport, extract_lora
 
 
@@ -47,9 +49,10 @@ def _render(report: ExtractReport, show_all: bool) -> None:
 @overwrite_option
 @json_option
 @global_options
+@distributed_command
 def command(tuned: str, base: str, out: str, rank: int | None, energy: float | None, max_rank: int | None,
             targets: str | None, keep_modules: bool, dtype: str, device: str, exact: bool, show_all: bool,
-            overwrite: bool, as_json: bool) -> None:
+            overwrite: bool, as_json: bool, world: World) -> None:
     """A PEFT LoRA adapter from the task vector τ = θ_tuned − θ_base, by truncated SVD.
 
     Each changed matrix τ = U·S·Vᵀ gives B = U_k·√S_k and A = √S_k·V_kᵀ with
@@ -63,10 +66,11 @@ def command(tuned: str, base: str, out: str, rank: int | None, energy: float | N
       surgeon extract-lora ./llama-tuned ./llama-base -r 16 -o ./extracted-lora
       surgeon extract-lora ./llama-tuned ./llama-base --energy 0.9 --max-rank 64 \\
           --targets 'proj$' -o ./extracted-lora
+      surgeon extract-lora ./llama-tuned ./llama-base -r 16 -o ./extracted-lora --nproc 2
     """
     report = extract_lora(tuned, base, out, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
                           modules_to_save=keep_modules, dtype=dtype, device=device, overwrite=overwrite,
-                          exact=exact)
+                          exact=exact, world=world)
     if as_json:
         emit_json("extract-lora", report.to_dict())
         return

@@ -17,12 +17,13 @@ device (no weights); without one they are guessed from tensor names.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import check_output
 from surgeon.ops.lora_extract import LoraFactors, factorize
 from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
+from surgeon.parallel.exchange import collect, device_for, plan_share, run_share
+from surgeon.parallel.share import svd_cost
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import provenance
 from surgeon.workflows.convert import parse_dtype
@@ -57,6 +61,7 @@ class MatrixFactor:
     energy: float  # share of ‖τ‖² kept
     method: str = "exact"  # "randomized" (default route) or "exact" (--exact, or where the bounds do not decide)
     passes: int = 0  # products with τ or τᵀ on the randomised route
+    computed_by_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class ExtractReport:
     modules_to_save: list[str]
     dropped: list[Dropped]
     max_relative_error: float
-    adapter: AdapterWritten
+    adapter: AdapterWritten | None
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,23 +182,76 @@ def _read_ahead(tuned: Checkpoint, base: Checkpoint, names: list[str]
 
 
 def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dict[str, tuple[str, str]],
-          rank: int | None, energy: float | None, max_rank: int | None, device: str, exact: bool) -> _State:
+          rank: int | None, energy: float | None, max_rank: int | None, device: str, exact: bool,
+          world: World = SOLO) -> tuple[_State, dict[str, int]]:
+    """Factor the changed candidates and list the other changed tensors; on a process group each rank
+    reads and factors its share (SVD cost for candidates, bytes for the rest) and all get the whole
+    state. Returns it with the rank that computed each factored module."""
+    costs = [svd_cost(*tuned.info(n).shape) if n in candidates else float(tuned.info(n).nbytes) for n in names]
+    part = plan_share(world, costs)
+    mine = [names[i] for i in part.mine]
+    stream = progress(_read_ahead(tuned, base, mine), total=len(mine), desc="extract-lora")
+    run_share(part, mine, (_scan_one(name, pair, candidates, rank, energy, max_rank, device, exact)
+                           for name, pair in stream))
     state = _State({}, {}, [])
-    for name, (t, b, same) in progress(_read_ahead(tuned, base, names), total=len(names), desc="extract-lora"):
-        if same:
+    by_rank: dict[str, int] = {}
+    for name, owner, found in zip(names, part.owners, collect(part, encode=_wire, decode=_unwire)):
+        if found is None:
             continue
-        delta, measure = measure_delta(t, b, t.dtype)
-        if measure.status != CHANGED:
-            continue
-        if name in candidates:
-            module, kind = candidates[name]
-            matrix = delta if kind == "linear" else delta.T  # peft applies Conv1D/Embedding deltas transposed
-            f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device, exact=exact)
-            state.factors[module] = (kind, f, list(delta.shape))
+        if found[0] == "factor":
+            _, module, kind, f, shape = found
+            state.factors[module] = (kind, f, shape)
+            by_rank[module] = owner
         else:
-            module = name.rsplit(".", 1)[0] if "." in name else ""
-            state.leftovers.setdefault(module, []).append(name)
-    return state
+            state.leftovers.setdefault(found[1], []).append(name)
+    return state, by_rank
+
+
+def _scan_one(name: str, pair: tuple[torch.Tensor, torch.Tensor, bool], candidates: dict[str, tuple[str, str]],
+              rank: int | None, energy: float | None, max_rank: int | None, device: str,
+              exact: bool) -> tuple[Any, ...] | None:
+    t, b, same = pair
+    if same:
+        return None
+    delta, measure = measure_delta(t, b, t.dtype)
+    if measure.status != CHANGED:
+        return None
+    if name in candidates:
+        module, kind = candidates[name]
+        matrix = delta if kind == "linear" else delta.T  # peft applies Conv1D/Embedding deltas transposed
+        f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device, exact=exact)
+        return ("factor", module, kind, f, list(delta.shape))
+    return ("leftover", name.rsplit(".", 1)[0] if "." in name else "")
+
+
+def _tensor_wire(x: torch.Tensor) -> dict[str, Any]:
+    x = x.detach().cpu().contiguous()
+    return {"dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape),
+            "data": base64.b64encode(x.numpy().tobytes()).decode("ascii")}
+
+
+def _tensor_unwire(d: dict[str, Any]) -> torch.Tensor:
+    raw = bytearray(base64.b64decode(d["data"]))
+    flat = torch.frombuffer(raw, dtype=getattr(torch, d["dtype"])) if raw else torch.empty(0, dtype=getattr(torch, d["dtype"]))
+    return flat.reshape(d["shape"]).clone()
+
+
+def _wire(found: tuple[Any, ...] | None) -> Any:
+    """One scan result as JSON data; factor tensors as their exact bytes (base64)."""
+    if found is None or found[0] == "leftover":
+        return found
+    _, module, kind, f, shape = found
+    values = {fl.name: getattr(f, fl.name) for fl in fields(f)}
+    return ["factor", module, kind, {k: _tensor_wire(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()},
+            shape]
+
+
+def _unwire(data: Any) -> tuple[Any, ...] | None:
+    if data is None or data[0] == "leftover":
+        return None if data is None else tuple(data)
+    _, module, kind, wired, shape = data
+    values = {k: (_tensor_unwire(v) if isinstance(v, dict) and "data" in v else v) for k, v in wired.items()}
+    return ("factor", module, kind, LoraFactors(**values), shape)
 
 
 def _saved_modules(tuned: Checkpoint, state: _State, kinds: dict[str, str], source: str,
@@ -243,6 +302,7 @@ def extract_lora(
     device: str | None = "auto",
     overwrite: bool = False,
     exact: bool = False,
+    world: World = SOLO,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter for ``base`` that reproduces ``tuned`` (see module docstring).
 
@@ -256,32 +316,43 @@ def extract_lora(
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))
-        check_output(Path(out), [tuned_path, base_path], overwrite=overwrite)  # before the SVDs, not after
+        if world.is_main:  # rank 0 alone writes (and locks) the output
+            check_output(Path(out), [tuned_path, base_path], overwrite=overwrite)  # before the SVDs, not after
         pairs = pair_tensors(t_ckpt, b_ckpt)
         names = [n for n in pairs.common
                  if is_float_dtype(t_ckpt.info(n).torch_dtype) and is_float_dtype(b_ckpt.info(n).torch_dtype)]
         kinds, source = module_kinds(t_ckpt)
         candidates = _lora_candidates(t_ckpt, b_ckpt, names, kinds, source, pattern)
-        state = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank, pick_device(device), exact)
+        state, by_rank = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank,
+                               pick_device(device_for(world, device or "auto")), exact, world)
         saved = _saved_modules(t_ckpt, state, kinds, source, modules_to_save)
         factors = {m: (f.A, f.B) for m, (_, f, _) in state.factors.items() if f.rank > 0}
         if not factors:
             _refuse_empty(str(tuned), str(base), state, targets)
-        matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy, f.method, f.passes)
+        matrices = [MatrixFactor(m, kind, shape, f.rank, f.relative_error, f.energy, f.method, f.passes, by_rank[m])
                     for m, (kind, f, shape) in state.factors.items()]
         record = provenance("extract-lora", {"rank": rank, "energy": energy, "max_rank": max_rank, "targets": targets,
                                              "modules_to_save": modules_to_save, "dtype": st,
                                              "exact": exact},
                             inputs={"tuned": str(tuned), "base": str(base)})
         summary = {"modules": [asdict(m) for m in matrices], "dropped": [asdict(d) for d in state.dropped]}
+        if not world.is_main:  # rank 0 writes the adapter (the factors are small: they came to every rank)
+            return _report(tuned, base, out, rank, energy, source, matrices, saved, state, None, world)
         written = write_lora_adapter(
             out, factors, base_model_name_or_path=str(base),
             embedding_modules=[m for m, (kind, _, _) in state.factors.items() if kind == "embedding"],
             modules_to_save=saved, fan_in_fan_out=any(k == "conv1d" for k, _, _ in state.factors.values()),
             dtype=st, record=record, report=summary, inputs=[tuned_path, base_path], overwrite=overwrite,
         )
+    return _report(tuned, base, out, rank, energy, source, matrices, saved, state, written, world)
+
+
+def _report(tuned: Any, base: Any, out: Any, rank: int | None, energy: float | None, source: str,
+            matrices: list[MatrixFactor], saved: dict[str, Any], state: _State, written: AdapterWritten | None,
+            world: World) -> ExtractReport:
     return ExtractReport(
         tuned=str(tuned), base=str(base), output=str(Path(out)), rank=rank, energy=energy, module_types=source,
         modules=matrices, modules_to_save=sorted(saved), dropped=state.dropped,
         max_relative_error=max((m.relative_error for m in matrices), default=0.0), adapter=written,
+        world_size=world.size,
     )
