@@ -29,6 +29,7 @@ from surgeon.workflows.train.textmodel import (
     IGNORE_INDEX, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
     load_task_model, load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance,
 )
+from surgeon.workflows.train.textmodel import TOKENIZER_FILES
 
 MASK_FRACTION = 0.15
 _HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
@@ -73,6 +74,7 @@ class EvalReport:
     drift: DriftReport | None
     labels: list[str] | None
     wall_time_s: float
+    tokenizer: str | None = None  # the folder whose tokenizer was used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,8 +250,12 @@ def evaluate(
     model: str | os.PathLike[str], *, data: str | os.PathLike[str], task: str | None = None,
     adapter: str | os.PathLike[str] | None = None, drift_from: str | os.PathLike[str] | None = None,
     batch_size: int = 32, max_length: int = 128, device: str = "auto", seed: int = 0,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> EvalReport:
-    """Measure ``task`` skill on ``data`` and/or embedding drift from ``drift_from``."""
+    """Measure ``task`` skill on ``data`` and/or embedding drift from ``drift_from``.
+
+    ``tokenizer``: a folder whose tokenizer to use; by default the adapter's, MODEL's, else
+    ``drift_from``'s (the report's ``tokenizer`` says which)."""
     if task is None and drift_from is None:
         raise OptionError("nothing to measure; give --task classification|causal-lm, --drift-from BASE, or both.")
     if batch_size < 1 or max_length < 2:
@@ -259,7 +265,7 @@ def evaluate(
     model_path, adapter_path = _split_model_arg(model, adapter)
     config = read_model_config(model_path)
     dev = pick_device(device)
-    tokenizer = load_tokenizer(*([adapter_path] if adapter_path else []), model_path)
+    tokenizer, tokenizer_from = _eval_tokenizer(tokenizer, adapter_path, model_path, drift_from)
     sizes = dict(batch_size=batch_size, max_length=max_length, device=dev)
     metrics, labels = None, None
     if task == "classification":
@@ -277,7 +283,23 @@ def evaluate(
     if drift_from is not None:
         drift = embedding_drift(model_path, adapter_path, drift_from, data=data, config=config, tokenizer=tokenizer, **sizes)
     return EvalReport(str(model), str(adapter) if adapter else None, str(data), task, str(dev), metrics, drift,
-                      labels, clock.seconds)
+                      labels, clock.seconds, tokenizer_from)
+
+
+def _eval_tokenizer(explicit: str | os.PathLike[str] | None, adapter_path: Path | None, model_path: Path,
+                    drift_from: str | os.PathLike[str] | None) -> tuple[Any, str]:
+    """(tokenizer, the folder it came from): ``--tokenizer``, else the adapter's, MODEL's, ``--drift-from``'s."""
+    if explicit is not None:
+        folder = resolve_path(explicit)
+        return load_tokenizer(folder), str(folder)
+    folders = [p for p in (adapter_path, model_path) if p is not None]
+    folders += [resolve_path(drift_from)] if drift_from is not None else []
+    for folder in folders:
+        if folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return load_tokenizer(folder), str(folder)
+    raise CheckpointFormatError(
+        f"{', '.join(str(f) for f in folders)}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+        "pass --tokenizer PATH (the base model's folder) or copy its tokenizer files into the model folder.")
 
 
 @dataclass(frozen=True)
