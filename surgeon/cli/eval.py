@@ -18,6 +18,8 @@ from surgeon.workflows.train.evaluate import EvalManyReport, EvalReport, evaluat
               help="classification: accuracy with the trained head; causal-lm: token loss and perplexity "
                    "(masked-LM loss for encoders with an MLM head).")
 @click.option("--drift-from", "drift_from", help="Base model: mean cosine of MODEL's sentence embeddings to the base's.")
+@click.option("--tokenizer", metavar="PATH", default=None,
+              help="Folder whose tokenizer to use. [default: MODEL's (or the adapter's), else --drift-from's]")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -32,6 +34,7 @@ def command(model: str, data: tuple[str, ...], as_json: bool, **kwargs: object) 
       surgeon eval ./minilm-full --data eval.jsonl --task classification
       surgeon eval ./all-MiniLM-L6-v2 --adapter ./minilm-lora-r16 --data eval.jsonl --task classification
       surgeon eval ./minilm-full --data texts.jsonl --drift-from ./all-MiniLM-L6-v2 --json
+      surgeon eval ./merged-no-tokenizer --data eval.jsonl --task classification --tokenizer ./all-MiniLM-L6-v2
       surgeon eval ./minilm-lora --data sentiment_eval.jsonl --data topic_eval.jsonl --drift-from ./all-MiniLM-L6-v2
     """
     if len(data) > 1:
@@ -60,6 +63,8 @@ def render_many(many: EvalManyReport) -> None:
 def render(r: EvalReport) -> None:
     target = r.model + (f" + {r.adapter}" if r.adapter else "")
     click.echo(f"{target} on {r.data} ({r.device}, {r.wall_time_s:.1f} s)")
+    if r.tokenizer is not None and r.tokenizer not in (r.model, r.adapter):
+        click.echo(f"  tokenizer:   from {r.tokenizer}")
     m = r.metrics
     if m is not None and m.kind == "classification":
         click.echo(f"  accuracy:    {100 * (m.accuracy or 0):.2f}% of {m.examples} examples")
