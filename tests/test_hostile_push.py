@@ -87,3 +87,40 @@ def test_base_model_against_a_recorded_hub_base_is_refused(tmp_path: Path) -> No
     assert card_metadata(folder, record)["base_model"] == "org/recorded"
     with pytest.raises(Exception, match="provenance already records the Hub base org/recorded; drop --base-model"):
         card_metadata(folder, record, base_model="org/other")
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A BERT with its tokenizer, a copy of its weights without any tokenizer file, and texts."""
+    import shutil
+
+    from _finetune_helpers import build_model
+
+    root = tmp_path_factory.mktemp("eval-tok")
+    full = build_model("bert", root / "bert")
+    bare = root / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(full / name, bare / name)
+    texts = root / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"a good day {i}"}) + "\n" for i in range(6)))
+    return full, bare, texts
+
+
+def test_eval_without_tokenizer_files_uses_drift_from_and_says_so(bert_pair) -> None:
+    full, bare, texts = bert_pair
+    before = digest(full, bare)
+    result = invoke("eval", bare, "--data", texts, "--drift-from", full)
+    assert result.exit_code == 0, result.output
+    assert f"  tokenizer:   from {full}\n" in result.output
+    report = json.loads(invoke("eval", bare, "--data", texts, "--drift-from", full, "--json").stdout)
+    assert report["tokenizer"] == str(full) and report["drift"]["mean_cosine"] == pytest.approx(1.0)
+    assert digest(full, bare) == before
+
+
+def test_eval_tokenizer_option_and_the_error_without_one(bert_pair) -> None:
+    full, bare, texts = bert_pair
+    report = json.loads(invoke("eval", bare, "--data", texts, "--drift-from", bare, "--tokenizer", full, "--json").stdout)
+    assert report["tokenizer"] == str(full)
+    one_line(invoke("eval", bare, "--data", texts, "--drift-from", bare), 1,
+             f"{bare}, {bare}: no tokenizer files", "pass --tokenizer PATH (the base model's folder)")
