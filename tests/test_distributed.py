@@ -259,3 +259,20 @@ def test_extract_lora_adapter_is_byte_identical(tiny_llama, lora_pair, tmp_path,
     a, b = json.loads(first.stdout), json.loads(done.stdout)
     assert {m["computed_by_rank"] for m in b["modules"]} == set(range(nproc))
     assert without_timing(a) | {"output": None, "adapter": None} == without_timing(b) | {"output": None, "adapter": None}
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_diff_with_rank_statistics_and_adapter_check_equals_one_process(tiny_llama, lora_pair, tmp_path, nproc):
+    adapter, merged = lora_pair
+    args = ("diff", str(merged), str(tiny_llama), "--adapter", str(adapter), "--json", "-q")
+    solo = run_surgeon(*args, "-o", str(tmp_path / "solo"))
+    multi = run_surgeon(*args, "-o", str(tmp_path / "multi"), nproc=nproc)
+    assert solo.returncode == 0 and multi.returncode == 0, multi.stderr
+    a, b = json.loads(solo.stdout), json.loads(multi.stdout)
+    assert a["adapter_check"]["equivalent"] and any(t["rank"] for t in a["tensors"])
+    assert {t["computed_by_rank"] for t in b["tensors"]} == set(range(nproc))
+    assert without_timing(a) | {"output": None} == without_timing(b) | {"output": None}
+    names = sorted(p.name for p in (tmp_path / "solo").iterdir() if p.suffix == ".safetensors")
+    assert names == sorted(p.name for p in (tmp_path / "multi").iterdir() if p.suffix == ".safetensors")
+    for name in names:
+        assert (tmp_path / "solo" / name).read_bytes() == (tmp_path / "multi" / name).read_bytes()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.workflows.taskvec.diff import DiffReport, TensorDiff, diff_checkpoints
 from surgeon.workflows.taskvec.adapter_check import AdapterCheck
 
@@ -80,10 +82,11 @@ def _render_check(c: AdapterCheck) -> None:
 @json_option
 @global_options
 @click.pass_context
+@distributed_command
 def command(ctx: click.Context, tuned: str, base: str, out: str | None, all_tensors: bool, adapter: str | None,
             tolerance: float, strict: bool, rounding_dtype: str, no_rank: bool, exact_ranks: bool, device: str,
             show_all: bool,
-            max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+            max_shard_size: str, overwrite: bool, as_json: bool, world: World) -> None:
     """Task vector τ = θ_tuned − θ_base, in float32, tensor by tensor.
 
     Each tensor is identical, rounding only (|τ| within half an ulp of the
@@ -99,11 +102,12 @@ def command(ctx: click.Context, tuned: str, base: str, out: str | None, all_tens
     Example:
       surgeon diff ./llama-tuned ./llama-base -o ./tau
       surgeon diff ./llama-merged ./llama-base --adapter ./my-lora
+      surgeon diff ./llama-tuned ./llama-base --json --nproc 2     # rank statistics on two processes
     """
     report = diff_checkpoints(
         tuned, base, out, all_tensors=all_tensors, strict=strict, ranks=not no_rank, exact_ranks=exact_ranks,
         rounding_dtype=rounding_dtype, adapter=adapter, tolerance=tolerance, device=device,
-        max_shard_size=max_shard_size, overwrite=overwrite,
+        max_shard_size=max_shard_size, overwrite=overwrite, world=world,
     )
     if as_json:
         emit_json("diff", report.to_dict())

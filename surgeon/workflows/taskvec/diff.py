@@ -28,8 +28,11 @@ from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSp
 from surgeon.ops.task_vector import (
     CHANGED, IDENTICAL, ROUNDING_ONLY, DeltaMeasure, RankStats, is_float_dtype, measure_delta, rank_stats, task_vector,
 )
+from surgeon.parallel.exchange import device_for
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
+from surgeon.workflows.taskvec.diff_shared import measure_shared
 from surgeon.workflows.taskvec.adapter_check import AdapterCheck, AdapterChecker, finite_or_none
 from surgeon.workflows.taskvec.results import ClassCount, DiffSummary, ShapeMismatch, TensorDiff
 
@@ -46,9 +49,14 @@ class DiffReport:
     tensors: list[TensorDiff]
     written: list[str] = field(default_factory=list)
     adapter_check: AdapterCheck | None = None
+    world_size: int = 1
+    computed_by_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return finite_or_none(asdict(self))
+        body = finite_or_none(asdict(self))
+        owners = body.pop("computed_by_rank") or [0] * len(self.tensors)
+        body["tensors"] = [{**t, "computed_by_rank": r} for t, r in zip(body["tensors"], owners)]
+        return body
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ def diff_checkpoints(
     device: str | None = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    world: World = SOLO,
 ) -> DiffReport:
     """Diff ``tuned`` against ``base``; write τ (float32) to ``out`` when given.
 
@@ -189,7 +198,8 @@ def diff_checkpoints(
     """
     if not (tolerance >= 0 and tolerance != float("inf")):  # NaN fails >= too
         raise OptionError(f"--tolerance {tolerance}: give a finite relative error of 0 or more, e.g. --tolerance 1e-4.")
-    opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device), exact_ranks)
+    opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device_for(world, device or "auto")),
+                    exact_ranks)
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
@@ -200,14 +210,24 @@ def diff_checkpoints(
         checker = None
         if adapter is not None:
             checker = stack.enter_context(AdapterChecker(adapter, b_ckpt, tolerance=tolerance, device=opts.device))
-        if out is not None:  # refuse a bad output before the long analysis pass, not after it
+        if out is not None and world.is_main:  # refuse a bad output before the long analysis pass, not after it
             check_output(Path(out), [tuned_path, base_path], overwrite=overwrite)
         floats = [n for n in pairs.common if _both_float(t_ckpt, b_ckpt, n)]
         float_set = set(floats)
         non_float = [n for n in pairs.common if n not in float_set]
         record = provenance("diff", {"all": all_tensors, "rounding_dtype": opts.rounding_dtype or "auto",
                                      "strict": strict}, inputs={"tuned": str(tuned), "base": str(base)})
-        if out is not None and all_tensors:
+        if world.distributed:
+            diffs, owners = measure_shared(world, t_ckpt, b_ckpt, pairs.common, opts, checker,
+                                           measure_tensor=measure_tensor)
+            written = []
+            if out is not None:
+                chosen = floats if all_tensors else [d.name for d in diffs if d.status == CHANGED and d.name in float_set]
+                written = chosen
+                if world.is_main:
+                    _write_pass(t_ckpt, b_ckpt, chosen, out, record, _summary_dict(pairs, diffs, non_float),
+                                max_shard_size, overwrite, [tuned_path, base_path])
+        elif out is not None and all_tensors:
             diffs, written = _one_pass(t_ckpt, b_ckpt, pairs.common, floats, out, record, opts, checker,
                                        max_shard_size, overwrite, [tuned_path, base_path])
         else:
@@ -219,7 +239,8 @@ def diff_checkpoints(
                                       max_shard_size, overwrite, [tuned_path, base_path])
         check = checker.finish(diffs) if checker is not None else None
     return DiffReport(str(tuned), str(base), None if out is None else str(out), opts.rounding_dtype or "auto",
-                      summarize(pairs, diffs, non_float), diffs, written, check)
+                      summarize(pairs, diffs, non_float), diffs, written, check, world.size,
+                      owners if world.distributed else [])
 
 
 def _both_float(a: Checkpoint, b: Checkpoint, name: str) -> bool:
