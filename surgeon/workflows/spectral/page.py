@@ -20,6 +20,7 @@ from typing import Any
 from surgeon import __version__
 from surgeon.errors import OutputError
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.output import check_not_input
 from surgeon.io.resolve import resolve_path
 from surgeon.ops import svd
 from surgeon.ops.targets import Target
@@ -41,6 +42,7 @@ def check_page_path(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"{p}: is a folder; --html takes a file name, e.g. --html {p / 'report.html'}.")
     if not p.parent.exists() and p.parent != Path(""):
         raise OutputError(f"{p.parent}: no such folder for --html {p}; create it or choose another path.")
+    check_not_input(p, what="page")  # against every input read so far (again when the page is written)
     return p
 
 
