@@ -1,7 +1,8 @@
 """Randomised SVD (extract-lora, diff's rank statistics) against dense float64 references.
 
 The references are ``torch.linalg.svdvals`` / ``svd`` in float64 computed here; the optimal rank-k error is
-Eckart–Young's √(Σ_{i>k} σ_i²) from them. Matrices are shaped so that the randomised route runs (min(m, n) > 64).
+Eckart–Young's √(Σ_{i>k} σ_i²) from them. The randomised route is asked for at these small sizes (``randomized_from``); by default it starts at
+min(m, n) > 512 (extract-lora) / 256 (rank statistics), where it pays.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_factors_within_one_percent_of_optimal(case, rank):
     tau = SPECTRA[case]
     s = _dense(tau)
     optimal = float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
-    f = factorize(tau, rank=rank)
+    f = factorize(tau, rank=rank, randomized_from=64)
     assert f.method == "randomized" and f.rank == rank
     assert f.relative_error <= 1.01 * optimal + 1e-6  # 1e-6: the float32 storage of A and B
     energy = float((s[:rank] ** 2).sum() / (s ** 2).sum())
@@ -78,7 +79,7 @@ def test_energy_rank_as_dense(case, energy):
     s = _dense(tau)
     cum = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
     want = int((cum < energy - 1e-12).sum()) + 1
-    f = factorize(tau, energy=energy)
+    f = factorize(tau, energy=energy, randomized_from=64)
     assert f.rank == want
     assert f.energy >= energy - 1e-9
 
@@ -99,7 +100,7 @@ def test_singular_values_and_bound():
 def test_too_wide_goes_dense():
     tau = SPECTRA["power-law (full fine-tune)"]
     assert rsvd.randomized_profile(tau, rank=100) is None
-    f = factorize(tau, rank=100)
+    f = factorize(tau, rank=100, randomized_from=64)
     assert f.method == "exact" and f.rank == 100
 
 
@@ -110,7 +111,7 @@ def test_rank_stats_as_dense(case):
     m, n = tau.shape
     tol = max(m, n) * torch.finfo(torch.float32).eps * float(s[0])
     cum = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
-    r = rank_stats(tau)
+    r = rank_stats(tau, randomized_from=64)
     assert r.sigma_max == pytest.approx(float(s[0]), rel=1e-6)
     assert r.stable_rank == pytest.approx(float((s ** 2).sum() / s[0] ** 2), rel=1e-6)
     assert r.rank_90 == int((cum < 0.9 - 1e-12).sum()) + 1
@@ -126,6 +127,6 @@ def test_rank_stats_exact_numerical_rank_of_a_float32_lora():
     """A float32 rank-8 τ: the tail is below the tolerance, so the randomised count is exact."""
     gen = torch.Generator().manual_seed(9)
     tau = torch.randn(300, 8, generator=gen) @ torch.randn(8, 200, generator=gen)
-    r = rank_stats(tau)
+    r = rank_stats(tau, randomized_from=64)
     assert r.method == "randomized" and r.numerical_rank_exact and r.numerical_rank == 8
     assert rank_stats(tau, exact=True).numerical_rank == 8

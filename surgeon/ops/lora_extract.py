@@ -12,8 +12,8 @@ mirror image when out < in). In float64 this is accurate far beyond float32. Tha
 By default the top of τ's spectrum comes from a randomised SVD (:mod:`surgeon.ops.rsvd`):
 a range of k + oversampling columns, power iterations until the top-k energy is
 stationary, a posteriori bounds; a few passes over τ instead of its Gram matrix and an
-eigendecomposition. An energy target whose rank the bounds do not pin down, or a range
-wider than a quarter of min(m, n), takes the exact route.
+eigendecomposition. An energy target whose rank the bounds do not pin down, a range
+wider than a quarter of min(m, n), or a matrix with min(m, n) ≤ 512 takes the exact route.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 
 from surgeon.ops import rsvd
 from surgeon.ops.task_vector import energy_rank, gram
+
+RANDOMIZED_FROM = 512  # min(m, n) up to this: the Gram eigendecomposition is as cheap as the passes, and exact
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,15 @@ def factorize(
     max_rank: int | None = None,
     device: str | torch.device | None = None,
     exact: bool = False,
+    randomized_from: int = RANDOMIZED_FROM,
 ) -> LoraFactors:
-    """Truncated-SVD LoRA factors of ``delta`` (out × in, any float dtype), float32 on CPU."""
+    """Truncated-SVD LoRA factors of ``delta`` (out × in, any float dtype), float32 on CPU.
+
+    The randomised route for min(m, n) > ``randomized_from`` unless ``exact``.
+    """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank or energy")
-    if not exact:
+    if not exact and min(delta.shape) > randomized_from:
         found = _randomized(delta, rank, energy, max_rank, device)
         if found is not None:
             return found

@@ -263,9 +263,11 @@ def singular_values(delta: torch.Tensor, *, device: str | torch.device | None = 
 
 
 @torch.no_grad()
-def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None, exact: bool = False) -> RankStats:
-    """Rank statistics of a 2-D τ (out × in, any float dtype): randomised where its bounds decide, else exact."""
-    if not exact:
+def rank_stats(delta: torch.Tensor, *, device: str | torch.device | None = None, exact: bool = False,
+               randomized_from: int = 256) -> RankStats:
+    """Rank statistics of a 2-D τ (out × in, any float dtype): randomised where its bounds decide (min(m, n) >
+    ``randomized_from``; smaller ones are as cheap exactly), else exact."""
+    if not exact and min(delta.shape) > randomized_from:
         found = _randomized_stats(delta, device)
         if found is not None:
             return found
@@ -290,8 +292,6 @@ def _randomized_stats(delta: torch.Tensor, device: str | torch.device | None) ->
     from surgeon.ops import rsvd
 
     m, n = delta.shape
-    if min(m, n) <= 64:
-        return None  # a small dense decomposition is as cheap and exact
     profile = rsvd.randomized_profile(delta.to(device), energy=0.99)
     if profile is None or profile.total == 0.0:
         return None
