@@ -77,3 +77,13 @@ def test_intruders_plot_never_replaces_a_figure(world, tmp_path):  # noqa: F811
     one_line(invoke("intruders", "--base", world["base"], "--adapter", world["adapter"], "--plot", figs), 1,
              "already holds epsilon-sweep.png; surgeon never replaces a figure, choose an empty --plot DIR.")
     assert (figs / "epsilon-sweep.png").read_bytes() == b"mine" and [p.name for p in figs.iterdir()] == ["epsilon-sweep.png"]
+
+
+def test_html_page_into_an_input_is_refused(world):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    before = inputs_of(world)
+    one_line(invoke("spectrum", world["base"], "--html", world["base"] / "config.json"), 1,
+             "the page overlaps the input")
+    one_line(invoke("intruders", "--base", world["base"], "--adapter", world["adapter"], "--html",
+                    world["adapter"] / "report.html"), 1, "the page overlaps the input")
+    assert inputs_of(world) == before
