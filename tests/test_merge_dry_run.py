@@ -55,3 +55,28 @@ def test_the_merge_follows_the_planned_routes(tiny_llama, tmp_path):
             assert sum(ckpt.info(n).nbytes for n in ckpt.keys()) == plan.routes.bytes_out
         routes = set(planned.values())
         assert routes == ({"stream", "memory", "cast"} if engine == "torch" else {"memory", "cast"}), routes
+
+
+def test_merge_leaves_gc_and_torch_threads_as_they_were(tiny_llama, tmp_path):
+    """The merge loop pauses the garbage collector and runs torch on one thread; both come back after it,
+    also when the merge fails halfway."""
+    import gc
+
+    lora = make_adapter(tiny_llama, tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert gc.isenabled()
+        merge(tiny_llama, [lora], tmp_path / "out", engine="torch")
+        assert gc.isenabled() and torch.get_num_threads() == 2
+        oft = make_adapter(tiny_llama, tmp_path / "oft", peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]))
+        (oft / "adapter_model.safetensors").write_bytes((lora / "adapter_model.safetensors").read_bytes())
+        try:  # LoRA tensors under an OFT config: peft builds no OFT layer with them, mid-merge
+            merge(tiny_llama, [oft], tmp_path / "bad", engine="torch")
+        except Exception as exc:  # noqa: BLE001 - any refusal will do; what matters is what it leaves behind
+            assert "OFT" in str(exc)
+        else:
+            raise AssertionError("an OFT config over LoRA tensors was merged")
+        assert gc.isenabled() and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -15,7 +15,6 @@ from typing import Any
 
 from surgeon.errors import AdapterError
 from surgeon.io.adapter import (
-    ROLE_SUFFIXES,
     Adapter,
     AdapterLayout,
     AdapterModule,

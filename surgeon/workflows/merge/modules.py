@@ -100,16 +100,6 @@ class ModuleMerges:
     def _merge_group(self, name: str) -> None:
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.routes.workers)  # peft's matmuls use every core; the streamers run on one each
-        try:
-            self._merge_steps(name)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _merge_steps(self, name: str) -> None:
-        import torch
-
         from surgeon.ops.merge_rounding import round_merged
         from surgeon.workflows.merge.apply import apply_op
         from surgeon.workflows.merge.peft_layer import merge_module
@@ -131,10 +121,11 @@ class ModuleMerges:
             while i + len(joint) < len(steps) and self._joins(joint, steps[i + len(joint)][1]):
                 joint.append(steps[i + len(joint)][1])
             current.update(merge_module(self.plan, joint, _common_module(op.group), current, unmerged,
-                                        base_config=base_config, siblings=self._siblings(op)))
+                                        base_config=base_config, siblings=self._siblings(op),
+                                        threads=self.routes.workers))
             i += len(joint)
         for n in group:
             dtype = self.dtypes[n]
-            rounded, stats = round_merged(stored[n], torch_dtype(dtype), merged=current[n])
+            rounded, stats = round_merged(stored[n], torch_dtype(dtype), merged=current[n], workers=self.routes.workers)
             check_finite(self.plan, n, dtype, stats)
             self.ready[n] = (rounded, tensor_entry(n, self.plan, dtype, stats, "module"))

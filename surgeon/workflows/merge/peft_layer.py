@@ -161,10 +161,10 @@ def _adapter_name(i: int) -> str:
     return f"surgeon{i}"
 
 
-def _load_adapter(model: Any, i: int, op: MergeOp, local: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
-                  strict: bool) -> bool:
+def _load_adapter(model: Any, i: int, op: MergeOp, local: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]
+                  ) -> bool:
     """Load adapter ``i``'s saved tensors into ``model``; False when peft created other parameters for this layer
-    (other names, or with ``strict`` other shapes: a wrong layer candidate). Tensors peft sized from the whole
+    (other names or shapes: a wrong layer candidate). Tensors peft sized from the whole
     model (shared projections, bases) are put in place as saved."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -172,7 +172,7 @@ def _load_adapter(model: Any, i: int, op: MergeOp, local: dict[str, torch.Tensor
     prefix = f"base_model.model.{op.module}."
     created = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=name).items() if k.startswith(prefix)}
     saved = {k: v.shape for k, v in local.items()}
-    if set(created) != set(saved) or strict and created != saved:
+    if created != saved:
         return False
     state = model.state_dict()
     own = {k.replace(f".{name}", ""): k for k in state if f".{name}" in k}
@@ -188,7 +188,7 @@ def _load_adapter(model: Any, i: int, op: MergeOp, local: dict[str, torch.Tensor
 
 
 def _peft_model(layers: dict[str, nn.Module], ops: list[MergeOp], configs: list[Any],
-                tensors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], strict: bool) -> Any:
+                tensors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> Any:
     """peft wrapping the layers with every op's adapter loaded and active; None for a wrong layer candidate."""
     import peft
 
@@ -201,11 +201,26 @@ def _peft_model(layers: dict[str, nn.Module], ops: list[MergeOp], configs: list[
         except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError):
             return None
         for i, op in enumerate(ops):
-            if not _load_adapter(model, i, op, *tensors[i], strict):
+            if not _load_adapter(model, i, op, *tensors[i]):
                 return None
         if len(ops) > 1:
             model.base_model.set_adapter([_adapter_name(i) for i in range(len(ops))])
     return model
+
+
+def _wrapped(layer: nn.Module, path: str, others: dict[str, nn.Module], siblings: dict[str, Any] | None,
+             ops: list[MergeOp], configs: list[Any], tensors: list[Any]) -> Any:
+    """peft around ``layer`` (and its shapes-only siblings): the model's order first (TinyLoRA numbers modules
+    by it), then this layer first (RandLoRA makes its shared bases on the first layer's device, which must
+    not be a shapes-only one). None when this layer is the wrong candidate."""
+    orders = [{p: others.get(p, layer) for p in siblings or {path: None}}]
+    if others:
+        orders.append({path: layer, **others})
+    for layers in orders:
+        model = _peft_model(layers, ops, configs, tensors)
+        if model is not None:
+            return model
+    return None
 
 
 def _siblings(siblings: dict[str, dict[str, tuple[int, ...]]], conv1d_first: bool) -> dict[str, nn.Module]:
@@ -219,19 +234,26 @@ def _siblings(siblings: dict[str, dict[str, tuple[int, ...]]], conv1d_first: boo
     return layers
 
 
-def _merged_layer(model: Any, path: str, *, alone: bool) -> nn.Module:
+def _merged_layer(model: Any, path: str, *, alone: bool, threads: int) -> nn.Module:
     """The layer at ``path`` after peft's merge: ``merge_and_unload()`` when it is the only real layer, else
-    that layer's own merge (its siblings are shapes only)."""
-    if alone:
-        return model.merge_and_unload().get_submodule(path)
-    layer = model.base_model.model.get_submodule(path)
-    layer.merge(adapter_names=list(layer.active_adapters))
-    return layer.get_base_layer()
+    that layer's own merge (its siblings are shapes only). Its few large products run on ``threads``
+    threads; everything around them stays single-threaded (no per-op barrier on a busy machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if alone:
+            return model.merge_and_unload().get_submodule(path)
+        layer = model.base_model.model.get_submodule(path)
+        layer.merge(adapter_names=list(layer.active_adapters))
+        return layer.get_base_layer()
+    finally:
+        torch.set_num_threads(saved)
 
 
 def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current: dict[str, torch.Tensor],
                  unmerged: dict[str, torch.Tensor], *, base_config: dict[str, Any],
-                 siblings: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[str, torch.Tensor]:
+                 siblings: dict[str, dict[str, tuple[int, ...]]] | None = None,
+                 threads: int = 1) -> dict[str, torch.Tensor]:
     """The module's base tensors (float32, by base name) after peft merged ``ops``' adapter modules into them
     (several: all active at once, as peft merges several active adapters). ``unmerged``: the tensors as the
     adapters were trained on them (peft initializes from these); ``current``: what earlier operations made of
@@ -248,21 +270,12 @@ def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current:
     others = _siblings({p: v for p, v in (siblings or {}).items() if p != op.module}, conv1d_first)
     model = held = None
     with torch.no_grad():
-        for strict in (True,):  # a layer whose adapter parameters peft shapes otherwise is the wrong layer
-            for candidate in layer_candidates({r: unmerged[n] for r, n in rel.items()}, name=op.module,
-                                              conv1d_first=conv1d_first, embedding=embedding):
-                layer = _load(candidate, {r: unmerged[n].float() for r, n in rel.items()})
-                if layer is None:
-                    continue
+        for candidate in layer_candidates({r: unmerged[n] for r, n in rel.items()}, name=op.module,
+                                          conv1d_first=conv1d_first, embedding=embedding):
+            layer = _load(candidate, {r: unmerged[n].float() for r, n in rel.items()})
+            if layer is not None:
                 held = layer.state_dict(keep_vars=True)
-                # the model's order first (TinyLoRA numbers modules by it), then this layer first (RandLoRA
-                # makes its shared bases on the first layer's device, which must not be a shapes-only one)
-                for layers in ({p: others.get(p, layer) for p in siblings or {op.module: None}}, {op.module: layer, **others}):
-                    model = _peft_model(layers, ops, configs, tensors, strict)
-                    if model is not None or not others:
-                        break
-                if model is not None:
-                    break
+                model = _wrapped(layer, op.module, others, siblings, ops, configs, tensors)
             if model is not None:
                 break
         if model is None:
@@ -279,7 +292,7 @@ def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                merged = _merged_layer(model, op.module, alone=not others)
+                merged = _merged_layer(model, op.module, alone=not others, threads=threads)
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedAdapterError(
