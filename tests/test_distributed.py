@@ -276,3 +276,38 @@ def test_diff_with_rank_statistics_and_adapter_check_equals_one_process(tiny_lla
     assert names == sorted(p.name for p in (tmp_path / "multi").iterdir() if p.suffix == ".safetensors")
     for name in names:
         assert (tmp_path / "solo" / name).read_bytes() == (tmp_path / "multi" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def more_adapters(tiny_llama, tmp_path_factory):
+    """An OFT adapter (merged module by module with peft's layer code) and a DoRA one (in-memory route)."""
+    import torch
+    from peft import LoraConfig, OFTConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("dist-adapters")
+    for name, config in (("oft", OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "up_proj"],
+                                           init_weights=False)),
+                         ("dora", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["v_proj", "down_proj"],
+                                             init_lora_weights=False))):
+        torch.manual_seed(5)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("adapter, dtype, nproc", [("lora", "auto", 2), ("lora", "bf16", 3), ("oft", "auto", 2),
+                                                   ("dora", "fp16", 2)])
+def test_merge_output_is_byte_identical(tiny_llama, lora_pair, more_adapters, tmp_path, adapter, dtype, nproc):
+    path = lora_pair[0] if adapter == "lora" else more_adapters / adapter
+    solo, multi = tmp_path / "solo", tmp_path / "multi"
+    args = ("merge", str(tiny_llama), str(path), "--dtype", dtype, "-q", "--json")
+    first = run_surgeon(*args, "-o", str(solo))
+    done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
+    assert first.returncode == 0 and done.returncode == 0, done.stderr
+    shards = sorted(p.name for p in solo.iterdir() if p.suffix == ".safetensors")
+    assert shards and shards == sorted(p.name for p in multi.iterdir() if p.suffix == ".safetensors")
+    for name in shards:
+        assert (solo / name).read_bytes() == (multi / name).read_bytes(), name
+    routes = {e["route"] for e in json.loads(done.stdout)["entries"]}
+    assert routes  # the merge computed something on the group
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi", "solo"]

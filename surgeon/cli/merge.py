@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.workflows.merge.run import MergeDryRun, merge
 
@@ -32,9 +34,10 @@ _SHOW_ROWS = 10
 @push_to_option
 @json_option
 @global_options
+@distributed_command
 def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: str, max_shard_size: str,
             precision_report: str | None, base_quant: str | None, dry_run: bool, overwrite: bool,
-            push_to: str | None, private: bool, as_json: bool) -> None:
+            push_to: str | None, private: bool, as_json: bool, world: World) -> None:
     """Merge PEFT adapters into BASE, streamed from the files, at a chosen precision.
 
     Each ADAPTER is a PEFT adapter folder (adapter_config.json +
@@ -52,13 +55,15 @@ def command(base: str, adapters: tuple[str, ...], out: str, dtype: str, device: 
           --precision-report precision.json
       surgeon merge ./base ./my-lora -o ./merged --dry-run
       surgeon merge ./Llama-3.2-1B ./my-qlora -o ./merged --base-quant nf4
+      torchrun --nnodes 2 --nproc-per-node 8 ... -m surgeon merge /shared/base /shared/lora -o /shared/merged
     """
     report = merge(base, list(adapters), out, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                   overwrite=overwrite, precision_report=precision_report, dry_run=dry_run, base_quant=base_quant)
+                   overwrite=overwrite, precision_report=precision_report, dry_run=dry_run, base_quant=base_quant,
+                   world=world)
     if isinstance(report, MergeDryRun):
         _show_plan(report, as_json)
         return
-    pushed = push_after(out, push_to, private=private, as_json=as_json)
+    pushed = push_after(out, push_to, private=private, as_json=as_json) if world.is_main else None
     if as_json:
         emit_json("merge", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return

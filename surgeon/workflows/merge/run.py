@@ -25,6 +25,8 @@ from surgeon.io.model_config import side_files
 from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from surgeon.parallel.exchange import device_for
+from surgeon.parallel.world import SOLO, World
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import FLOAT_DTYPES, parse_dtype
 from surgeon.workflows.device import device_name, pick_device  # noqa: F401 - re-exported for callers
@@ -129,6 +131,7 @@ class _Job:
     base_arg: str
     notes: tuple[str, ...] = ()
     vocab: VocabChanges = field(default_factory=VocabChanges)  # resized / untied embeddings (merge.vocab)
+    world: World = SOLO  # the process group sharing the tensors (merge.execute_shared)
 
     @property
     def adapters_info(self) -> list[dict[str, Any]]:
@@ -176,6 +179,7 @@ def merge(
     chunk: int = STREAM_CHUNK,
     dry_run: bool = False,
     base_quant: str | None = None,
+    world: World = SOLO,
 ) -> MergeReport | MergeDryRun:
     """Merge PEFT ``adapters`` (``path``, ``path:weight`` or ``(path, weight)``, applied in order) into
     ``base`` and write a complete model folder (or one ``.safetensors`` file) to ``out``.
@@ -193,7 +197,7 @@ def merge(
     parsed = tuple(parse_adapter_arg(a) for a in adapters)
     if not parsed:
         raise OptionError("no adapter given; name at least one adapter folder after the base.")
-    target, dev = parse_dtype(dtype), device_name(device)
+    target, dev = parse_dtype(dtype), device_name(device_for(world, str(device)))
     with Checkpoint.open(resolve_path(base)) as ckpt:
         opened = [Adapter.open(path) for path, _ in parsed]
         try:
@@ -202,7 +206,7 @@ def merge(
             quant = resolve_base_quant(base_quant, opened)
             plan = with_base_quant(plan, view, quant)
             notes = ((quant.note(),) if quant else ()) + vocab.notes
-            job = _Job(view, plan, parsed, os.fspath(out), options, target, dev, str(base), notes, vocab)
+            job = _Job(view, plan, parsed, os.fspath(out), options, target, dev, str(base), notes, vocab, world)
             dtypes = {**_output_dtypes(view, target), **(vocab.dtypes if target is None else {})}
             routes = plan_routes(view, plan, dtypes, device=dev, engine=engine, chunk=chunk)
             if dry_run:
@@ -224,9 +228,11 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
                         inputs={"base": job.base_arg, **{f"adapter_{i}": str(p) for i, (p, _) in enumerate(job.sources)}})
     extra_files, extra_texts = patch_config(ckpt, *side_files(ckpt, job.target), job.vocab)
     side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
-    if options.precision_report is not None:  # before any work: a report that cannot be written fails now
+    if options.precision_report is not None and job.world.is_main:  # before any work: fail now, not after
         check_side_output(options.precision_report, overwrite=options.overwrite, inputs=side_inputs,
                           what="precision report")
+    if job.world.distributed:
+        return _execute_shared(job, routes, started, specs, record, extra_files, extra_texts, side_inputs)
     with CheckpointWriter(job.out, specs, inputs=[ckpt.root, *(p for p, _ in job.sources)],
                           max_shard_size=options.max_shard_size, metadata=safetensors_metadata(record),
                           extra_files=extra_files, extra_texts={**extra_texts, PROVENANCE_FILE: provenance_file_text(record)},
@@ -235,6 +241,32 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
         report = _report(job, entries, routes, writer.shard_files, started)
         writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary(report))
     if options.precision_report is not None:
+        write_side_output(options.precision_report, json.dumps(_precision_payload(report), indent=2) + "\n",
+                          overwrite=options.overwrite, inputs=side_inputs, what="precision report")
+    return report
+
+
+def _execute_shared(job: _Job, routes: RoutePlan, started: float, specs: list[TensorSpec], record: dict[str, Any],
+                    extra_files: Any, extra_texts: dict[str, str], side_inputs: list[Any]) -> MergeReport:
+    """Every rank merges its share into the shared output (:mod:`surgeon.workflows.merge.execute_shared`)."""
+    from surgeon.workflows.merge.execute_shared import execute_shared
+
+    options, made = job.options, {}
+
+    def open_writer() -> CheckpointWriter:
+        return CheckpointWriter(job.out, specs, inputs=[job.ckpt.root, *(p for p, _ in job.sources)],
+                                max_shard_size=options.max_shard_size, metadata=safetensors_metadata(record),
+                                extra_files=extra_files,
+                                extra_texts={**extra_texts, PROVENANCE_FILE: provenance_file_text(record)},
+                                overwrite=options.overwrite)
+
+    def finish(writer: CheckpointWriter, entries: list[TensorMerge]) -> None:
+        made["report"] = _report(job, entries, routes, writer.shard_files, started)
+        writer.extra_texts[PROVENANCE_FILE] = provenance_file_text(record, _summary(made["report"]))
+
+    entries = execute_shared(job.world, job.ckpt, job.plan, routes, open_writer=open_writer, finish=finish)
+    report = made.get("report") or _report(job, entries, routes, [], started)
+    if options.precision_report is not None and job.world.is_main:
         write_side_output(options.precision_report, json.dumps(_precision_payload(report), indent=2) + "\n",
                           overwrite=options.overwrite, inputs=side_inputs, what="precision report")
     return report
