@@ -199,7 +199,8 @@ def accuracy_with_head(run: ContinualRun, encoder: Path, head: Path, task: int, 
     """Accuracy on ``task`` of ``encoder`` read out with ``head``'s classifier (``same``: it has it already)."""
     if same:
         return accuracy(run, encoder, task)
-    scratch = run.out / "models" / "head-swap"
+    # a new folder for every pair: a command never writes where it has read (the first swap was read)
+    scratch = run.out / "models" / f"head-swap-{encoder.name}-task{task}"
     try:
         return accuracy(run, with_head(encoder, head, scratch), task)
     finally:
