@@ -311,3 +311,18 @@ def test_merge_output_is_byte_identical(tiny_llama, lora_pair, more_adapters, tm
     routes = {e["route"] for e in json.loads(done.stdout)["entries"]}
     assert routes  # the merge computed something on the group
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi", "solo"]
+
+
+@pytest.mark.parametrize("method, nproc", [("task_arithmetic", 2), ("ties", 3), ("dare_ties", 2)])
+def test_apply_output_is_byte_identical(tiny_llama, lora_pair, tmp_path, method, nproc):
+    _, merged = lora_pair
+    other = tmp_path / "other"
+    assert run_surgeon("scale-intruders", str(merged), "--base", str(tiny_llama), "--lambda", "0.5", "-q",
+                       "--no-cache", "-o", str(other)).returncode == 0
+    solo, multi = tmp_path / "solo", tmp_path / "multi"
+    args = ("apply", str(tiny_llama), f"{merged}:0.5", f"{other}:0.7", "--method", method, "--density", "0.5",
+            "--seed", "3", "-q")
+    assert run_surgeon(*args, "-o", str(solo)).returncode == 0
+    done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
+    assert done.returncode == 0, done.stderr
+    assert (solo / "model.safetensors").read_bytes() == (multi / "model.safetensors").read_bytes()

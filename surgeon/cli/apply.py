@@ -16,6 +16,8 @@ from surgeon.cli.common import (
     table,
 )
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.workflows.taskvec.apply import ApplyReport, apply_task_vectors, describe_tasks
 from surgeon.workflows.taskvec.methods import METHODS, ApplyOptions
 
@@ -53,10 +55,11 @@ from surgeon.workflows.taskvec.methods import METHODS, ApplyOptions
 @push_to_option
 @json_option
 @global_options
+@distributed_command
 def command(base: str, tasks: tuple[str, ...], out: str, method: str, density: float, epsilon: float, gamma: float,
             lambda_scale: float, normalize: bool | None, rescale: bool | None, majority_sign: str, seed: int,
             t: float, dtype: str, dry_run: bool, max_shard_size: str, overwrite: bool, push_to: str | None,
-            private: bool, as_json: bool) -> None:
+            private: bool, as_json: bool, world: World) -> None:
     """Task arithmetic and model merging: θ = θ_base + combination of τ_i, streamed, one rounding.
 
     Each INPUT is a task vector written by `surgeon diff -o` or a fine-tune
@@ -76,15 +79,16 @@ def command(base: str, tasks: tuple[str, ...], out: str, method: str, density: f
       surgeon apply ./base ./tau-math:0.7 ./code-tuned:0.5 -o ./merged
       surgeon apply ./base ./math-tuned ./code-tuned --method ties --density 0.2 -o ./ties
       surgeon apply ./base ./math-tuned --method slerp --t 0.3 -o ./slerp --dry-run
+      surgeon apply ./base ./math-tuned ./code-tuned --method ties -o ./ties --nproc 2
     """
     options = ApplyOptions(method=method, density=density, epsilon=epsilon, gamma=gamma, lambda_scale=lambda_scale,
                            normalize=normalize, rescale=rescale, majority_sign=majority_sign, seed=seed, t=t)
     report = apply_task_vectors(base, list(tasks), out, options=options, dtype=dtype, max_shard_size=max_shard_size,
-                                overwrite=overwrite, dry_run=dry_run)
+                                overwrite=overwrite, dry_run=dry_run, world=world)
     if dry_run:
         _print_plan(report, as_json)
         return
-    pushed = push_after(out, push_to, private=private, as_json=as_json)
+    pushed = push_after(out, push_to, private=private, as_json=as_json) if world.is_main else None
     if as_json:
         emit_json("apply", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return

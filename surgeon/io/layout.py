@@ -123,3 +123,27 @@ def plan_layout(out: Path, specs: Sequence[TensorSpec], *, max_shard_size: int |
     headers = tuple(build_header([(s.name, s.dtype, tuple(s.shape)) for s in shard], metadata)[0] for shard in shards)
     return ShardLayout(out=out, specs=tuple(specs), shards=tuple(tuple(s) for s in shards), names=tuple(files),
                        headers=headers, metadata=dict(metadata), prefix=prefix, single_file=single_file)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a tensor's bytes go: shard ``shard`` at absolute file offset ``offset``, ``nbytes`` long."""
+
+    shard: int
+    offset: int
+    nbytes: int
+
+
+def places(layout: ShardLayout) -> dict[str, Place]:
+    """Every planned tensor's place (data follow each shard's header, in the shard's order)."""
+    out: dict[str, Place] = {}
+    for idx, (shard, header) in enumerate(zip(layout.shards, layout.headers)):
+        offset = len(header)
+        for spec in shard:
+            out[spec.name] = Place(idx, offset, spec.nbytes)
+            offset += spec.nbytes
+    return out
+
+
+def shard_lengths(layout: ShardLayout) -> list[int]:
+    return [len(h) + sum(s.nbytes for s in shard) for shard, h in zip(layout.shards, layout.headers)]

@@ -11,36 +11,17 @@ verifies, fsyncs and publishes; the staging folder is removed if anything fails.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from surgeon.errors import CheckpointFormatError, OutputError
-from surgeon.io.layout import ShardLayout
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.layout import Place, ShardLayout, places
+from surgeon.io.writer import copy_span, pwrite_all, tensor_bytes
 
-
-@dataclass(frozen=True)
-class Place:
-    """Where a tensor's bytes go: shard ``shard`` at absolute file offset ``offset``, ``nbytes`` long."""
-
-    shard: int
-    offset: int
-    nbytes: int
-
-
-def places(layout: ShardLayout) -> dict[str, Place]:
-    """Every planned tensor's place (data follow each shard's header, in the shard's order)."""
-    out: dict[str, Place] = {}
-    for idx, (shard, header) in enumerate(zip(layout.shards, layout.headers)):
-        offset = len(header)
-        for spec in shard:
-            out[spec.name] = Place(idx, offset, spec.nbytes)
-            offset += spec.nbytes
-    return out
-
-
-def shard_lengths(layout: ShardLayout) -> list[int]:
-    return [len(h) + sum(s.nbytes for s in shard) for shard, h in zip(layout.shards, layout.headers)]
+if TYPE_CHECKING:
+    import torch
 
 
 def describe(layout: ShardLayout, folder: Path) -> dict[str, object]:
@@ -73,6 +54,24 @@ class RankShards:
 
     def nbytes(self, name: str) -> int:
         return self._places[name].nbytes
+
+    # the positional part of CheckpointWriter's interface, so a workflow's per-tensor writer runs unchanged
+    def reserve(self, name: str) -> tuple[int, int]:
+        return self.place(name)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        pwrite_all(*self._spot(name, tensor.numel() * tensor.element_size()), tensor_bytes(tensor))
+
+    def copy_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
+        fd, offset = self._spot(as_name or name, source.info(name).nbytes)
+        copy_span(source, name, fd, offset)
+
+    def _spot(self, name: str, nbytes: int) -> tuple[int, int]:
+        fd, offset = self.place(name)
+        if nbytes != self._places[name].nbytes:
+            raise CheckpointFormatError(f"{self.folder}: tensor {name!r} needs {self._places[name].nbytes} bytes, "
+                                        f"got {nbytes}.")
+        return fd, offset
 
     def sync(self) -> None:
         """Make this rank's writes durable (on another node rank 0's fsync would not cover them)."""

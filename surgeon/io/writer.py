@@ -31,6 +31,7 @@ from surgeon.io.layout import (
     parse_size,
     plan_layout,
     plan_shards,
+    shard_lengths,
     shard_names,
 )
 from surgeon.io.output import (
@@ -210,8 +211,6 @@ class CheckpointWriter:
         """Make every shard a named file in the staging folder, header written and length set, so that
         other processes can ``pwrite`` their tensors into it (:mod:`surgeon.io.shared_output`); the
         writer then takes no tensors itself and, on finishing, checks the headers, fsyncs, publishes."""
-        from surgeon.io.shared_output import shard_lengths
-
         with self._disk():
             self.staging.mkdir()
             for name, header, length in zip(self.names, self.layout.headers, shard_lengths(self.layout)):

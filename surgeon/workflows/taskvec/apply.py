@@ -31,10 +31,14 @@ from surgeon.io.format import torch_dtype
 from surgeon.io.model_config import side_files
 from surgeon.io.resolve import resolve_path
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, pwrite_all, tensor_bytes
+from surgeon.io.shared_output import RankShards
 from surgeon.ops.task_vector import is_float_dtype
+from surgeon.parallel.exchange import plan_share, run_share
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.convert import parse_dtype
+from surgeon.workflows.shared_write import write_shared
 from surgeon.workflows.taskvec.diff import TASK_VECTOR_KIND
 from surgeon.workflows.taskvec.methods import BLOCK_ELEMENTS, ApplyOptions, TensorMerge, Term, block_workers, check_options
 
@@ -198,6 +202,7 @@ def apply_task_vectors(
     overwrite: bool = False,
     dry_run: bool = False,
     block_elements: int = BLOCK_ELEMENTS,
+    world: World = SOLO,
 ) -> ApplyReport:
     """Write BASE combined with ``tasks`` ('INPUT[:λ]' strings or (path, λ) pairs) by ``options.method``.
 
@@ -236,20 +241,36 @@ def apply_task_vectors(
         specs = [TensorSpec(p.name, p.dtype, p.shape) for p in plan]
         inputs = [base_path] + [resolve_path(a) for a, _ in parsed]
         copy, texts = side_files(b_ckpt, target)  # config.json names the dtype the weights were cast to
-        with CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
-                              metadata=safetensors_metadata(record), extra_files=copy,
-                              extra_texts={**texts, PROVENANCE_FILE: provenance_file_text(record)}) as writer:
-            sources = [(c, kinds[i] == "finetune") for i, (_, c, _) in enumerate(opened)]
-            weights = [w for _, _, w in opened]
-            pool = stack.enter_context(block_workers())
-            computed = {p.name for p in progress(plan, total=len(plan), desc=f"apply {options.method}")
-                        if _write_one(writer, b_ckpt, p, sources, weights, options, pool, block_elements)}
+        sources = [(c, kinds[i] == "finetune") for i, (_, c, _) in enumerate(opened)]
+        weights = [w for _, _, w in opened]
+        pool = stack.enter_context(block_workers())
+
+        def open_writer() -> CheckpointWriter:
+            return CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
+                                    metadata=safetensors_metadata(record), extra_files=copy,
+                                    extra_texts={**texts, PROVENANCE_FILE: provenance_file_text(record)})
+
+        if world.distributed:  # each rank computes its share (by bytes) into the shared output
+            part = plan_share(world, [float(max(p.bytes, 1)) for p in plan])
+            mine = [plan[i] for i in part.mine]
+            done = write_shared(world, part, open_writer=open_writer, finish=lambda writer, got: None,
+                                encode=bool, decode=bool,
+                                fill=lambda shards: run_share(part, [p.name for p in mine], (
+                                    _write_one(shards, b_ckpt, p, sources, weights, options, pool, block_elements)
+                                    for p in progress(mine, total=len(mine), desc=f"apply {options.method}"))))
+            computed = {p.name for p, made in zip(plan, done) if made}
+            shards = []
+        else:
+            with open_writer() as writer:
+                computed = {p.name for p in progress(plan, total=len(plan), desc=f"apply {options.method}")
+                            if _write_one(writer, b_ckpt, p, sources, weights, options, pool, block_elements)}
+            shards = writer.shard_files
         cast = sum(1 for p in plan if p.name not in computed and p.dtype != b_ckpt.info(p.name).dtype)
         return ApplyReport(**report, computed=len(computed), copied=len(plan) - len(computed) - cast, cast=cast,
-                           shards=writer.shard_files)
+                           shards=shards)
 
 
-def _write_one(writer: CheckpointWriter, base: Checkpoint, entry: PlannedTensor, sources: list[tuple[Checkpoint, bool]],
+def _write_one(writer: CheckpointWriter | RankShards, base: Checkpoint, entry: PlannedTensor, sources: list[tuple[Checkpoint, bool]],
                weights: list[float], options: ApplyOptions, pool: Executor | None, block_elements: int) -> bool:
     """Write one output tensor; True when it was computed, False when copied or only cast.
 
