@@ -169,3 +169,19 @@ def test_estimate_cost_orders_the_work():
                                                                                           cached=True)
     assert svd.estimate_cost(big, 10, route="lowrank", cached=True) < svd.estimate_cost(big, 10, route="dense",
                                                                                            cached=True)
+
+
+def test_planned_cost_per_matrix(tmp_path):
+    """Every planned matrix has a cost before anything is decomposed; the adapter route is priced as low-rank."""
+    from surgeon.workflows.spectral.intruders import open_inputs, planned_cost
+    from surgeon.workflows.spectral.spectrum import resolve_targets
+
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    pairs = [_merged_lora(420, 300, seed=1), _merged_lora(300, 300, seed=2)]
+    base = _checkpoint(tmp_path / "base", {n: w0.bfloat16() for n, (w0, _) in zip(names, pairs)})
+    tuned = _checkpoint(tmp_path / "tuned", {n: wt.bfloat16() for n, (_, wt) in zip(names, pairs)})
+    with open_inputs(tuned, base, None) as inputs:
+        chosen = resolve_targets(inputs.base, "proj", what=str(base))
+        costs = {t.name: planned_cost(inputs, t, IntruderOptions()) for t in chosen}
+    assert set(costs) == set(names) and all(c > 0 for c in costs.values())
+    assert costs[names[0]] == svd.estimate_cost((420, 300), K, route="merged")

@@ -281,6 +281,19 @@ def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderO
         yield Analysis(_row(loaded, base, trip, options, how), loaded, trip)
 
 
+def planned_cost(inputs: Inputs, target: Target, options: IntruderOptions, *, cached: bool = False) -> float:
+    """Estimated floating-point work of ``target`` before anything is read (for sharing matrices between
+    workers): the route TUNED implies (BASE + a plain LoRA: the low-rank route at the adapter's rank; a dense
+    TUNED: the merged route), ``cached``: the base's basis is known to be on disk. See :func:`svd.estimate_cost`."""
+    ops_ = inputs.plan.targets.get(target.name, ()) if inputs.plan is not None else ()
+    if inputs.tuned is None and ops_ and all(op.kind == "lora" for op in ops_):
+        rank = sum(int(inputs.plan.adapters[op.adapter].weights.info(op.tensors["lora_A"]).shape[0])  # type: ignore
+                   for op in ops_)
+        return svd.estimate_cost(target.linear_shape, options.top_k, route="lowrank", cached=cached, rank=rank)
+    route = "merged" if options.method == "auto" else ("dense" if options.method == "dense" else "krylov")
+    return svd.estimate_cost(target.linear_shape, options.top_k, route=route, cached=cached)
+
+
 def totals(rows: Sequence[MatrixIntruders]) -> dict[str, Any]:
     """Intruder counts in all, per layer and per module type, and the ε sweep summed."""
     per_layer: dict[str, int] = {}
