@@ -72,7 +72,10 @@ class MergePlan:
 
     def describe(self, name: str) -> str:
         """'lora(a0)+dora(a1)' for a target, for reports."""
-        return "+".join(f"{op.kind}(a{op.adapter})" for op in self.targets.get(name, ()))
+        def kind(op: MergeOp) -> str:  # a module merged by peft's layer code is named by its tuner
+            return f"{self.adapters[op.adapter].config.peft_type.lower()}/peft" if op.kind == "peft_module" else op.kind
+
+        return "+".join(f"{kind(op)}(a{op.adapter})" for op in self.targets.get(name, ()))
 
 
 # -- planning ---------------------------------------------------------------------------------
