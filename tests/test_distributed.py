@@ -326,3 +326,29 @@ def test_apply_output_is_byte_identical(tiny_llama, lora_pair, tmp_path, method,
     done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
     assert done.returncode == 0, done.stderr
     assert (solo / "model.safetensors").read_bytes() == (multi / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def second_lora(tiny_llama, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("dist-lora2")
+    torch.manual_seed(7)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                   LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                              init_lora_weights=False)).save_pretrained(root / "b")
+    return root / "b"
+
+
+@pytest.mark.parametrize("method, nproc", [("cat", 2), ("ties_svd", 3), ("dare_ties_svd", 2)])
+def test_combine_adapter_is_byte_identical(lora_pair, second_lora, tmp_path, method, nproc):
+    solo, multi = tmp_path / "solo", tmp_path / "multi"
+    args = ("combine", f"{lora_pair[0]}:0.6", f"{second_lora}:0.4", "--method", method, "--density", "0.5",
+            "--svd-rank", "6", "--seed", "1", "-q")
+    assert run_surgeon(*args, "-o", str(solo)).returncode == 0
+    done = run_surgeon(*args, "-o", str(multi), nproc=nproc)
+    assert done.returncode == 0, done.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (solo / name).read_bytes() == (multi / name).read_bytes(), name

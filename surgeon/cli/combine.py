@@ -6,6 +6,8 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, overwrite_option
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
+from surgeon.cli.parallel import distributed_command
+from surgeon.parallel.world import World
 from surgeon.errors import OptionError
 from surgeon.workflows.combine import COMBINATIONS, CombineOptions, combine_adapters
 from surgeon.workflows.combine.run import describe
@@ -44,9 +46,10 @@ def _rank(text: str | None) -> int | float | None:
 @push_to_option
 @json_option
 @global_options
+@distributed_command
 def command(adapters: tuple[str, ...], out: str, method: str, density: float | None, svd_rank: str | None,
             svd_clamp: float | None, majority_sign: str, seed: int, base: str | None, dtype: str, overwrite: bool,
-            push_to: str | None, private: bool, as_json: bool) -> None:
+            push_to: str | None, private: bool, as_json: bool, world: World) -> None:
     """Combine LoRA adapters into one, as peft's add_weighted_adapter.
 
     Each ADAPTER is a PEFT adapter folder, optionally followed by :W (its
@@ -63,11 +66,12 @@ def command(adapters: tuple[str, ...], out: str, method: str, density: float | N
       surgeon combine ./lora-math:0.7 ./lora-code:0.3 --method cat -o ./lora-mix
       surgeon combine ./lora-math ./lora-code --method ties_svd --density 0.5 --svd-rank 16 -o ./lora-ties
       surgeon combine ./loha-adapter --method svd --svd-rank 0.9 --base ./base -o ./as-lora
+      surgeon combine ./lora-a ./lora-b ./lora-c --method ties_svd --svd-rank 32 -o ./mix --nproc 4
     """
     options = CombineOptions(method=method, density=density, svd_rank=_rank(svd_rank), svd_clamp=svd_clamp,
                              majority_sign=majority_sign, seed=seed, dtype=parse_dtype(dtype))
-    report = combine_adapters(list(adapters), out, options=options, base=base, overwrite=overwrite)
-    pushed = push_after(out, push_to, private=private, as_json=as_json)
+    report = combine_adapters(list(adapters), out, options=options, base=base, overwrite=overwrite, world=world)
+    pushed = push_after(out, push_to, private=private, as_json=as_json) if world.is_main else None
     if as_json:
         emit_json("combine", {**report.to_dict(), "push": pushed.to_dict() if pushed else None})
         return

@@ -60,7 +60,8 @@ class RankShards:
         return self.place(name)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        pwrite_all(*self._spot(name, tensor.numel() * tensor.element_size()), tensor_bytes(tensor))
+        fd, offset = self._spot(name, tensor.numel() * tensor.element_size())
+        pwrite_all(fd, tensor_bytes(tensor), offset)
 
     def copy_from(self, source: Checkpoint, name: str, as_name: str | None = None) -> None:
         fd, offset = self._spot(as_name or name, source.info(name).nbytes)

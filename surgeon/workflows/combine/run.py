@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,9 +21,13 @@ import torch
 from surgeon.errors import OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter
 from surgeon.io.format import torch_dtype
+from surgeon.io.shared_output import RankShards
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.ops.combine import lowrank_svd_factors, peft_combine, svd_factors
 from surgeon.ops.counter_rng import stream_key
+from surgeon.parallel.exchange import plan_share, run_share
+from surgeon.parallel.share import svd_cost
+from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.combine.convert import convert_adapter
@@ -35,6 +40,7 @@ from surgeon.workflows.combine.plan import (
     check_options,
     plan_combine,
 )
+from surgeon.workflows.shared_write import write_shared
 from surgeon.workflows.taskvec.apply import TaskArg, parse_task
 
 _ONE_FILE = 1 << 62  # an adapter stays one file, as peft saves it
@@ -47,6 +53,7 @@ def combine_adapters(
     options: CombineOptions | None = None,
     base: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    world: World = SOLO,
 ) -> CombineReport:
     """Write the combination of ``adapters`` ('ADAPTER[:w]' strings or (path, w) pairs) to ``out``.
 
@@ -60,14 +67,17 @@ def combine_adapters(
     with ExitStack() as stack:
         opened = [(stack.enter_context(Adapter.open(p)), w) for p, w in parsed]
         if len(opened) == 1 and options.method == "svd":
+            if world.distributed:
+                raise OptionError("converting one adapter (--method svd with one ADAPTER) runs in one process; "
+                                  "drop --nproc/torchrun for it.")
             return convert_adapter(opened[0][0], opened[0][1], out, options=options, base=base, overwrite=overwrite,
                                    arg=parsed[0][0])
         plan = plan_combine(opened, options)
-        return _write(plan, opened, parsed, out, options, overwrite)
+        return _write(plan, opened, parsed, out, options, overwrite, world)
 
 
 def _write(plan: CombinePlan, opened: list[tuple[Adapter, float]], parsed: list[tuple[str, float]],
-           out: str | os.PathLike[str], options: CombineOptions, overwrite: bool) -> CombineReport:
+           out: str | os.PathLike[str], options: CombineOptions, overwrite: bool, world: World = SOLO) -> CombineReport:
     st = options.dtype or opened[0][0].weights.info(plan.modules[0].members[0].lora_A).dtype
     specs = []
     for job in plan.modules:
@@ -80,15 +90,39 @@ def _write(plan: CombinePlan, opened: list[tuple[Adapter, float]], parsed: list[
               "adapters": [{"path": p, "weight": w} for p, w in parsed], "dtype": st}
     record = provenance("combine", params, inputs={f"adapter_{i}": p for i, (p, _) in enumerate(parsed)})
     texts = {ADAPTER_CONFIG: json.dumps(plan.config, indent=2) + "\n", PROVENANCE_FILE: provenance_file_text(record)}
-    with CheckpointWriter(out, specs, inputs=[a.folder for a, _ in opened], max_shard_size=_ONE_FILE,
-                          metadata=safetensors_metadata(record), extra_texts=texts, overwrite=overwrite,
-                          prefix="adapter_model") as writer:
-        for job in progress(plan.modules, total=len(plan.modules), desc=f"combine {plan.method}"):
-            lora_A, lora_B = combine_module(job, plan.method, opened, options)
-            writer.write(job.keys[0], lora_A.to(torch_dtype(st)).contiguous())
-            writer.write(job.keys[1], lora_B.to(torch_dtype(st)).contiguous())
-        for idx, name in plan.carried:
-            writer.copy_from(opened[idx][0].weights, name)
+    def open_writer() -> CheckpointWriter:
+        return CheckpointWriter(out, specs, inputs=[a.folder for a, _ in opened], max_shard_size=_ONE_FILE,
+                                metadata=safetensors_metadata(record), extra_texts=texts, overwrite=overwrite,
+                                prefix="adapter_model")
+
+    def write_module(writer: CheckpointWriter | RankShards, job: ModuleJob) -> None:
+        lora_A, lora_B = combine_module(job, plan.method, opened, options)
+        writer.write(job.keys[0], lora_A.to(torch_dtype(st)).contiguous())
+        writer.write(job.keys[1], lora_B.to(torch_dtype(st)).contiguous())
+
+    if world.distributed:  # modules shared by cost (an SVD for the _svd types), carried tensors by size
+        items: list[Any] = [*plan.modules, *plan.carried]
+        costs = [svd_cost(*job.features) if plan.method.endswith("svd") else float(job.features[0] * job.features[1])
+                 for job in plan.modules] + [float(opened[i][0].weights.info(n).nbytes) for i, n in plan.carried]
+        part = plan_share(world, costs)
+
+        def fill(shards: RankShards) -> None:
+            def one(item: Any) -> None:
+                if isinstance(item, ModuleJob):
+                    write_module(shards, item)
+                else:
+                    shards.copy_from(opened[item[0]][0].weights, item[1])
+            names = [items[i].keys[0] if isinstance(items[i], ModuleJob) else items[i][1] for i in part.mine]
+            run_share(part, names, (one(items[i]) for i in part.mine))
+
+        write_shared(world, part, open_writer=open_writer, fill=fill, finish=lambda writer, got: None,
+                     encode=lambda r: None, decode=lambda r: None)
+    else:
+        with open_writer() as writer:
+            for job in progress(plan.modules, total=len(plan.modules), desc=f"combine {plan.method}"):
+                write_module(writer, job)
+            for idx, name in plan.carried:
+                writer.copy_from(opened[idx][0].weights, name)
     return CombineReport(
         output=str(out), method=options.method, combination=plan.method,
         adapters=[{"path": p, "weight": w} for p, w in parsed], r=plan.new_rank, lora_alpha=float(plan.new_rank),
