@@ -101,38 +101,47 @@ def main() -> None:
     parser.add_argument("--workdir", default="/work/bench-cache")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--part", choices=["all", "apply", "svd"], default="all",
+                        help="run only the apply-vs-mergekit or the combine-vs-peft half")
     args = parser.parse_args()
     work = Path(args.workdir)
     label = "llama-1.1b" if args.scale == 1.0 else f"llama-x{args.scale:g}"
     base = build_llama_checkpoint(work / label, scale=args.scale)
     fts = [build_finetune(base, work / f"{label}-ft{i}", seed=10 + i) for i in (1, 2)]
     loras = [build_lora_adapter(base, work / f"{label}-lora16-s{i}", rank=16, seed=i) for i in (1, 2)]
-    runs = work / "combine-bench-out"
+    runs = work / f"combine-bench-out-{args.part}"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
-    rows = []
+    rows: list[tuple[str, float, float]] = []
+
+    def record(name: str, result: tuple[float, float]) -> None:
+        rows.append((name, *result))
+        print(f"  {name}: {result[0]:.2f} s, {result[1]:.0f} MB", flush=True)  # as it happens: runs are long
+
     surgeon = [sys.executable, "-m", "surgeon", "-q"]
-    cmd = surgeon + ["apply", str(base), f"{fts[0]}:1.0", f"{fts[1]}:0.5", "--method", "ties", "--density",
-                     str(args.density), "-o", str(runs / "surgeon-ties")]
-    for path in (base, *fts):
-        warm_cache(str(path))
-    rows.append(("surgeon apply ties", *measure(cmd)))
-    tool = mergekit_bin()
-    if tool is not None:
-        config = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
-                  "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": args.density}},
-                             {"model": str(fts[1]), "parameters": {"weight": 0.5, "density": args.density}}]}
-        (runs / "ties.yml").write_text(json.dumps(config))
+    if args.part in ("all", "apply"):
+        cmd = surgeon + ["apply", str(base), f"{fts[0]}:1.0", f"{fts[1]}:0.5", "--method", "ties", "--density",
+                         str(args.density), "-o", str(runs / "surgeon-ties")]
         for path in (base, *fts):
             warm_cache(str(path))
-        rows.append(("mergekit-yaml ties", *measure([str(tool), str(runs / "ties.yml"), str(runs / "mergekit-ties"),
-                                                      "--no-copy-tokenizer", "--no-write-model-card"])))
-    cmd = surgeon + ["combine", f"{loras[0]}:0.7", f"{loras[1]}:0.3", "--method", "svd", "--svd-rank", "16",
-                     "-o", str(runs / "surgeon-svd")]
-    rows.append(("surgeon combine svd", *measure(cmd)))
-    (runs / "peft_svd.py").write_text(PEFT_SVD)
-    rows.append(("peft add_weighted svd", *measure([sys.executable, str(runs / "peft_svd.py"), str(base),
-                                                      str(loras[0]), str(loras[1]), str(runs / "peft-svd")])))
+        record("surgeon apply ties", measure(cmd))
+        tool = mergekit_bin()
+        if tool is not None:
+            config = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
+                      "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": args.density}},
+                                 {"model": str(fts[1]), "parameters": {"weight": 0.5, "density": args.density}}]}
+            (runs / "ties.yml").write_text(json.dumps(config))
+            for path in (base, *fts):
+                warm_cache(str(path))
+            record("mergekit-yaml ties", measure([str(tool), str(runs / "ties.yml"), str(runs / "mergekit-ties"),
+                                                  "--no-copy-tokenizer", "--no-write-model-card"]))
+    if args.part in ("all", "svd"):
+        cmd = surgeon + ["combine", f"{loras[0]}:0.7", f"{loras[1]}:0.3", "--method", "svd", "--svd-rank", "16",
+                         "-o", str(runs / "surgeon-svd")]
+        record("surgeon combine svd", measure(cmd))
+        (runs / "peft_svd.py").write_text(PEFT_SVD)
+        record("peft add_weighted svd", measure([sys.executable, str(runs / "peft_svd.py"), str(base),
+                                                 str(loras[0]), str(loras[1]), str(runs / "peft-svd")]))
     load = os.getloadavg()
     print(f"model: {label}, bf16, {sum(p.stat().st_size for p in base.glob('*.safetensors')) / 1e9:.2f} GB; "
           f"{os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
@@ -145,13 +154,15 @@ def main() -> None:
         print(f"apply ties / mergekit wall: {ratio:.3f} (target <= 0.2)")
         diff = max_rel_diff(runs / "surgeon-ties", runs / "mergekit-ties")
         print(f"apply ties vs mergekit, sampled tensors: max relative difference {diff:.2e}")
-    else:
+    elif args.part != "svd":
         print("mergekit-yaml not found: set SURGEON_MERGEKIT_PYTHON (see .ci/run)")
-    print(f"apply peak RSS: {rows[0][2]:.0f} MB (target <= 1000)")
-    ratio = walls["surgeon combine svd"] / walls["peft add_weighted svd"]
-    print(f"combine svd / peft wall: {ratio:.3f}")
-    peft_out = runs / "peft-svd" / "mix"
-    print(f"combine svd vs peft, sampled modules: max relative difference of B·A {lora_products_diff(runs / 'surgeon-svd', peft_out):.2e}")
+    if "surgeon apply ties" in walls:
+        print(f"apply peak RSS: {rows[0][2]:.0f} MB (target <= 1000)")
+    if "peft add_weighted svd" in walls:
+        ratio = walls["surgeon combine svd"] / walls["peft add_weighted svd"]
+        print(f"combine svd / peft wall: {ratio:.3f}")
+        diff = lora_products_diff(runs / "surgeon-svd", runs / "peft-svd" / "mix")
+        print(f"combine svd vs peft, sampled modules: max relative difference of B·A {diff:.2e}")
     shutil.rmtree(runs, ignore_errors=True)
 
 
