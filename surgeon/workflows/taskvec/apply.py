@@ -284,9 +284,12 @@ def _write_one(writer: CheckpointWriter | RankShards, base: Checkpoint, entry: P
         if job.prepare():
             out_dtype = torch_dtype(st)
             fd, offset = writer.reserve(name)
+            check = getattr(writer, "check_finite", None)  # NaN/Inf refused, naming the tensor (not on other ranks)
 
             def emit(start: int, block: torch.Tensor) -> None:
                 cast = block.to(out_dtype)
+                if check is not None:
+                    check(name, cast)
                 pwrite_all(fd, tensor_bytes(cast), offset + start * cast.element_size())
 
             job.run(emit)
