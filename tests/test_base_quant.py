@@ -187,3 +187,41 @@ def test_gpt2_conv1d_weights_are_rounded_as_the_linear_layers_transformers_quant
             base = weight  # embeddings, norms, biases, the tied head: kept
         expected = base + deltas[name] if name in deltas else base
         assert torch.equal(got[name], expected), name
+
+
+def test_merged_weights_are_what_transformers_4bit_loading_dequantizes(tmp_path):
+    """The whole loop through transformers: a Llama loaded with BitsAndBytesConfig(load_in_4bit, nf4) and a
+    LoRA on it. Every Linear4bit's dequantized weight equals the merged tensor minus nothing (k_proj, o_proj,
+    mlp: no adapter) or minus peft's ΔW (q_proj, v_proj) exactly, and the merged model's logits are far
+    closer to the unmerged QLoRA model's than a merge onto the unquantized base (bitsandbytes' CPU 4-bit
+    matmul rounds on its own, so not equal)."""
+    functional = _bitsandbytes()
+    import transformers
+
+    from conftest import tiny_llama_config
+    from _merge_helpers import save_model
+
+    torch.manual_seed(0)  # 128 wide: bitsandbytes' CPU 4-bit layers need rows and columns in blocks of 64
+    base = save_model(transformers.LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256)),
+                      tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32)
+    four_bit = transformers.LlamaForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
+    dequantized = {f"{n}.weight": functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                   for n, m in four_bit.named_modules() if type(m).__name__ == "Linear4bit"}
+    unmerged = peft.PeftModel.from_pretrained(four_bit, adapter).eval()
+    deltas = {f"{n[len('base_model.model.'):]}.weight": m.get_delta_weight("default")  # peft's lora.bnb.Linear4bit
+              for n, m in unmerged.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    merge(base, [adapter], tmp_path / "qlora", dtype="fp32", base_quant="nf4")
+    merge(base, [adapter], tmp_path / "plain", dtype="fp32", base_quant="none")
+    got = read_folder(tmp_path / "qlora")
+    assert len(dequantized) == 14
+    for name, weight in dequantized.items():
+        assert torch.equal(got[name], weight + deltas[name] if name in deltas else weight), name
+    tokens = torch.tensor([[1, 5, 9, 30, 77, 127]])
+    with torch.no_grad():
+        reference = unmerged(input_ids=tokens).logits
+        near = (load_model(tmp_path / "qlora")(input_ids=tokens).logits - reference).abs().max()
+        far = (load_model(tmp_path / "plain")(input_ids=tokens).logits - reference).abs().max()
+    assert near < far / 10, (near, far)
