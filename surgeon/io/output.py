@@ -18,40 +18,22 @@ The CLI opens one guard per command (:func:`output_guard`); library callers may 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
-import signal
-import threading
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon.errors import NumericalError, OutputError
+from surgeon.io.disk import check_free_space, check_writable, disk_error, show
+from surgeon.io.locks import LOCK_SUFFIX, acquire_lock, clean_stale_locks, lock_path, release_lock
+from surgeon.io.signals import Interrupted, signals_as_interrupts, signals_deferred
 from surgeon.io.staging import STAGING_MARK, clean_stale_staging, current_umask, fsync_dir, staging_name
 
 if TYPE_CHECKING:
     import torch
 
-LOCK_SUFFIX = ".surgeon-lock"
 _GUARD: ContextVar[OutputGuard | None] = ContextVar("surgeon_output_guard", default=None)
-_HELD: dict[Path, list[int]] = {}  # target -> [lock fd, holders]; flock is per open file, so one fd per process
-_HELD_LOCK = threading.Lock()
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived while a guard was active (cleanup runs as for Ctrl-C)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def show(path: str | os.PathLike[str]) -> str:
-    """A path for a one-line message: control characters (a newline in a name) escaped."""
-    text = os.fspath(path)
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class OutputGuard:
@@ -107,139 +89,6 @@ def output_guard() -> Iterator[OutputGuard]:
     finally:
         guard.close(failed=failed)
         _GUARD.reset(token)
-
-
-# -- signals ------------------------------------------------------------------------------------
-_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into :class:`Interrupted` (a KeyboardInterrupt) for the block, in the main
-    thread only, and only where the signal still has its default action; the previous handlers come
-    back afterwards. A second signal during the cleanup is ignored, so cleanup finishes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum: int, frame: object) -> None:
-        if not fired:
-            fired.append(signum)
-            raise Interrupted(signum)
-
-    previous = {}
-    for sig in _SIGNALS:
-        if signal.getsignal(sig) is signal.SIG_DFL:
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP back for a few system calls that must not be split (a publish).
-
-    A recording handler replaces the current ones for the block (a signal mask would not do: the
-    kernel may hand the signal to another thread); afterwards the previous handlers come back and a
-    signal that arrived meanwhile is delivered again, to them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    sigs = (signal.SIGINT, *_SIGNALS)
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if arrived:
-            os.kill(os.getpid(), arrived[0])  # now handled as it would have been (cleanup, exit code)
-
-
-# -- locks --------------------------------------------------------------------------------------
-def lock_path(target: Path) -> Path:
-    return target.parent / f".{target.name}{LOCK_SUFFIX}"
-
-
-def _holder(path: Path) -> str:
-    try:
-        text = path.read_text("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    return f"pid {text}" if text.isdigit() else "another process"
-
-
-def acquire_lock(target: Path) -> None:
-    """Lock ``target`` for this process (re-entrant); raise at once if another process holds it."""
-    target = target.resolve()
-    with _HELD_LOCK:
-        if target in _HELD:
-            _HELD[target][1] += 1
-            return
-        path = lock_path(target)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise disk_error(exc, target) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise OutputError(f"{show(target)}: another surgeon run ({_holder(path)}) is writing this output; "
-                                  "wait for it to finish or choose another output.") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the last holder removed the file after we opened it: lock the new one
-                break
-            os.close(fd)
-        with contextlib.suppress(OSError):  # the pid only names us to a second writer; a full disk may refuse it
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        _HELD[target] = [fd, 1]
-
-
-def clean_stale_locks(parent: Path) -> None:
-    """Remove lock files in ``parent`` that nobody holds (left by a process killed with SIGKILL)."""
-    try:
-        entries = [p for p in parent.iterdir() if p.name.endswith(LOCK_SUFFIX)]
-    except OSError:
-        return
-    for path in entries:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                os.unlink(path)
-        except OSError:
-            pass  # held by a live run, or already gone
-        finally:
-            os.close(fd)
-
-
-def release_lock(target: Path) -> None:
-    target = target.resolve()
-    with _HELD_LOCK:
-        held = _HELD.get(target)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] > 0:
-            return
-        del _HELD[target]
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path(target))  # while still locked: a waiting opener sees the inode change
-        os.close(held[0])
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -305,60 +154,6 @@ def remove_empty(folders: Iterable[Path]) -> None:
     for path in reversed(list(folders)):
         with contextlib.suppress(OSError):
             path.rmdir()
-
-
-def check_free_space(out: Path, needed: int) -> None:
-    """Raise if the file system that will hold ``out`` has fewer than ``needed`` bytes free."""
-    try:
-        st = os.statvfs(out.parent)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
-    if needed > free:
-        raise OutputError(f"{show(out)}: not enough free space: the output needs {needed} bytes and "
-                          f"{free} bytes are free on {show(out.parent)}; free some space or choose an output "
-                          "on another disk.")
-
-
-def disk_error(exc: OSError, out: Path, needed: int | None = None) -> OSError | OutputError:
-    """``exc`` as one line with the remedy when it is a full, read-only or forbidden disk; else ``exc``."""
-    where = show(out)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            st = os.statvfs(out.parent if out.parent.exists() else out.parent.parent)
-            free = f"{st.f_bavail * st.f_frsize} bytes are free"
-        except OSError:
-            free = "the free space is unknown"
-        need = f"the output needs {needed} bytes, " if needed is not None else ""
-        return OutputError(f"{where}: the disk is full ({need}{free}); free some space or choose an output on "
-                           "another disk. Nothing was published.")
-    if exc.errno == errno.EROFS:
-        return OutputError(f"{where}: the file system is read-only; choose an output on a writable disk.")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return OutputError(f"{where}: no permission to write there; choose a folder you can write to.")
-    if exc.errno == errno.EFBIG:
-        return OutputError(f"{where}: the file system cannot hold a file this large; pass a smaller "
-                           "--max-shard-size or choose another disk.")
-    return exc
-
-
-def check_writable(folder: Path, out: Path) -> None:
-    """Prove that a file can be created in ``folder`` now (a read-only or full disk fails here)."""
-    try:
-        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
-        os.close(fd)
-        return
-    except (AttributeError, IsADirectoryError):
-        pass
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
-            raise disk_error(exc, out) from None
-    probe = folder / staging_name(out.name, "probe")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except OSError as exc:
-        raise disk_error(exc, out) from None
 
 
 def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), *,
@@ -453,6 +248,8 @@ def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwr
     return Path(path).resolve()
 
 
-__all__ = ["STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space", "check_not_input",
-           "check_output", "check_side_output", "clean_stale_staging", "disk_error", "make_parents", "note_input", "refuse_non_finite", "output_guard",
-           "release_lock", "show", "side_file", "signals_as_interrupts", "signals_deferred", "write_side_output"]
+__all__ = ["LOCK_SUFFIX", "STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space",
+           "check_not_input", "check_output", "check_side_output", "check_writable", "clean_stale_locks",
+           "clean_stale_staging", "current_guard", "disk_error", "lock_path", "make_parents", "note_input",
+           "output_guard", "refuse_non_finite", "release_lock", "show", "side_file", "signals_as_interrupts",
+           "signals_deferred", "write_side_output"]
