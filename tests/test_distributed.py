@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import json
 import os
 import subprocess
@@ -219,6 +220,22 @@ def _pids_of_rank(rank: int) -> list[int]:
     return found
 
 
+def _wait_until_working(proc: subprocess.Popen[str], folder: Path) -> list[int]:
+    """Rank 1's pids once the group has formed and the SVDs have begun (rank 0 opens the shared output only
+    after every rank joined, so its staging entry is the sign), however slowly the machine starts them."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        staged = [p for p in folder.iterdir() if ".surgeon-staging-" in p.name]
+        victims = [p for p in _pids_of_rank(1) if p != proc.pid]
+        if staged and victims:
+            time.sleep(1.0)
+            return victims
+        time.sleep(0.05)
+    raise AssertionError(f"the group never started working: {proc.poll()=}")
+
+
 def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
     import signal
     import time
@@ -229,13 +246,7 @@ def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
                              "--lambda", "0", "-o", str(out), "-q", "--no-cache", "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": "60"})
-    deadline = time.monotonic() + 60
-    victims: list[int] = []
-    while not victims and time.monotonic() < deadline and proc.poll() is None:
-        victims = [p for p in _pids_of_rank(1) if p != proc.pid]
-        time.sleep(0.05)
-    assert victims, "rank 1 never started"
-    time.sleep(4.0)  # well into its SVDs (a busy machine starts ranks slowly)
+    victims = _wait_until_working(proc, tmp_path)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=TIMEOUT_S)
@@ -352,3 +363,49 @@ def test_combine_adapter_is_byte_identical(lora_pair, second_lora, tmp_path, met
     assert done.returncode == 0, done.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (solo / name).read_bytes() == (multi / name).read_bytes(), name
+
+
+def test_a_rank_that_hangs_fails_the_run_after_the_timeout(tmp_path):
+    import signal
+    import time
+
+    base, tuned = _slow_pair(tmp_path)
+    out = tmp_path / "repaired"
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon", "scale-intruders", str(tuned), "--base", str(base),
+                             "--lambda", "0", "-o", str(out), "-q", "--no-cache", "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": "20"})
+    victims = _wait_until_working(proc, tmp_path)
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)  # alive but silent: only the collective timeout can notice
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "hung past the collective timeout (SURGEON_DIST_TIMEOUT=20 s)" in lines[0], err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned"]
+
+
+def test_a_rank_that_raises_names_itself_and_the_tensor(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(64, 48, generator=g) for i in range(6)}
+    tuned = {k: v + 0.1 * torch.randn(64, 48, generator=g) for k, v in base.items()}
+    tuned["model.layers.3.mlp.up_proj.weight"][5, 7] = float("nan")
+    for name, tensors in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    done = run_surgeon("intruders", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"), "--no-cache", nproc=2)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert re.match(r"Error: rank [01] failed on model\.layers\.3\.mlp\.up_proj\.weight: .*(NaN|non-finite)", lines[0]), lines

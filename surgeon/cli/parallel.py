@@ -24,11 +24,12 @@ import click
 from surgeon.cli.common import State
 from surgeon.errors import SurgeonError
 from surgeon.parallel.exchange import PeerLostError
-from surgeon.parallel.world import SOLO, World, detect, process_group
+from surgeon.parallel.world import DEFAULT_TIMEOUT_S, SOLO, World, detect, process_group
 from surgeon.progress import set_progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 CHILD_ENV = "SURGEON_NPROC_CHILD"
+LOST_PEER_EXIT = 75  # a rank that lost its peers exits with this; the --nproc parent reports it
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -87,6 +88,11 @@ def _report_failure(exc: Any) -> int:
         click.echo(f"Error: rank {rank} was killed by {name} (pid {failure.pid}); the run stopped and nothing was "
                    "written. Run again: finished base decompositions are in the cache.", err=True)
         return 1
+    if code == LOST_PEER_EXIT:
+        timeout = os.environ.get("SURGEON_DIST_TIMEOUT", f"{DEFAULT_TIMEOUT_S:g}")
+        click.echo(f"Error: rank {rank} stopped waiting for the other ranks: one of them hung past the collective "
+                   f"timeout (SURGEON_DIST_TIMEOUT={timeout} s) or left; nothing was written.", err=True)
+        return 1
     return code
 
 
@@ -127,7 +133,7 @@ def _run_on_rank(func: Callable[..., Any], world: World, args: tuple[Any, ...], 
         if child:  # the launcher is stopping the group: finish cleaning up, then leave without a word
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
-        raise click.exceptions.Exit(1) from None  # the --nproc parent names the rank that died
+        raise click.exceptions.Exit(LOST_PEER_EXIT) from None  # the --nproc parent says what happened
     except SurgeonError:
         if world.is_main:
             raise

@@ -76,8 +76,15 @@ def process_group(world: World) -> Iterator[World]:
         import torch
 
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(world.backend, rank=world.rank, world_size=world.size,
-                            timeout=_dt.timedelta(seconds=world.timeout_s))
+    try:
+        dist.init_process_group(world.backend, rank=world.rank, world_size=world.size,
+                                timeout=_dt.timedelta(seconds=world.timeout_s))
+    except Exception as exc:  # DistStoreError, a timeout, a refused rendezvous
+        from surgeon.parallel.exchange import PeerLostError
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PeerLostError(f"rank {world.rank}: could not join the process group of {world.size} ({first}); check "
+                            "that every rank started and can reach MASTER_ADDR:MASTER_PORT.") from None
     try:
         yield world
     finally:
