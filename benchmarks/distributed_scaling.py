@@ -80,6 +80,7 @@ def main() -> None:
             wall, doc = run(common, nproc)
             walls[nproc].append(wall)
             docs[nproc] = doc
+    warm_wall, warm_doc = run(common, 1)  # the cache holds every base decomposition now
     shutil.rmtree(cache, ignore_errors=True)
     one, two = statistics.median(walls[1]), statistics.median(walls[2])
     n = len(docs[1]["matrices"])
@@ -93,8 +94,13 @@ def main() -> None:
     for m in docs[2]["matrices"]:
         by_rank[m["computed_by_rank"]] = by_rank.get(m["computed_by_rank"], 0.0) + m["seconds"]
     print("compute seconds per rank at 2 ranks: " + ", ".join(f"rank {r}: {s:.1f}" for r, s in sorted(by_rank.items())))
-    fit = cost_fit(docs[1])
-    print(f"per-matrix cost fit (1 thread, cold): {fit:.3e} s per m*n*min(m,n)")
+    fit, warm_fit = cost_fit(docs[1]), cost_fit(warm_doc)
+    print(f"per-matrix cost fit (1 thread): cold {fit:.3e}, warm {warm_fit:.3e} s per m*n*min(m,n) "
+          f"(warm run, 1 rank: {warm_wall:.1f} s)")
+    units = 80 * (2 * 8192**3 + 2 * 1024 * 8192 * 1024 + 3 * 28672 * 8192 * 8192)  # Llama-70B: 560 matrices
+    print(f"estimate, Llama-70B x 100 fine-tunes on CPU cores: base once {units * fit / 3600:.0f} core-hours, "
+          f"each fine-tune {units * warm_fit / 3600:.0f} core-hours, in all "
+          f"{units * (fit + 100 * warm_fit) / 3600:.0f} core-hours")
     same = counts(docs[1]) == counts(docs[2])
     print(f"intruder counts equal in every matrix: {same} "
           f"({sum(counts(docs[1]).values())} vs {sum(counts(docs[2]).values())})")
