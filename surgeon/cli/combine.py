@@ -65,8 +65,8 @@ def command(adapters: tuple[str, ...], out: str, method: str, density: float | N
     Example:
       surgeon combine ./lora-math:0.7 ./lora-code:0.3 --method cat -o ./lora-mix
       surgeon combine ./lora-math ./lora-code --method ties_svd --density 0.5 --svd-rank 16 -o ./lora-ties
-      surgeon combine ./loha-adapter --method svd --svd-rank 0.9 --base ./base -o ./as-lora
       surgeon combine ./lora-a ./lora-b ./lora-c --method ties_svd --svd-rank 32 -o ./mix --nproc 4
+      surgeon combine ./loha-adapter --method svd --svd-rank 0.9 --base ./base -o ./as-lora
     """
     options = CombineOptions(method=method, density=density, svd_rank=_rank(svd_rank), svd_clamp=svd_clamp,
                              majority_sign=majority_sign, seed=seed, dtype=parse_dtype(dtype))
