@@ -102,6 +102,7 @@ class ModuleMerges:
 
         from surgeon.ops.merge_rounding import round_merged
         from surgeon.workflows.merge.apply import apply_op
+        from surgeon.workflows.merge.oft_fast import merge_oft_linear
         from surgeon.workflows.merge.peft_layer import merge_module
 
         group, steps = self._group(name)
@@ -120,9 +121,12 @@ class ModuleMerges:
             joint = [op]  # adapters on the same module merge together, as peft merges several active adapters
             while i + len(joint) < len(steps) and self._joins(joint, steps[i + len(joint)][1]):
                 joint.append(steps[i + len(joint)][1])
-            current.update(merge_module(self.plan, joint, _common_module(op.group), current, unmerged,
-                                        base_config=base_config, siblings=self._siblings(op),
-                                        threads=self.routes.workers))
+            base = _common_module(op.group)
+            fast = merge_oft_linear(self.plan, joint, base, current, base_config=base_config,
+                                    threads=self.routes.workers)  # OFT block by block, peft's bits; else None
+            current.update(fast if fast is not None else merge_module(
+                self.plan, joint, base, current, unmerged, base_config=base_config, siblings=self._siblings(op),
+                threads=self.routes.workers))
             i += len(joint)
         for n in group:
             dtype = self.dtypes[n]
