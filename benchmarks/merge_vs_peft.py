@@ -85,12 +85,13 @@ def contenders(model: Path, adapter: Path, workdir: Path) -> dict[str, tuple[lis
     }
 
 
-def same_as_peft(surgeon_out: Path, peft_out: Path, sample: int = 12) -> tuple[int, int]:
-    """(tensors compared, tensors bit-identical) on a sample spread over the model."""
+def same_as_peft(surgeon_out: Path, peft_out: Path, sample: int = 12, only: tuple[str, ...] = ("proj",)
+                 ) -> tuple[int, int]:
+    """(tensors compared, tensors bit-identical) on a sample spread over the tensors named with one of ``only``."""
     from surgeon.io.checkpoint import Checkpoint
 
     with Checkpoint.open(surgeon_out) as ours, Checkpoint.open(peft_out) as theirs:
-        names = [n for n in ours.keys() if "proj" in n]
+        names = [n for n in ours.keys() if any(o in n for o in only)]
         picked = names[:: max(1, len(names) // sample)][:sample] + ["model.embed_tokens.weight"]
         equal = sum(ours.read_raw(n) == theirs.read_raw(n) for n in picked)
         return len(picked), equal
@@ -135,7 +136,8 @@ def main() -> None:
     from surgeon.ops import native_merge
 
     kernel = "native kernel" if native_merge.kernel() is not None else f"torch (no native kernel: {native_merge.build_error()})"
-    compared, equal = same_as_peft(runs["surgeon merge"][1], runs["peft"][1])
+    only = OFT_TARGETS if args.adapter == "oft" else ("proj",)
+    compared, equal = same_as_peft(runs["surgeon merge"][1], runs["peft"][1], only=only)
     for _, out in runs.values():
         shutil.rmtree(out, ignore_errors=True)
     size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9
@@ -143,7 +145,7 @@ def main() -> None:
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     print(f"model: {size:.2f} GB bf16, 3 shards; {what} x {layers} layers; "
           f"{os.cpu_count()} CPUs, load average {load:.1f}; median of {args.repeat}")
-    print(f"surgeon's CPU merge path: {kernel if args.adapter == 'lora' else 'peft layer code, module by module'}")
+    print(f"surgeon's CPU merge path: {kernel if args.adapter == 'lora' else 'OFT block by block (ops/oft.py), module by module'}")
     print(f"{'contender':<14} {'exit s':>8} {'x cp':>6} {'durable s':>10} {'x cp':>6} {'CPU s':>7} {'peak RSS MB':>12}")
     med = lambda d, k: statistics.median(d[k])  # noqa: E731
     cp, cp_durable = med(times, "cp -r"), med(durable, "cp -r")

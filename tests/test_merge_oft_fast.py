@@ -153,3 +153,25 @@ def test_exact_zeros_and_non_finite_weights_take_the_dense_product():
     inf = weight.clone()
     inf[2, 5] = float("inf")  # the dense product spreads inf * 0 = nan over the row
     assert rotate_blocks(inf, blocks, threads=1) is None
+
+
+@pytest.mark.parametrize("size,count,coft,eps,share,neumann,terms", [
+    (4, 6, False, 6e-5, False, True, 5), (8, 3, True, 6e-5, False, True, 5), (8, 3, True, 1e-1, False, True, 5),
+    (16, 4, False, 6e-5, True, True, 5), (8, 2, False, 6e-5, False, False, 5), (32, 2, True, 1e-2, True, False, 5),
+    (8, 3, False, 6e-5, False, True, 1), (8, 3, False, 6e-5, False, True, 2), (8, 3, False, 6e-5, False, True, 3),
+    (8, 3, False, 6e-5, False, True, 4), (8, 3, False, 6e-5, False, True, 9)])
+def test_rotation_blocks_are_peft_rotation_modules_blocks(size, count, coft, eps, share, neumann, terms):
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    from surgeon.ops.oft import rotation_blocks
+
+    gen = torch.Generator().manual_seed(size + count)
+    saved = torch.randn(1 if share else count, size * (size - 1) // 2, generator=gen) * 0.3
+    module = OFTRotationModule(saved.shape[0], saved.shape[1], size, size * count, coft=coft, eps=eps,
+                               block_share=share, use_cayley_neumann=neumann, num_cayley_neumann_terms=terms)
+    with torch.no_grad():
+        module.weight.copy_(saved)
+        dense = module.get_weight()
+    blocks = rotation_blocks(saved, size, coft=coft, eps=eps, neumann=neumann, terms=terms)
+    blocks = blocks.expand(count, size, size) if share else blocks
+    assert torch.equal(torch.block_diag(*blocks), dense)

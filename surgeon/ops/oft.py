@@ -26,6 +26,51 @@ import torch
 _MEASURED: dict[tuple[int, int, int, int], bool] = {}
 
 
+def _skew(vectors: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size*(size-1)/2) upper-triangle entries -> (n, size, size) skew-symmetric matrices."""
+    rows, cols = torch.triu_indices(size, size, 1)
+    upper = torch.zeros(vectors.shape[0], size, size, dtype=vectors.dtype)
+    upper[:, rows, cols] = vectors
+    return upper - upper.transpose(-2, -1)
+
+
+def _constrain(vectors: torch.Tensor, size: int, eps: float) -> torch.Tensor:
+    """COFT: each skew block pulled into the ball of radius eps / sqrt(n) around zero."""
+    rows, cols = torch.triu_indices(size, size, 1)
+    skew = _skew(vectors, size)
+    radius = eps * 1 / torch.sqrt(torch.tensor(skew.shape[0]))
+    zero = torch.zeros((size, size), dtype=skew.dtype).unsqueeze(0).expand_as(skew)
+    norm = torch.norm(skew - zero, dim=(1, 2), keepdim=True)
+    kept = torch.where((norm <= radius).bool(), skew, zero + radius * ((skew - zero) / norm))
+    return kept[:, rows, cols]
+
+
+def rotation_blocks(vectors: torch.Tensor, size: int, *, coft: bool = False, eps: float = 6e-5,
+                    neumann: bool = True, terms: int = 5) -> torch.Tensor:
+    """OFT's rotation blocks (n, size, size) from its saved parameters (n, size*(size-1)/2), in peft's order
+    of operations (its bits): Q skew-symmetric, R = (I + Q)^-1 (I - Q) solved exactly, or its Neumann
+    series I + 2Q + 2Q^2 + ... + 2Q^(terms-2) + Q^(terms-1); ``coft`` first constrains Q."""
+    if coft:
+        vectors = _constrain(vectors, size, eps)
+    skew = _skew(vectors, size)
+    count = vectors.shape[0]
+    if not neumann:
+        eye = torch.eye(size).unsqueeze(0).expand(count, size, size)
+        return torch.linalg.solve(eye + skew, eye - skew, left=False).to(vectors.dtype)
+    rotation = torch.eye(size, dtype=vectors.dtype).repeat(count, 1, 1)
+    if terms > 1:
+        rotation.add_(skew, alpha=2.0)
+    if terms > 2:
+        power = torch.bmm(skew, skew)
+        rotation.add_(power, alpha=2.0)
+        for _ in range(3, terms - 1):
+            power = torch.bmm(power, skew)
+            rotation.add_(power, alpha=2.0)
+        power = torch.bmm(power, skew)
+        rotation.add_(power)
+    return rotation
+
+
 def dense_rotate(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``mm(R, W^T)^T`` with R the block diagonal of ``blocks`` (n, b, b): the dense reference."""
     return torch.mm(torch.block_diag(*blocks), weight.t()).t()

@@ -1,8 +1,9 @@
 """An OFT module on a Linear layer merged block by block, with peft's bits.
 
 peft's OFT merge is ``W <- (R W^T)^T`` with R the dense block diagonal of the rotation blocks; the
-rotation blocks are built here by peft's own ``OFTRotationModule`` (Cayley or Cayley-Neumann,
-``coft``'s projection, ``block_share``) and the product is :func:`surgeon.ops.oft.rotate_blocks`,
+rotation blocks are :func:`surgeon.ops.oft.rotation_blocks` (Cayley or Cayley-Neumann, ``coft``'s
+projection; ``block_share`` repeats one block), in peft's order of operations, so without importing
+peft (seconds of start-up), and the product is :func:`surgeon.ops.oft.rotate_blocks`,
 which takes the block route only where it is measured to give the dense product's bits. Anything
 else (several adapters at once, GPT-2 Conv1D / fan_in_fan_out, embeddings, convolutions, trained
 biases, a shape or value the block route does not reproduce) returns None: peft's layer code then
@@ -15,26 +16,21 @@ from typing import Any
 
 import torch
 
-from surgeon.ops.oft import rotate_blocks
+from surgeon.ops.oft import rotate_blocks, rotation_blocks
 from surgeon.workflows.merge.plan import CONV1D_MODEL_TYPES, MergeOp, MergePlan
 
 _ROLE = "oft_R.weight"
 
 
-def _blocks(config: Any, saved: torch.Tensor, size: int, features: int) -> torch.Tensor | None:
-    """The (features / size) rotation blocks peft's merge multiplies by, from the saved ``oft_R.weight``."""
-    from peft.tuners.oft.layer import OFTRotationModule
-
-    rotation = OFTRotationModule(saved.shape[0], saved.shape[1], size, features, coft=config.coft, eps=config.eps,
-                                 block_share=config.block_share, use_cayley_neumann=config.use_cayley_neumann,
-                                 num_cayley_neumann_terms=config.num_cayley_neumann_terms)
-    with torch.no_grad():
-        rotation.weight.copy_(saved)
-        weight = rotation._project_batch(rotation.weight, eps=rotation.eps) if config.coft else rotation.weight
-        blocks = rotation._cayley_batch(weight, size, config.use_cayley_neumann, config.num_cayley_neumann_terms)
-    if config.block_share:
+def _blocks(raw: dict[str, Any], saved: torch.Tensor, size: int, features: int) -> torch.Tensor | None:
+    """The (features / size) rotation blocks peft's merge multiplies by, from the saved ``oft_R.weight``
+    and the adapter's config (peft's defaults where a key is missing)."""
+    blocks = rotation_blocks(saved, size, coft=bool(raw.get("coft", False)), eps=float(raw.get("eps", 6e-5)),
+                             neumann=bool(raw.get("use_cayley_neumann", True)),
+                             terms=int(raw.get("num_cayley_neumann_terms", 5)))
+    if raw.get("block_share"):
         blocks = blocks.expand(features // size, size, size)
-    return blocks.detach().float().contiguous() if blocks.shape[0] * size == features else None
+    return blocks.contiguous() if blocks.shape[0] * size == features else None
 
 
 def _block_size(elements: int) -> int:
@@ -46,7 +42,7 @@ def merge_oft_linear(plan: MergePlan, ops: list[MergeOp], base_module: str, curr
                      base_config: dict[str, Any], threads: int) -> dict[str, torch.Tensor] | None:
     """The module's base tensors (float32) after peft's OFT merge, computed block by block; None where this
     module is not a plain single-adapter OFT Linear whose block product is known to match peft's."""
-    from surgeon.workflows.merge.peft_layer import _EMBEDDING_NAMES, module_config
+    from surgeon.workflows.merge.peft_layer import _EMBEDDING_NAMES
 
     if len(ops) != 1:
         return None
@@ -63,10 +59,9 @@ def merge_oft_linear(plan: MergePlan, ops: list[MergeOp], base_module: str, curr
         return None
     out, features = weight.shape
     size = _block_size(saved.shape[1])
-    config = module_config(raw, op.module, {_ROLE})
-    if size < 2 or features % size or saved.shape[0] != (1 if config.block_share else features // size):
+    if size < 2 or features % size or saved.shape[0] != (1 if raw.get("block_share") else features // size):
         return None
-    blocks = _blocks(config, saved.float(), size, features)
+    blocks = _blocks(raw, saved.float(), size, features)
     merged = None if blocks is None else rotate_blocks(weight.float(), blocks, threads=threads)
     if merged is None:
         return None
