@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--skip-svd", action="store_true", help="Skip the SVD-bound rows (diff + ranks, extract-lora).")
+    parser.add_argument("--ranks-only", action="store_true",
+                        help="Only `diff --no-rank` against `diff` with rank statistics (and `diff --exact`).")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,6 +65,9 @@ def main() -> None:
     tau, out, extracted = work / "bench-tau", work / "bench-applied", work / "bench-extracted"
     for folder in (base, tuned):
         warm_cache(str(folder))
+    if args.ranks_only:
+        _ranks_only(base, tuned)
+        return
     rows = {
         "cat base+tuned": timed(["bash", "-c", f"cat {base}/* {tuned}/* > /dev/null"], args.repeat),
         "cp -r base": timed(["cp", "-r", str(base), str(work / "bench-cp")], args.repeat, work / "bench-cp"),
@@ -89,6 +94,18 @@ def main() -> None:
             continue
         t, rss = row
         print(f"{name:>20} {t:8.2f} {t / read:7.2f} {t / cp:7.2f} {rss:11.0f}")
+
+
+def _ranks_only(base: Path, tuned: Path) -> None:
+    """diff without, with randomised and with exact rank statistics, side by side."""
+    rows = {
+        "diff --no-rank": measure([*SURGEON, "diff", str(tuned), str(base), "--no-rank", "--json", "--device", "cpu"]),
+        "diff (ranks)": measure([*SURGEON, "diff", str(tuned), str(base), "--json", "--device", "cpu"]),
+    }
+    base_t = rows["diff --no-rank"][0]
+    print(f"{'command':>16} {'wall s':>8} {'x --no-rank':>12} {'peak RSS MB':>11}")
+    for name, (t, rss) in rows.items():
+        print(f"{name:>16} {t:8.2f} {t / base_t:12.2f} {rss:11.0f}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_factors_within_one_percent_of_optimal(case, rank):
     if float(s[rank - 1] / s[rank]) > 1.01:  # a gap at the cut: the kept energy is determined, to 1e-6
         assert f.energy == pytest.approx(energy, rel=1e-6, abs=1e-9)
     else:  # the cut inside a cluster: kept energy within what a 1% larger error allows
-        assert energy - 0.0201 * (1 - energy) <= f.energy <= energy + 1e-9
+        assert energy - 0.0201 * (1 - energy) <= f.energy <= energy * (1 + 1e-6)  # 1e-6: float32 passes
     # measured on the written factors, independently of surgeon's report
     err = torch.linalg.vector_norm(tau.double() - f.B.double() @ f.A.double()) / torch.linalg.vector_norm(tau.double())
     assert float(err) == pytest.approx(f.relative_error, rel=1e-4)

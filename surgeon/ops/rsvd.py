@@ -29,15 +29,14 @@ from surgeon.ops.svd_types import SEED
 
 _RTOL = 1e-4
 _MAX_POWER = 6
-_NORM_STEPS = 6
 
 
 @dataclass(frozen=True)
 class Profile:
     """The top of τ's spectrum: ``s`` (l,) descending, ``u`` (m × l), ``v`` (n × l), float64.
 
-    ``total`` = ‖τ‖²_F; ``outside`` = ‖τ − QQᵀτ‖²_F (0 when exact); ``tail_norm``: the estimate of
-    ‖τ − QQᵀτ‖₂; ``passes``: products with τ or τᵀ (one each per column block); ``exact``: all
+    ``total`` = ‖τ‖²_F; ``outside`` = ‖τ − QQᵀτ‖²_F (0 when exact); ``tail_norm``: an estimate of
+    ‖τ − QQᵀτ‖₂ (at most ‖τ − QQᵀτ‖_F, which bounds it); ``passes``: products with τ or τᵀ (one each per column block); ``exact``: all
     min(m, n) singular values (dense route).
     """
 
@@ -84,27 +83,30 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(g)
         if int(info) != 0 or float(chol.diagonal().min()) <= 1e-6 * float(chol.diagonal().max()):
             return torch.linalg.qr(x)[0]
-        q = torch.linalg.solve_triangular(chol, q.T, upper=False).T
+        q = q @ torch.linalg.inv(chol).T.to(q.dtype)  # X·R⁻¹ with R = Lᵀ: one GEMM
     return q
 
 
 def _small_svd(b: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of the l × n matrix B = Qᵀτ, lifted: (U = Q·U_B, s, V)."""
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub, s, vh.T
+    """SVD of the l × n matrix B = Qᵀτ (in float64, from the eigenvectors of BBᵀ; V = BᵀU_B/s), lifted:
+    (U = Q·U_B, s, V), float64."""
+    b = b.double()
+    evals, ub = torch.linalg.eigh(b @ b.T)  # l × l: far cheaper than LAPACK's SVD of a wide l × n matrix
+    s, ub = evals.flip(0).clamp_min(0).sqrt(), ub.flip(1)
+    return q.double() @ ub, s, torch.nn.functional.normalize(b.T @ ub, dim=0)
 
 
-def _tail_norm(tau: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> tuple[float, int]:
+def _tail_norm(tau: torch.Tensor, q: torch.Tensor, gen: torch.Generator, steps: int) -> tuple[float, int]:
     """‖(I − QQᵀ)τ‖₂ by a short power iteration on E = (I − QQᵀ)τ, times 1.05 (it converges from below)."""
     x = torch.randn(tau.shape[1], 2, generator=gen, dtype=tau.dtype).to(tau.device)
     est = 0.0
-    for _ in range(_NORM_STEPS):
+    for _ in range(steps):
         x = torch.nn.functional.normalize(x, dim=0)
         y = tau @ x
         y = y - q @ (q.T @ y)
         est = float(y.norm(dim=0).max())
         x = tau.T @ (y - q @ (q.T @ y))
-    return 1.05 * est, 2 * _NORM_STEPS
+    return 1.05 * est, 2 * steps
 
 
 @torch.no_grad()
@@ -118,14 +120,17 @@ def dense_profile(tau: torch.Tensor) -> Profile:
 
 @torch.no_grad()
 def randomized_profile(tau: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                       step: int = 16, max_share: float = 0.25, rtol: float = _RTOL) -> Profile | None:
+                       step: int = 16, max_share: float = 0.25, rtol: float = _RTOL, norm_steps: int = 2,
+                       dtype: torch.dtype = torch.float32) -> Profile | None:
     """The top of ``tau``'s spectrum holding ``rank`` triplets and/or ``energy`` of ‖τ‖² (see module doc).
 
-    None when the range this needs passes ``max_share``·min(m, n): use :func:`dense_profile`.
+    None when the range this needs passes ``max_share``·min(m, n): use :func:`dense_profile`. The passes
+    over τ run in ``dtype`` (float32: τ is float32, and each pass reads it once), ‖τ‖² and the small SVDs
+    in float64. ``norm_steps``: power steps estimating ‖E‖₂ (0: its Frobenius bound, no extra pass).
     """
-    a = tau.to(torch.float64)
+    a = tau.to(dtype)
     m, n = a.shape
-    total = float(a.square().sum())
+    total = float(tau.to(torch.float64).square().sum())
     gen = torch.Generator().manual_seed(SEED)
     limit = max(int(max_share * min(m, n)), 1)
     want = 0 if rank is None else min(rank, m, n)
@@ -136,26 +141,26 @@ def randomized_profile(tau: torch.Tensor, *, rank: int | None = None, energy: fl
     width = min(max(want + max(8, want // 2), step), min(m, n))
     if width > limit:
         return None
-    q = _orth(a @ torch.randn(n, width, generator=gen, dtype=torch.float64).to(a.device))
+    q = _orth(a @ torch.randn(n, width, generator=gen, dtype=dtype).to(a.device))
     passes = 1
     while True:
         b = q.T @ a
         passes += 1
-        outside = max(total - float(b.square().sum()), 0.0)
+        outside = max(total - float(b.double().square().sum()), 0.0)
         if energy is None or outside <= (1.0 - energy) * total * 0.5 or q.shape[1] >= min(m, n):
             break
         grow = min(max(step, q.shape[1]), min(m, n) - q.shape[1])  # double the range
         if q.shape[1] + grow > limit:
             return None
-        extra = a @ torch.randn(n, grow, generator=gen, dtype=torch.float64).to(a.device)
+        extra = a @ torch.randn(n, grow, generator=gen, dtype=dtype).to(a.device)
         extra = extra - q @ (q.T @ extra)
         q = torch.cat([q, _orth(extra - q @ (q.T @ extra))], 1)
         passes += 1
-    return _refine(a, q, b, total, want, energy, passes, gen, rtol)
+    return _refine(a, q, b, total, want, energy, passes, gen, rtol, norm_steps)
 
 
 def _refine(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor, total: float, want: int, energy: float | None,
-            passes: int, gen: torch.Generator, rtol: float) -> Profile:
+            passes: int, gen: torch.Generator, rtol: float, norm_steps: int) -> Profile:
     """Subspace iterations on range(Q) until the top-k energy is stationary."""
     previous = None
     for power in range(_MAX_POWER + 1):
@@ -172,6 +177,6 @@ def _refine(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor, total: float, wan
         q = _orth(a @ _orth(a.T @ q))  # one power step: range(ττᵀQ)
         b = q.T @ a
         passes += 3
-    outside = max(total - float(b.square().sum()), 0.0)
-    tail, extra = _tail_norm(a, q, gen) if outside > 0 else (0.0, 0)
-    return Profile(s, u, v, total, outside, tail, passes + extra, False)
+    outside = max(total - float(b.double().square().sum()), 0.0)
+    tail, extra = _tail_norm(a, q, gen, norm_steps) if outside > 0 and norm_steps else (outside ** 0.5, 0)
+    return Profile(s, u, v, total, outside, min(tail, outside ** 0.5), passes + extra, False)

@@ -292,7 +292,7 @@ def _randomized_stats(delta: torch.Tensor, device: str | torch.device | None) ->
     from surgeon.ops import rsvd
 
     m, n = delta.shape
-    profile = rsvd.randomized_profile(delta.to(device), energy=0.99)
+    profile = rsvd.randomized_profile(delta.to(device), energy=0.99, norm_steps=0)
     if profile is None or profile.total == 0.0:
         return None
     ranks = [profile.energy_ranks(f) for f in (0.90, 0.99)]
