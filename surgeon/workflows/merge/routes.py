@@ -10,7 +10,8 @@ Routes:
 - ``memory``: everything else (DoRA, IA3, HiRA, replacements, any merge on a GPU): the whole
   tensor in memory, W' in float32, rounded once;
 - ``module``: a module merged by peft's own layer code (``peft_layer``: OFT, BOFT, VB-LoRA, ...,
-  convolutions, MultiheadAttention), all of the module's tensors together, in memory;
+  convolutions, MultiheadAttention; OFT on a Linear block by block where that gives peft's bits:
+  ``oft_fast``), all of the module's tensors together, in memory;
 - ``cast``: an untouched tensor whose dtype changes; ``copy``: an untouched tensor, byte for byte.
 
 All routes give the same bits; they differ in memory and speed only.
