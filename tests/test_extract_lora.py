@@ -208,7 +208,8 @@ def test_only_non_matrix_changes_are_refused(tiny_llama, tmp_path):
     (["-r", "0"], "-r/--rank must be at least 1, got 0."),
     (["--energy", "1.5"], "--energy must be in (0, 1], got 1.5; 0.99 keeps 99% of ‖τ‖²."),
     (["-r", "4", "--targets", "q_(proj"],
-     "--targets 'q_(proj' is not a valid regular expression (missing ), unterminated subpattern at position 2)."),
+     "--targets 'q_(proj' is not a valid regular expression (missing ), unterminated subpattern at position 2); "
+     "escape special characters, e.g. --targets 'layers\\.\\d+\\..*proj'."),
 ])
 def test_bad_options(tiny_llama, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["extract-lora", str(tiny_llama), str(tiny_llama), *args,
