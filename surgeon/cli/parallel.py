@@ -23,8 +23,7 @@ import click
 
 from surgeon.cli.common import State
 from surgeon.errors import SurgeonError
-from surgeon.parallel.exchange import PeerLostError
-from surgeon.parallel.world import DEFAULT_TIMEOUT_S, SOLO, World, detect, process_group
+from surgeon.parallel.world import DEFAULT_TIMEOUT_S, SOLO, PeerLostError, World, detect, process_group
 from surgeon.progress import set_progress
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -11,7 +11,7 @@ from typing import Any
 
 from surgeon.errors import DistributedError
 from surgeon.parallel.share import share
-from surgeon.parallel.world import World
+from surgeon.parallel.world import PeerLostError, World
 
 
 def all_gather_bytes(world: World, data: bytes) -> list[bytes]:
@@ -36,10 +36,6 @@ def all_gather_bytes(world: World, data: bytes) -> list[bytes]:
         raise PeerLostError(f"rank {world.rank}: a collective with the other ranks failed ({_first_line(exc)}); "
                                "another rank probably died: see its message above.") from None
     return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(out, lengths)]
-
-
-class PeerLostError(DistributedError):
-    """A collective failed: another rank died, hung past the timeout, or left early."""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,10 @@ DEFAULT_TIMEOUT_S = 3600.0  # the longest a rank waits at a collective (a peer s
 TIMEOUT_ENV = "SURGEON_DIST_TIMEOUT"
 
 
+class PeerLostError(DistributedError):
+    """A collective failed: another rank died, hung past the timeout, or left early."""
+
+
 @dataclass(frozen=True)
 class World:
     """One process of ``size``. ``backend`` None: no process group (a plain one-process run)."""
@@ -80,8 +84,6 @@ def process_group(world: World) -> Iterator[World]:
         dist.init_process_group(world.backend, rank=world.rank, world_size=world.size,
                                 timeout=_dt.timedelta(seconds=world.timeout_s))
     except Exception as exc:  # DistStoreError, a timeout, a refused rendezvous
-        from surgeon.parallel.exchange import PeerLostError
-
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PeerLostError(f"rank {world.rank}: could not join the process group of {world.size} ({first}); check "
                             "that every rank started and can reach MASTER_ADDR:MASTER_PORT.") from None
