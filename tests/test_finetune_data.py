@@ -92,7 +92,8 @@ def test_missing_data_file(tmp_path):
 def test_bundled_task_files():
     from surgeon.io.embedded import DATA_FILES, data_file
 
-    sizes = {"sentiment_train.jsonl": 240, "sentiment_eval.jsonl": 80, "topic_train.jsonl": 160, "topic_eval.jsonl": 60}
+    sizes = {"sentiment_train.jsonl": 240, "sentiment_eval.jsonl": 80, "topic_train.jsonl": 160, "topic_eval.jsonl": 60,
+             "question_train.jsonl": 120, "question_eval.jsonl": 40}
     for name in DATA_FILES:
         data = load_task_data(data_file(name), "classification")
         assert len(data) == sizes[name]
@@ -101,6 +102,10 @@ def test_bundled_task_files():
         assert len(set(counts.values())) == 1, counts  # balanced
     train = set(load_task_data(data_file("sentiment_train.jsonl"), "classification").texts)
     assert not train & set(load_task_data(data_file("sentiment_eval.jsonl"), "classification").texts)
+    questions = set(load_task_data(data_file("question_train.jsonl"), "classification").texts)
+    assert not questions & set(load_task_data(data_file("question_eval.jsonl"), "classification").texts)
+    assert load_task_data(data_file("question_eval.jsonl"), "classification").labels == (
+        "person", "place", "quantity", "time")
     assert load_task_data(data_file("topic_eval.jsonl"), "classification").labels == ("cooking", "sports", "technology", "weather")
 
 
