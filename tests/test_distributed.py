@@ -236,17 +236,21 @@ def _wait_until_working(proc: subprocess.Popen[str], folder: Path) -> list[int]:
     raise AssertionError(f"the group never started working: {proc.poll()=}")
 
 
-def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
-    import signal
-    import time
-
+def _start_slow_repair(tmp_path: Path, out: Path, *, timeout_s: int) -> tuple[subprocess.Popen[str], list[int]]:
+    """`scale-intruders --nproc 2` on the slow pair, and rank 1's pids once the group is working."""
     base, tuned = _slow_pair(tmp_path)
-    out = tmp_path / "repaired"
     proc = subprocess.Popen([sys.executable, "-m", "surgeon", "scale-intruders", str(tuned), "--base", str(base),
                              "--lambda", "0", "-o", str(out), "-q", "--no-cache", "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": "60"})
-    victims = _wait_until_working(proc, tmp_path)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": str(timeout_s)})
+    return proc, _wait_until_working(proc, tmp_path)
+
+
+def test_a_rank_killed_mid_run_fails_the_run_with_no_output(tmp_path):
+    import signal
+
+    out = tmp_path / "repaired"
+    proc, victims = _start_slow_repair(tmp_path, out, timeout_s=60)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=TIMEOUT_S)
@@ -367,15 +371,9 @@ def test_combine_adapter_is_byte_identical(lora_pair, second_lora, tmp_path, met
 
 def test_a_rank_that_hangs_fails_the_run_after_the_timeout(tmp_path):
     import signal
-    import time
 
-    base, tuned = _slow_pair(tmp_path)
     out = tmp_path / "repaired"
-    proc = subprocess.Popen([sys.executable, "-m", "surgeon", "scale-intruders", str(tuned), "--base", str(base),
-                             "--lambda", "0", "-o", str(out), "-q", "--no-cache", "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DIST_TIMEOUT": "20"})
-    victims = _wait_until_working(proc, tmp_path)
+    proc, victims = _start_slow_repair(tmp_path, out, timeout_s=20)
     for pid in victims:
         os.kill(pid, signal.SIGSTOP)  # alive but silent: only the collective timeout can notice
     try:

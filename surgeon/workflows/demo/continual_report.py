@@ -6,13 +6,13 @@ files it names; CSS inline, plots embedded as ``data:`` URIs, the JSON embedded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from surgeon.report import figures
 from surgeon.report.html import cards, figure, kv, page, section, table
 from surgeon.report.text import drift_text, num, pct, secs
+from surgeon.workflows.demo.report import publish_report
 
 JSON_NAME = "continual.json"
 HTML_NAME = "report.html"
@@ -157,9 +157,5 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, dict[str,
     plots = render_plots(data, out)
     body = {**data, "plots": plots}
     body["headline"] = headline(body)
-    json_path = out / JSON_NAME
-    json_path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-    written = json.loads(json_path.read_text(encoding="utf-8"))
-    html_path = out / HTML_NAME
-    html_path.write_text(build_html(written, out), encoding="utf-8")
+    html_path, json_path = publish_report(body, out, build_html, json_name=JSON_NAME, html_name=HTML_NAME)
     return html_path, json_path, plots

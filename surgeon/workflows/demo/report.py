@@ -9,8 +9,11 @@ JSON itself is embedded in a ``<script type="application/json">`` block.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from surgeon.io.output import write_side_output
 
 from surgeon.report import figures
 from surgeon.report.html import cards, escape, figure, kv, page, section, table
@@ -197,9 +200,16 @@ def write_report(data: dict[str, Any], out: Path) -> tuple[Path, Path, dict[str,
     plots = dict(data.get("plots", {}))
     plots.update(render_plots(data, out))
     body = {**data, "plots": plots}
-    json_path = out / JSON_NAME
-    json_path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-    written = json.loads(json_path.read_text(encoding="utf-8"))
-    html_path = out / HTML_NAME
-    html_path.write_text(build_html(written, out), encoding="utf-8")
+    html_path, json_path = publish_report(body, out, build_html)
     return html_path, json_path, plots
+
+
+def publish_report(body: dict[str, Any], out: Path, render: Callable[[dict[str, Any], Path], str], *,
+                   json_name: str = JSON_NAME, html_name: str = HTML_NAME) -> tuple[Path, Path]:
+    """Write the JSON, then the page rendered from the JSON as written, each atomically (the demo's
+    own folder: replaced on a rerun). Returns (html path, json path)."""
+    json_path, html_path = out / json_name, out / html_name
+    write_side_output(json_path, json.dumps(body, indent=2) + "\n", overwrite=True, what="demo data")
+    written = json.loads(json_path.read_text(encoding="utf-8"))
+    write_side_output(html_path, render(written, out), overwrite=True, what="demo report")
+    return html_path, json_path
