@@ -153,7 +153,8 @@ def test_eval_cli_text_and_json(ev):
 
 @pytest.mark.parametrize("args,message", [
     (["{bert}", "--task", "classification", "--data", "{eval}"],
-     "{bert}: config.json has no id2label, so it is not a trained classifier."),
+     "{bert}: config.json has no id2label, so it is not a trained classifier; "
+     "give its head with --head-from PATH (the fine-tuned model or adapter)."),
     (["{bert}", "--task", "causal-lm", "--data", "{lm}"],
      "{bert}: has no trained masked-LM head (cls.predictions would be random); "
      "for an encoder without an LM head measure forgetting with --drift-from BASE."),

@@ -20,6 +20,10 @@ from surgeon.workflows.train.evaluate import EvalManyReport, EvalReport, evaluat
 @click.option("--drift-from", "drift_from", help="Base model: mean cosine of MODEL's sentence embeddings to the base's.")
 @click.option("--tokenizer", metavar="PATH", default=None,
               help="Folder whose tokenizer to use. [default: MODEL's (or the adapter's), else --drift-from's]")
+@click.option("--head-from", "head_from", metavar="PATH", default=None,
+              help="Classification head for a model or adapter that has none (trained on a bare base): the "
+                   "fine-tuned model or adapter folder, or a folder/.safetensors file with its classifier.* or "
+                   "score.* tensors.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -35,6 +39,7 @@ def command(model: str, data: tuple[str, ...], as_json: bool, **kwargs: object) 
       surgeon eval ./all-MiniLM-L6-v2 --adapter ./minilm-lora-r16 --data eval.jsonl --task classification
       surgeon eval ./minilm-full --data texts.jsonl --drift-from ./all-MiniLM-L6-v2 --json
       surgeon eval ./merged-no-tokenizer --data eval.jsonl --task classification --tokenizer ./all-MiniLM-L6-v2
+      surgeon eval ./all-MiniLM-L6-v2 --adapter ./lora-no-head --data eval.jsonl --task classification --head-from ./minilm-full
       surgeon eval ./minilm-lora --data sentiment_eval.jsonl --data topic_eval.jsonl --drift-from ./all-MiniLM-L6-v2
     """
     if len(data) > 1:
@@ -65,6 +70,10 @@ def render(r: EvalReport) -> None:
     click.echo(f"{target} on {r.data} ({r.device}, {r.wall_time_s:.1f} s)")
     if r.tokenizer is not None and r.tokenizer not in (r.model, r.adapter):
         click.echo(f"  tokenizer:   from {r.tokenizer}")
+    if r.head is not None:
+        via = {"head-from": "--head-from ", "adapter": "the adapter ", "model": ""}[r.head.via]
+        click.echo(f"  head:        {', '.join(r.head.tensors)} from {via}{r.head.source} "
+                   f"({len(r.head.labels)} labels: {', '.join(r.head.labels)})")
     m = r.metrics
     if m is not None and m.kind == "classification":
         click.echo(f"  accuracy:    {100 * (m.accuracy or 0):.2f}% of {m.examples} examples")

@@ -25,6 +25,9 @@ from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.data import TaskData, load_task_data
 from surgeon.io.resolve import resolve_path
 from surgeon.progress import progress
+from surgeon.workflows.train.head import (
+    HEAD_MODULES, HeadSource, HeadTensors, check_labels, install_head, normalize, read_head, refuse_own_head,
+)
 from surgeon.workflows.train.textmodel import (
     IGNORE_INDEX, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
     load_task_model, load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance,
@@ -75,6 +78,7 @@ class EvalReport:
     labels: list[str] | None
     wall_time_s: float
     tokenizer: str | None = None  # the folder whose tokenizer was used
+    head: HeadSource | None = None  # the classification head used (classification only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,39 +182,75 @@ def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str], *, batch_s
 
 # -- the workflow ---------------------------------------------------------------------------------
 
-def trained_labels(model_path: Path, adapter_path: Path | None, config: dict[str, Any]) -> list[str]:
-    """The label names a classifier was trained with (surgeon provenance, config id2label, or head size)."""
+def trained_labels(model_path: Path, adapter_path: Path | None, config: dict[str, Any],
+                   head: HeadTensors | None = None) -> list[str]:
+    """The label names a classifier was trained with (surgeon provenance, config id2label, or head size);
+    with ``head`` (``--head-from``) the head's, checked against the adapter's recorded labels."""
+    if head is not None:
+        refuse_own_head(model_path)
     if adapter_path is not None:
         report = read_provenance(adapter_path).get("report") or {}
-        if report.get("labels"):
-            return [str(x) for x in report["labels"]]
+        recorded = [str(x) for x in report["labels"]] if report.get("labels") else None
         with Adapter.open(adapter_path) as adapter:
-            for key in adapter.weights.keys():
-                if key.endswith(_HEAD_SUFFIXES):
-                    return [str(i) for i in range(adapter.weights.info(key).shape[0])]
+            own = [k for k in adapter.weights.keys() if normalize(k) is not None]
+            outputs = [k for k in own if k.endswith(_HEAD_SUFFIXES)]
+            rows = adapter.weights.info(outputs[0]).shape[0] if outputs else None
+        if head is not None:
+            if own:
+                raise AdapterError(
+                    f"{adapter_path}: holds its own trained head ({', '.join(own[:2])}); --head-from is for an "
+                    "adapter without one: drop --head-from to use the adapter's head.")
+            return check_labels(head, adapter_path, recorded)
+        if recorded and own:
+            return recorded
+        if rows is not None:
+            return [str(i) for i in range(rows)]
         raise AdapterError(
-            f"{adapter_path}: holds no classification head (modules_to_save); it was not trained with "
-            "--task classification. Use --task causal-lm or --drift-from."
+            f"{adapter_path}: holds no classification head (modules_to_save); give the head it was trained with "
+            "by --head-from PATH (the fine-tune, or a file with its classifier.*/score.* tensors), or measure "
+            "--task causal-lm or --drift-from."
         )
+    if head is not None:
+        return head.labels
     id2label = config.get("id2label") or {}
     if not id2label:
-        raise CheckpointFormatError(f"{model_path}: config.json has no id2label, so it is not a trained classifier.")
+        raise CheckpointFormatError(f"{model_path}: config.json has no id2label, so it is not a trained classifier; "
+                                    "give its head with --head-from PATH (the fine-tuned model or adapter).")
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def load_for_eval(model_path: Path, adapter_path: Path | None, kind: str, *, labels: list[str] | None,
-                  device: torch.device, pad_token_id: int | None) -> Any:
-    """The model (plus adapter, unmerged) ready to evaluate; refuses randomly initialized heads."""
+                  device: torch.device, pad_token_id: int | None, head: HeadTensors | None = None,
+                  any_head: bool = False) -> Any:
+    """The model (plus adapter, unmerged) ready to evaluate; refuses randomly initialized heads.
+
+    ``head``: copied into the fresh head before the adapter wraps the model (``--head-from``);
+    ``any_head``: the head does not matter (embedding drift), a fresh one is fine."""
     model, fresh = load_task_model(model_path, kind, labels=labels, device=device, kind=kind, pad_token_id=pad_token_id)
     fresh = [m for m in fresh if ".pooler" not in f".{m}" or kind != "encoder"]
+    is_head = [m for m in fresh if m.split(".", 1)[0] in HEAD_MODULES]
+    if head is not None:
+        if not is_head:
+            raise CheckpointFormatError(
+                f"{model_path}: already has a trained classification head; --head-from is for a bare base or a "
+                "merged model without one: drop --head-from to use its own head.")
+        install_head(model, head, model_path=model_path)
+    if head is not None or any_head:
+        fresh = [m for m in fresh if m not in is_head]
     saved: list[str] = []
     if adapter_path is not None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         with Adapter.open(adapter_path) as opened:
             saved = list(opened.config.modules_to_save or [])
+            headless = not any(normalize(k) is not None for k in opened.weights.keys())
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_path))
+            extra: dict[str, Any] = {}
+            if headless and (head is not None or any_head):  # a plain PeftModel: peft's SEQ_CLS wrapper would demand the head's tensors
+                extra["config"] = PeftConfig.from_pretrained(str(adapter_path))
+                extra["config"].task_type = None
+                extra["config"].modules_to_save = [m for m in saved if m not in HEAD_MODULES] or None
+            model = PeftModel.from_pretrained(model, str(adapter_path), **extra)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise AdapterError(
                 f"{adapter_path}: does not fit {model_path} ({str(exc).splitlines()[0]}); give the base it was trained on."
@@ -250,14 +290,18 @@ def evaluate(
     model: str | os.PathLike[str], *, data: str | os.PathLike[str], task: str | None = None,
     adapter: str | os.PathLike[str] | None = None, drift_from: str | os.PathLike[str] | None = None,
     batch_size: int = 32, max_length: int = 128, device: str = "auto", seed: int = 0,
-    tokenizer: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None, head_from: str | os.PathLike[str] | None = None,
 ) -> EvalReport:
     """Measure ``task`` skill on ``data`` and/or embedding drift from ``drift_from``.
 
     ``tokenizer``: a folder whose tokenizer to use; by default the adapter's, MODEL's, else
-    ``drift_from``'s (the report's ``tokenizer`` says which)."""
+    ``drift_from``'s (the report's ``tokenizer`` says which). ``head_from``: a checkpoint whose
+    classification head to use with a model or adapter that has none (the report's ``head`` says
+    which head was used)."""
     if task is None and drift_from is None:
         raise OptionError("nothing to measure; give --task classification|causal-lm, --drift-from BASE, or both.")
+    if head_from is not None and task != "classification":
+        raise OptionError("--head-from gives a classification head; use it with --task classification.")
     if batch_size < 1 or max_length < 2:
         raise OptionError(f"--batch-size must be >= 1 and --max-length >= 2 (got {batch_size}, {max_length}).")
     quiet_transformers()
@@ -267,11 +311,14 @@ def evaluate(
     dev = pick_device(device)
     tokenizer, tokenizer_from = _eval_tokenizer(tokenizer, adapter_path, model_path, drift_from)
     sizes = dict(batch_size=batch_size, max_length=max_length, device=dev)
-    metrics, labels = None, None
+    metrics, labels, used = None, None, None
     if task == "classification":
-        labels = trained_labels(model_path, adapter_path, config)
+        head = read_head(head_from) if head_from is not None else None
+        labels = trained_labels(model_path, adapter_path, config, head)
         dataset = load_task_data(data, task, labels=labels)
-        net = load_for_eval(model_path, adapter_path, task, labels=labels, device=dev, pad_token_id=tokenizer.pad_token_id)
+        net = load_for_eval(model_path, adapter_path, task, labels=labels, device=dev, pad_token_id=tokenizer.pad_token_id,
+                            head=head)
+        used = _head_source(net, head, model_path, adapter_path, labels)
         metrics = classification_metrics(net, tokenizer, dataset, labels, **sizes)
     elif task is not None:
         dataset = load_task_data(data, task)
@@ -283,7 +330,19 @@ def evaluate(
     if drift_from is not None:
         drift = embedding_drift(model_path, adapter_path, drift_from, data=data, config=config, tokenizer=tokenizer, **sizes)
     return EvalReport(str(model), str(adapter) if adapter else None, str(data), task, str(dev), metrics, drift,
-                      labels, clock.seconds, tokenizer_from)
+                      labels, clock.seconds, tokenizer_from, used)
+
+
+def _head_source(net: Any, head: HeadTensors | None, model_path: Path, adapter_path: Path | None,
+                 labels: list[str]) -> HeadSource:
+    """Which head the classification eval uses: ``--head-from``'s, the adapter's (modules_to_save) or MODEL's."""
+    names = sorted({n for key, _ in net.named_parameters() if (n := normalize(key)) is not None})
+    if head is not None:
+        return HeadSource(str(head.source), "head-from", names, labels)
+    trained = any("modules_to_save" in key for key, _ in net.named_parameters())
+    if adapter_path is not None and trained:
+        return HeadSource(str(adapter_path), "adapter", names, labels)
+    return HeadSource(str(model_path), "model", names, labels)
 
 
 def _eval_tokenizer(explicit: str | os.PathLike[str] | None, adapter_path: Path | None, model_path: Path,
@@ -332,8 +391,11 @@ def _encoder_kind(adapter_path: Path | None, config: dict[str, Any]) -> tuple[st
         return "encoder", None
     with Adapter.open(adapter_path) as opened:
         task_type = opened.config.raw.get("task_type")
-    if task_type == "SEQ_CLS":
-        return "classification", trained_labels(Path(), adapter_path, config)
+    if task_type == "SEQ_CLS":  # the head is merged away unused: a headless adapter's fresh one is fine
+        try:
+            return "classification", trained_labels(Path(), adapter_path, config)
+        except AdapterError:
+            return "classification", ["0", "1"]
     if task_type == "CAUSAL_LM":
         return "causal-lm", None
     return "encoder", None
@@ -347,7 +409,8 @@ def embedding_drift(model_path: Path, adapter_path: Path | None, base: str | os.
     read_model_config(base_path)
     texts = load_task_data(data, "causal-lm").texts
     kind, labels = _encoder_kind(adapter_path, config)
-    net = load_for_eval(model_path, adapter_path, kind, labels=labels, device=device, pad_token_id=tokenizer.pad_token_id)
+    net = load_for_eval(model_path, adapter_path, kind, labels=labels, device=device, pad_token_id=tokenizer.pad_token_id,
+                        any_head=True)
     if adapter_path is not None:
         net = net.merge_and_unload()
     sizes = dict(batch_size=batch_size, max_length=max_length, device=device)
