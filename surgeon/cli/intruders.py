@@ -54,12 +54,14 @@ def spectral_options(func):  # type: ignore[no-untyped-def]
               help="Matrices drawn as similarity figures [default: the 4 with the most intruder energy].")
 @click.option("--html", "html", default=None, metavar="FILE",
               help="Write a self-contained report page (cards, counts, ε sweep, heat-maps, spectra); needs surgeon[plot].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file (figures in --plot DIR are never replaced).")
 @json_option
 @global_options
 @distributed_command
 def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: float, top_k: int, targets: str,
             side: str, device: str, cache: str | None, no_cache: bool, method: str, sequence: bool, match: float,
-            plot: str | None, plot_matrices: str | None, html: str | None, as_json: bool, world: World) -> None:
+            plot: str | None, plot_matrices: str | None, html: str | None, overwrite: bool, as_json: bool,
+            world: World) -> None:
     """Find intruder dimensions: new high-ranking singular vectors a fine-tune introduced.
 
     For each of the top-k left singular vectors u_j of the tuned matrix W_t
@@ -90,7 +92,7 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
     """
     report = run_intruders(list(tuned), base, adapter=adapter, targets=targets, device=device, cache=cache,
                            use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices, sequence=sequence,
-                           match=match, html=html, world=world,
+                           match=match, html=html, overwrite=overwrite, world=world,
                            options=IntruderOptions(epsilon=epsilon, top_k=top_k, side=side, method=method))
     if as_json:
         emit_json("intruders", report.to_dict())

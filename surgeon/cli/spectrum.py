@@ -27,7 +27,7 @@ _SHOWN_VALUES = 4
                    "`surgeon intruders --cache DIR` against this model starts warm.")
 @click.option("-o", "--output", "out", default=None, metavar="FILE",
               help="Write every singular value: FILE.json (the report) or FILE.safetensors (one vector per matrix).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (-o, --html).")
 @click.option("--html", "html", default=None, metavar="FILE",
               help="Write a self-contained report page (σ₁ and stable rank per layer, spectra); needs surgeon[plot].")
 @json_option
@@ -55,13 +55,13 @@ def command(model: str, targets: str, top_k: int, full: bool, device: str, cache
     if html is not None:
         from surgeon.workflows.spectral.page import check_page_path
 
-        check_page_path(html)  # before the work, not after
+        check_page_path(html, overwrite=overwrite, inputs=[model], outputs=[out])  # before the work, not after
     report = spectrum(model, targets=targets, top_k=top_k, full=full, device=device, cache=cache, output=out,
                       overwrite=overwrite, world=world)
     if html is not None and world.is_main:
         from surgeon.workflows.spectral.page_spectrum import write_spectrum_page
 
-        write_spectrum_page(html, report)
+        write_spectrum_page(html, report, overwrite=overwrite)
     if as_json:
         emit_json("spectrum", report.to_dict())
         return

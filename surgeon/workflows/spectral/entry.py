@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from surgeon.errors import OptionError
 from surgeon.ops.targets import DEFAULT_PRESET
 from surgeon.parallel.world import SOLO, World
 from surgeon.workflows.spectral.intruders import find_intruders
-from surgeon.workflows.spectral.multi import ManyReport, check_tuned, find_intruders_many
+from surgeon.workflows.spectral.multi import ManyReport, _plot_dir, check_tuned, find_intruders_many
 from surgeon.workflows.spectral.results import IntruderOptions, IntrudersReport
 from surgeon.workflows.spectral.scale_intruders import ScaleReport, scale_intruders
 from surgeon.workflows.spectral.sequence import DEFAULT_MATCH, SequenceReport, find_intruders_sequence
@@ -33,14 +34,22 @@ def run_intruders(
     sequence: bool = False,
     match: float = DEFAULT_MATCH,
     html: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     world: World = SOLO,
 ) -> IntrudersReport | ManyReport:
     """One TUNED (or only ``adapter``): :func:`find_intruders`, the one-model report. Several: one report
-    per model (:func:`find_intruders_many`); ``sequence``: the stages view too. ``html``: write the page."""
+    per model (:func:`find_intruders_many`); ``sequence``: the stages view too. ``html``: write the page
+    (``overwrite``: replacing an existing file)."""
     if html is not None:
         from surgeon.workflows.spectral.page import check_page_path
 
-        check_page_path(html)
+        check_page_path(html, overwrite=overwrite, inputs=[*tuned, base, adapter])
+    if plot is not None:  # before any work: the folder (and each model's subfolder) is never an input
+        from surgeon.io.output import check_not_input
+
+        folders = [plot] if len(tuned) < 2 else [_plot_dir(plot, t, i) for i, t in enumerate(tuned)]
+        for folder in folders:
+            check_not_input(Path(folder), [p for p in (*tuned, base, adapter) if p is not None], what="plot folder")
     report: IntrudersReport | ManyReport
     if sequence:
         if plot is not None:
@@ -61,7 +70,7 @@ def run_intruders(
     if html is not None and world.is_main:
         from surgeon.workflows.spectral.page import write_intruders_page
 
-        write_intruders_page(html, report, plot_matrices=plot_matrices)
+        write_intruders_page(html, report, plot_matrices=plot_matrices, overwrite=overwrite)
     return report
 
 
@@ -105,7 +114,7 @@ def run_scale_intruders(
     if html is not None:
         from surgeon.workflows.spectral.page import check_page_path
 
-        check_page_path(html)
+        check_page_path(html, overwrite=bool(write.get("overwrite")), inputs=[*tuned, base, adapter], outputs=[out])
     view, before, ranks = None, None, None
     if sequence_from is not None:
         if adapter is not None:
@@ -131,5 +140,5 @@ def run_scale_intruders(
                                     cache=cache, use_cache=use_cache)
         after = find_intruders(out, base, targets=targets, options=options, device=device, cache=cache,
                                use_cache=use_cache)
-        write_scale_page(html, report, before, after, sequence=view)
+        write_scale_page(html, report, before, after, sequence=view, overwrite=bool(write.get("overwrite")))
     return ScaleRun(report, view, sequence_from)

@@ -20,7 +20,7 @@ from typing import Any
 from surgeon import __version__
 from surgeon.errors import OutputError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.output import check_not_input
+from surgeon.io.output import check_side_output, show, write_side_output
 from surgeon.io.resolve import resolve_path
 from surgeon.ops import svd
 from surgeon.ops.targets import Target
@@ -35,28 +35,29 @@ from surgeon.workflows.spectral.spectrum import linear_float64
 Models = Sequence[tuple[str, IntrudersReport]]
 
 
-def check_page_path(path: str | os.PathLike[str]) -> Path:
-    """Fail before any work when the page cannot be written there."""
+def check_page_path(path: str | os.PathLike[str], *, overwrite: bool = False,
+                    inputs: Sequence[str | os.PathLike[str] | None] = (),
+                    outputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
+    """Fail before any work when the page cannot be written there: the side-output rules (never into
+    an input, never over a file without ``overwrite``, a writable folder) and never into or over the
+    command's other ``outputs`` (its checkpoint, its ``-o`` file)."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: is a folder; --html takes a file name, e.g. --html {p / 'report.html'}.")
     if not p.parent.exists() and p.parent != Path(""):
         raise OutputError(f"{p.parent}: no such folder for --html {p}; create it or choose another path.")
-    check_not_input(p, what="page")  # against every input read so far (again when the page is written)
-    return p
+    target = p.resolve()
+    for out in (Path(o) for o in outputs if o is not None):
+        if target == out.resolve() or out.resolve() in target.parents:
+            raise OutputError(f"{show(p)}: the page would be written into the output {show(out)}; "
+                              "give --html a path outside it.")
+    return check_side_output(p, overwrite=overwrite, inputs=[i for i in inputs if i is not None], what="page")
 
 
-def write_page(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary file beside it, then renamed)."""
-    p = check_page_path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{p}: cannot write the report page ({exc.strerror or exc}); choose another --html FILE.") from None
-    return p
+def write_page(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` under the side-output rules (atomic; never over a file without ``overwrite``)."""
+    write_side_output(path, text, overwrite=overwrite, what="page")
+    return Path(path)
 
 
 class Figures:
@@ -234,7 +235,7 @@ def build_page(models: Models, *, heading: str, subtitle: str, root: Path, data:
 
 
 def write_intruders_page(path: str | os.PathLike[str], report: IntrudersReport | ManyReport, *,
-                         plot_matrices: str | None = None) -> Path:
+                         plot_matrices: str | None = None, overwrite: bool = False) -> Path:
     """The page for `surgeon intruders` (one model, several, or a sequence)."""
     figures.pyplot()
     models, sequence = models_of(report)
@@ -245,11 +246,11 @@ def write_intruders_page(path: str | os.PathLike[str], report: IntrudersReport |
                           subtitle=f"Intruder dimensions of {what} of {models[0][1].base}.", root=Path(tmp),
                           data={"command": "intruders", **report.to_dict()}, sequence=sequence,
                           plot_matrices=plot_matrices)
-    return write_page(path, text)
+    return write_page(path, text, overwrite=overwrite)
 
 
 def write_scale_page(path: str | os.PathLike[str], scale: Any, before: IntrudersReport, after: IntrudersReport, *,
-                     sequence: Any = None) -> Path:
+                     sequence: Any = None, overwrite: bool = False) -> Path:
     """The page for `surgeon scale-intruders`: the model before and after, and every change made."""
     figures.pyplot()
     label_after = f"after (\u03bb = {scale.lam:g})"
@@ -268,4 +269,4 @@ def write_scale_page(path: str | os.PathLike[str], scale: Any, before: Intruders
                           root=Path(tmp), extra_cards=extra, extra_sections=[changes], sequence=sequence,
                           data={"command": "scale-intruders", "scale": scale.to_dict(), "before": before.to_dict(),
                                 "after": after.to_dict()})
-    return write_page(path, text)
+    return write_page(path, text, overwrite=overwrite)

@@ -38,9 +38,9 @@ def _per_layer(report: Any, figs: Figures, value: str, label: str) -> str:
                      f"{label} of each matrix against its layer, one line per module type.")
 
 
-def write_spectrum_page(path: str | os.PathLike[str], report: Any) -> Path:
+def write_spectrum_page(path: str | os.PathLike[str], report: Any, *, overwrite: bool = False) -> Path:
     """The page for a :class:`surgeon.workflows.spectral.spectrum.SpectrumReport`."""
-    check_page_path(path)
+    check_page_path(path, overwrite=overwrite, inputs=[report.model], outputs=[report.output])
     figures.pyplot()
     rows = report.matrices
     top = max(rows, key=lambda m: m.spectral_norm)
@@ -72,4 +72,4 @@ def write_spectrum_page(path: str | os.PathLike[str], report: Any) -> Path:
                     subtitle=f"Singular values of the weight matrices of {report.model}.", body=body,
                     footer=f"surgeon {__version__} \u00b7 {created} \u00b7 the report's JSON is embedded in this page",
                     data={"command": "spectrum", **report.to_dict()}, data_id="surgeon-data")
-    return write_page(path, text)
+    return write_page(path, text, overwrite=overwrite)
