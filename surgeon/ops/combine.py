@@ -8,7 +8,7 @@ Pure functions on float32 tensors. Two families, each with its library's semanti
   count of agreeing tensors).
 * mergekit's generalized task arithmetic, written per block of rows so that a tensor of any
   size streams: a :class:`KeepRule` per input (thresholds and rescale factor decided from
-  the whole τ first), then :func:`sparsify_block` and :func:`consensus_block` on blocks
+  the whole τ first: the kept set of the magnitude methods exactly mergekit's, ties included), then :func:`sparsify_block` and :func:`consensus_block` on blocks
   (mergekit keeps ``max(1, int(density·n))`` values, rescales by the L1-norm ratio, elects
   the sign on the *weighted* deltas and divides by the sum of agreeing weights).
 
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy
 import torch
 
+from surgeon.ops import native_gta
 from surgeon.ops.counter_rng import bernoulli_mask
 
 _RESCALE_EPS = 1e-7  # mergekit: below this L1 norm (before or after masking) no rescale
@@ -128,63 +129,63 @@ def lora_from_delta(delta: torch.Tensor, rank: int | float) -> tuple[torch.Tenso
 class KeepRule:
     """How one input's τ is sparsified, decided from the whole τ before any block is combined.
 
-    ``kind``: all | range (keep lo ≤ |τ| ≤ hi: magnitude, breadcrumbs) | random (DARE, Bernoulli(density)) |
-    della (per-row rank-dependent probability). ``scale`` multiplies the kept values (L1 rescale).
+    ``kind``: all | mask (``mask``: the kept elements of the flattened τ, from :func:`magnitude_mask`:
+    magnitude, breadcrumbs) | random (DARE, Bernoulli(density)) | della (per-row rank-dependent probability).
+    ``scale`` multiplies the kept values (L1 rescale).
     """
 
     kind: str
-    lo: float = 0.0
-    hi: float = math.inf
     density: float = 1.0
     epsilon: float = 0.0
     key: int = 0
     scale: float = 1.0
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
-_SAMPLE = 1 << 16
-
-
-def _kth_smallest(flat: torch.Tensor, k: int) -> float:
-    """The exact k-th smallest value (1-based) of a flat float32 CPU tensor in a few linear passes: a fixed
-    random sample brackets it, then only the values inside the bracket are selected from (numpy: its counts
-    and selections are several times faster than torch's here; quickselect on everything if the sample missed)."""
-    n = flat.numel()
-    values = flat.numpy()
-    if n <= 4 * _SAMPLE:
-        return float(numpy.partition(values, k - 1)[k - 1])
-    rng = numpy.random.default_rng(n)
-    sample = numpy.sort(values[rng.integers(0, n, _SAMPLE)])
-    q, margin = (k - 0.5) / n, 6.0 * math.sqrt(k * (n - k) / n**2 / _SAMPLE) + 2.0 / _SAMPLE
-    lo = sample[max(0, int((q - margin) * _SAMPLE))]
-    hi = sample[min(_SAMPLE - 1, int(math.ceil((q + margin) * _SAMPLE)))]
-    below = int(numpy.count_nonzero(values < lo))
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.size:
-        return float(numpy.partition(inside, k - below - 1)[k - below - 1])
-    return float(numpy.partition(values, k - 1)[k - 1])
+def sorted_positions(numel: int, density: float, *, method: str, gamma: float = 0.01) -> tuple[bool, int, int]:
+    """(descending, lo, hi): mergekit keeps the elements its sort of |τ| puts at positions [lo, hi):
+    ``magnitude`` the ``max(1, int(density·n))`` first of a descending sort, ``magnitude_outliers``
+    (breadcrumbs) positions [n − target − top, n − top) of an ascending one, target = int(density·n) and
+    top = int(gamma·n) (fewer outliers dropped when the density asks for more)."""
+    if method == "magnitude":
+        return True, 0, max(1, int(density * numel))
+    target, top = int(density * numel), int(gamma * numel)
+    bottom = max(0, numel - target - top)
+    return False, bottom, bottom + target
 
 
 @torch.no_grad()
-def keep_range(flat_abs: torch.Tensor, density: float, *, method: str, gamma: float = 0.01) -> tuple[float, float]:
-    """(lo, hi) of the magnitudes mergekit keeps: ``magnitude`` the ``max(1, int(density·n))`` largest,
-    ``magnitude_outliers`` (breadcrumbs) also dropping the ``int(gamma·n)`` largest. ``flat_abs``: |τ| flattened."""
-    n = flat_abs.numel()
-    if method == "magnitude":
-        k = max(1, int(density * n))
-        return _kth_smallest(flat_abs, n - k + 1), math.inf
-    target = int(density * n)
-    top = int(gamma * n)
-    bottom = max(0, n - target - top)
-    if target == 0:
-        return math.inf, -math.inf
-    return _kth_smallest(flat_abs, bottom + 1), _kth_smallest(flat_abs, bottom + target)
+def magnitude_mask(flat_abs: torch.Tensor, density: float, *, method: str, gamma: float = 0.01,
+                   refill: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, float]:
+    """(kept, Σ kept |τ| in float64): exactly the elements mergekit keeps, ties at the threshold included,
+    for |τ| flattened in float32 on the CPU (``flat_abs``). mergekit takes them from torch's sort, which
+    is not stable, so which of many equal magnitudes it keeps is that sort's order: the native kernel
+    carries out only the sort's partitions that hold a boundary (``flat_abs`` is permuted then; ``refill``
+    writes |τ| into it again when the kernel cannot finish), else torch's sort itself decides."""
+    descending, lo, hi = sorted_positions(flat_abs.numel(), density, method=method, gamma=gamma)
+    kept = torch.zeros(flat_abs.numel(), dtype=torch.bool)
+    if hi <= lo:
+        return kept, 0.0
+    lib = native_gta.kernel()
+    if lib is not None:
+        total = native_gta.sorted_range(lib, flat_abs.numpy(), descending=descending, lo=lo, hi=hi,
+                                        mask=kept.numpy().view(numpy.uint8))
+        if total is not None:
+            return kept, total
+        if refill is None:
+            raise ValueError("the sort's heapsort fallback needs |τ| again: pass refill")
+        refill(flat_abs)
+        kept.zero_()
+    kept[torch.sort(flat_abs, descending=descending).indices[lo:hi]] = True
+    return kept, float(flat_abs[kept].sum(dtype=torch.float64))
 
 
 def della_probabilities(block: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability per element of a (rows × width) block, float64: the magnitude rank within its
-    row mapped linearly onto [density − ε, density + ε] (ties ranked in a stable, device-independent order)."""
+    row mapped linearly onto [density − ε, density + ε], equal magnitudes ranked as mergekit's argsort ranks
+    them (torch's sort on the CPU, per row)."""
     cpu = block.detach().to("cpu", torch.float32).abs()
-    order = torch.argsort(cpu, dim=1, stable=True)
+    order = torch.argsort(cpu, dim=1)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cpu.shape[1]).expand_as(order))
     width = max(cpu.shape[1] - 1, 1)
@@ -196,10 +197,8 @@ def keep_mask(block: torch.Tensor, rule: KeepRule, start: int) -> torch.Tensor |
     """Bool mask of the kept entries of ``block`` (rows × width, flat offset ``start``); None keeps all."""
     if rule.kind == "all":
         return None
-    if rule.kind == "range":
-        magnitude = block.abs()
-        keep = magnitude >= rule.lo
-        return keep if rule.hi == math.inf else keep.logical_and_(magnitude <= rule.hi)
+    if rule.kind == "mask":
+        return rule.mask[start:start + block.numel()].view(block.shape).to(block.device)
     if rule.kind == "random":
         return bernoulli_mask(rule.key, start, tuple(block.shape), rule.density).to(block.device)
     if rule.kind == "della":

@@ -280,7 +280,7 @@ def _write_one(writer: CheckpointWriter | RankShards, base: Checkpoint, entry: P
     name, st = entry.name, entry.dtype
     if entry.action == "merge":
         terms = [Term(sources[i][0], weights[i], sources[i][1], i) for i in entry.inputs]
-        job = TensorMerge(base, name, terms, options, pool=pool, block_elements=block_elements)
+        job = TensorMerge(base, name, terms, options, pool=pool, block_elements=block_elements, out_dtype=st)
         if job.prepare():
             out_dtype = torch_dtype(st)
             fd, offset = writer.reserve(name)

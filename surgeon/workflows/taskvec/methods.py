@@ -18,16 +18,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 import torch
 
 from surgeon.errors import OptionError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import pread_into, torch_dtype
 from surgeon.ops import combine as C
+from surgeon.ops import native_gta
 from surgeon.ops.counter_rng import stream_key
 from surgeon.ops.task_vector import abs_max
 
 BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block and input
+TERMS_AT_ONCE_BYTES = 1 << 28  # magnitude selections of several inputs run at once below this much scratch
+_RAW = {"F32": numpy.float32, "F16": numpy.uint16, "BF16": numpy.uint16}  # the dtypes the native kernels read
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,16 @@ def read_block(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tens
     return torch.empty(0, dtype=torch.float32)
 
 
+def read_raw(ckpt: Checkpoint, name: str, start: int, stop: int, dtype: str | None = None) -> numpy.ndarray:
+    """Flat stored elements [start, stop) of an F32/F16/BF16 tensor, raw (16-bit ones as uint16)."""
+    info = ckpt.info(name)
+    out = numpy.empty(stop - start, dtype=_RAW[dtype or info.dtype])
+    if out.size:
+        fd, offset, _ = ckpt.fd_and_span(name)
+        pread_into(fd, memoryview(out).cast("B"), offset + start * out.itemsize, info.file)
+    return out
+
+
 @dataclass
 class TensorMerge:
     """One output tensor: prepare() runs the first sweep, run(emit) the second, block by block."""
@@ -170,6 +184,7 @@ class TensorMerge:
     slerp: tuple[float, float] = (0.5, 0.5)
     pool: Executor | None = None  # blocks are independent: workers each run single-threaded torch ops
     block_elements: int = BLOCK_ELEMENTS
+    out_dtype: str | None = None  # the output's dtype: the native kernel rounds to it (else blocks are float32)
 
     def _map(self, fn: Callable[[tuple[int, int]], Any]) -> list[Any]:
         spans = list(self.spans())
@@ -204,49 +219,82 @@ class TensorMerge:
         spec = self.options.spec
         for ckpt in [self.base, *(t.ckpt for t in self.terms)]:
             ckpt.fd_and_span(self.name)  # open the files here, not racing in the worker threads
-        for term in self.terms:
-            if self._prepare_term(term, spec):
-                self.active.append(term)
+        magnitude = spec.sparsify in ("magnitude", "magnitude_outliers") and self.options.density < 1
+        scratch = 9 * self.base.info(self.name).numel * len(self.terms)
+        if magnitude and self.pool is not None and len(self.terms) > 1 and scratch <= TERMS_AT_ONCE_BYTES:
+            found = list(self.pool.map(lambda term: self._prepare_term(term, spec, blocks_at_once=False), self.terms))
+        else:
+            found = [self._prepare_term(term, spec) for term in self.terms]
+        self.active.extend(term for term, ok in zip(self.terms, found) if ok)
         if spec.kind == "model_stock" and self.active:
             self.stock_ratio = self._stock_ratio()
         if spec.kind == "slerp" and self.active:
             self.slerp = self._slerp_coefficients()
         return bool(self.active)
 
-    def _prepare_term(self, term: Term, spec: MethodSpec) -> bool:
-        opts, numel = self.options, self.base.info(self.name).numel
+    def _prepare_term(self, term: Term, spec: MethodSpec, *, blocks_at_once: bool = True) -> bool:
+        opts = self.options
         sparse = spec.sparsify if opts.density < 1 else None
+        if sparse in ("magnitude", "magnitude_outliers"):
+            return self._prepare_magnitude(term, sparse, blocks_at_once)
         key = stream_key(opts.seed, self.name, term.index)
-        full_abs = torch.empty(numel, dtype=torch.float32) if sparse in ("magnitude", "magnitude_outliers") else None
         rule = C.KeepRule("all") if sparse is None else C.KeepRule(
             "random" if sparse == "random" else "della", density=opts.density, epsilon=opts.epsilon, key=key)
+
         def scan(span: tuple[int, int]) -> tuple[bool, float, float]:
             start, stop = span
             block = self.tau(term, start, stop, None)
             nonzero = abs_max(block) != 0.0
-            if full_abs is not None:
-                torch.abs(block, out=full_abs[start:stop])
-            elif sparse is not None and opts.rescale_on:
+            if sparse is not None and opts.rescale_on:
                 kept = C.sparsify_block(self.rows(block), rule, start)
                 return nonzero, float(block.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64))
             return nonzero, 0.0, 0.0
 
         found = self._map(scan)
-        nonzero = any(f[0] for f in found)
-        before, after = sum(f[1] for f in found), sum(f[2] for f in found)
-        if not nonzero:
+        if not any(f[0] for f in found):
             return False
-        if full_abs is not None:
-            lo, hi = C.keep_range(full_abs, opts.density, method=sparse, gamma=opts.gamma)
-            rule = C.KeepRule("range", lo=lo, hi=hi)
-            if opts.rescale_on:
-                before = float(full_abs.sum(dtype=torch.float64))
-                after = float(full_abs[(full_abs >= lo) & (full_abs <= hi)].sum(dtype=torch.float64))
         if sparse is not None and opts.rescale_on:
-            rule = C.KeepRule(rule.kind, lo=rule.lo, hi=rule.hi, density=rule.density, epsilon=rule.epsilon,
-                              key=rule.key, scale=C.l1_scale(before, after))
+            rule = C.KeepRule(rule.kind, density=rule.density, epsilon=rule.epsilon, key=rule.key,
+                              scale=C.l1_scale(sum(f[1] for f in found), sum(f[2] for f in found)))
         self.rules[term.index] = rule
         return True
+
+    def _fill_abs(self, term: Term, full_abs: torch.Tensor, blocks_at_once: bool) -> tuple[bool, float]:
+        """|τ| of the whole tensor into ``full_abs``: (any non-zero, Σ|τ| in float64)."""
+        lib = self._native()
+
+        def scan(span: tuple[int, int]) -> tuple[bool, float]:
+            start, stop = span
+            out = full_abs[start:stop]
+            if lib is not None:
+                base = read_raw(self.base, self.name, start, stop) if term.finetune else None
+                return native_gta.tau_abs(lib, read_raw(term.ckpt, self.name, start, stop),
+                                          term.ckpt.info(self.name).dtype, base, self.base.info(self.name).dtype,
+                                          out.numpy(), l1=self.options.rescale_on)
+            block = self.tau(term, start, stop, None)
+            torch.abs(block, out=out)
+            return abs_max(block) != 0.0, float(out.sum(dtype=torch.float64))
+
+        found = self._map(scan) if blocks_at_once else [scan(span) for span in self.spans()]
+        return any(f[0] for f in found), sum(f[1] for f in found)
+
+    def _prepare_magnitude(self, term: Term, sparse: str, blocks_at_once: bool) -> bool:
+        """mergekit's magnitude sparsification: the kept elements decided from the whole |τ|, exactly."""
+        opts = self.options
+        full_abs = torch.empty(self.base.info(self.name).numel, dtype=torch.float32)
+        nonzero, before = self._fill_abs(term, full_abs, blocks_at_once)
+        if not nonzero:
+            return False
+        kept, after = C.magnitude_mask(full_abs, opts.density, method=sparse, gamma=opts.gamma,
+                                       refill=lambda buf: self._fill_abs(term, buf, blocks_at_once))
+        scale = C.l1_scale(before, after) if opts.rescale_on else 1.0
+        self.rules[term.index] = C.KeepRule("mask", density=opts.density, scale=scale, mask=kept)
+        return True
+
+    def _native(self) -> Any:
+        """The native kernels when every dtype here is one they read (F32/F16/BF16), else None."""
+        dtypes = {self.base.info(self.name).dtype, *(t.ckpt.info(self.name).dtype for t in self.terms)}
+        return native_gta.kernel() if dtypes <= set(_RAW) else None
 
     def _stock_ratio(self) -> float:
         count = len(self.terms)
@@ -275,12 +323,43 @@ class TensorMerge:
         """Second sweep: ``emit(flat start, float32 output block)`` for every block (from worker threads, in
         any order, when there is a pool)."""
         combine = {"gta": self._gta, "slerp": self._slerp, "model_stock": self._stock}[self.options.spec.kind]
+        lib = self._native_combine()
 
         def one(span: tuple[int, int]) -> None:
             start, stop = span
-            emit(start, combine(read_block(self.base, self.name, start, stop), start, stop))
+            if lib is not None:
+                emit(start, self._gta_native(lib, start, stop))
+            else:
+                emit(start, combine(read_block(self.base, self.name, start, stop), start, stop))
 
         self._map(one)
+
+    def _native_combine(self) -> Any:
+        """The native kernel for this tensor's second sweep, or None: generalized task arithmetic with kept
+        sets decided up front (all or magnitude masks), F32/F16/BF16 in and out, not the plain weighted sum
+        (whose order of operations is the historical one)."""
+        opts = self.options
+        if (opts.spec.kind != "gta" or self.out_dtype not in _RAW or len(self.active) > native_gta.MAX_INPUTS
+                or any(self.rules[t.index].kind not in ("all", "mask") for t in self.active)
+                or (opts.method == "task_arithmetic" and not opts.normalize_on and opts.lambda_scale == 1)):
+            return None
+        return self._native()
+
+    def _gta_native(self, lib: Any, start: int, stop: int) -> torch.Tensor:
+        """One output block computed and rounded by the native kernel, in the output dtype."""
+        opts, name = self.options, self.name
+        rules = [self.rules[t.index] for t in self.active]
+        consensus = (1 if opts.majority_sign == "total" else 2) if opts.spec.consensus else 0
+        weight_sum = sum(t.weight for t in self.terms)
+        out = numpy.empty(stop - start, dtype=_RAW[self.out_dtype])
+        native_gta.gta_block(
+            lib, read_raw(self.base, name, start, stop), self.base.info(name).dtype,
+            [(read_raw(t.ckpt, name, start, stop), t.ckpt.info(name).dtype, t.finetune) for t in self.active],
+            [None if r.mask is None else r.mask[start:stop].numpy().view(numpy.uint8) for r in rules],
+            [r.scale for r in rules], [t.weight for t in self.active], consensus=consensus,
+            normalize=opts.normalize_on, divisor=1.0 if abs(weight_sum) < 1e-8 else weight_sum,
+            lambda_scale=opts.lambda_scale, out=out, out_dtype=self.out_dtype)
+        return torch.from_numpy(out).view(torch_dtype(self.out_dtype))
 
     def _gta(self, base_block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         opts = self.options

@@ -1,0 +1,138 @@
+"""The native kernels of `surgeon apply`'s magnitude methods (``native/gta_rows.c``), loaded with ctypes.
+
+Built at first use with the system C compiler into the user's cache, as :mod:`surgeon.ops.native_merge`
+builds its kernel (same flags, same trusted places). With no compiler, a failed build or ``SURGEON_NATIVE=0``
+:func:`kernel` returns None and the callers take their torch paths, which give the same kept sets and
+the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy
+
+from surgeon.ops.native_merge import DTYPE_CODES, _cache_dir, _cpu_flags, _flags, _trusted
+
+SOURCE = Path(__file__).with_name("native") / "gta_rows.c"
+MAX_INPUTS = 64  # the kernel's per-element scratch
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | None] = []
+_P = ctypes.c_void_p
+
+
+def _build(target: Path) -> bool:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return False
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted(target.parent):
+            return False
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        done = subprocess.run([compiler, *_flags("native"), "-o", tmp, str(SOURCE)], capture_output=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            return False
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: another process may be building the same kernel
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    if sys.platform == "win32":
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags("native")).encode() + _cpu_flags().encode()).hexdigest()[:20]
+    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
+    targets = [p / f"gta_rows-{key}.so" for p in places]
+    target = next((t for t in targets if t.exists() and _trusted(t) and _trusted(t.parent)), None)
+    if target is None:
+        target = next((t for t in targets if _build(t)), None)
+    if target is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:
+        return None
+    lib.tau_abs.restype = ctypes.c_int
+    lib.tau_abs.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, ctypes.c_size_t, _P, ctypes.POINTER(ctypes.c_double)]
+    lib.sorted_range.restype = ctypes.c_int
+    lib.sorted_range.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, _P,
+                                 ctypes.POINTER(ctypes.c_double)]
+    lib.gta_block.restype = None
+    lib.gta_block.argtypes = [ctypes.c_size_t, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int]
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The kernels, built on first use and loaded once per process; None where they cannot be, or with
+    ``SURGEON_NATIVE=0``."""
+    if os.environ.get("SURGEON_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0]
+
+
+def _ptr(array: numpy.ndarray | None) -> int | None:
+    return None if array is None else array.ctypes.data
+
+
+def tau_abs(lib: ctypes.CDLL, a: numpy.ndarray, a_dtype: str, b: numpy.ndarray | None, b_dtype: str,
+            out: numpy.ndarray, *, l1: bool = True) -> tuple[bool, float]:
+    """out = |a − b| (|a| without ``b``) as float32 from raw stored elements; (any non-zero, Σ out in float64,
+    0 unless ``l1``)."""
+    total = ctypes.c_double()
+    nonzero = lib.tau_abs(_ptr(a), DTYPE_CODES[a_dtype], _ptr(b), DTYPE_CODES.get(b_dtype, 0), out.size,
+                          _ptr(out), ctypes.byref(total) if l1 else None)
+    return bool(nonzero), total.value
+
+
+def sorted_range(lib: ctypes.CDLL, values: numpy.ndarray, *, descending: bool, lo: int, hi: int,
+                 mask: numpy.ndarray) -> float | None:
+    """mask[i] = 1 where torch's CPU sort of ``values`` (float32; permuted in place) puts element i at a
+    position in [lo, hi); the kept values' sum, or None where the sort would have taken its heapsort
+    fallback (then ``mask`` is incomplete and the caller sorts)."""
+    if values.size >= 2**31:
+        return None
+    scratch = numpy.empty(values.size, dtype=numpy.int32)
+    kept = ctypes.c_double()
+    rc = lib.sorted_range(_ptr(values), _ptr(scratch), values.size, int(descending), lo, hi, _ptr(mask),
+                          ctypes.byref(kept))
+    return None if rc else kept.value
+
+
+def gta_block(lib: ctypes.CDLL, base: numpy.ndarray, base_dtype: str, inputs: list[tuple[numpy.ndarray, str, bool]],
+              masks: list[numpy.ndarray | None], scales: list[float], weights: list[float], *, consensus: int,
+              normalize: bool, divisor: float, lambda_scale: float, out: numpy.ndarray, out_dtype: str) -> None:
+    """One block of θ_base + λ·mix(w_i·s_i·(m_i·τ_i)) into ``out`` (raw elements of ``out_dtype``); ``inputs``:
+    (raw elements, dtype, is a fine-tune); consensus 0 none, 1 sum, 2 count (see gta_rows.c)."""
+    count = len(inputs)
+    pointers = (ctypes.c_void_p * count)(*(_ptr(a) for a, _, _ in inputs))
+    dtypes = (ctypes.c_int * count)(*(DTYPE_CODES[d] for _, d, _ in inputs))
+    finetune = (ctypes.c_int * count)(*(int(f) for _, _, f in inputs))
+    mask_ptrs = (ctypes.c_void_p * count)(*(_ptr(m) for m in masks))
+    scale_arr = (ctypes.c_float * count)(*scales)
+    weight_arr = (ctypes.c_float * count)(*weights)
+    lib.gta_block(base.size, _ptr(base), DTYPE_CODES[base_dtype], count, pointers, dtypes, finetune, mask_ptrs,
+                  scale_arr, weight_arr, consensus, int(normalize), divisor, lambda_scale, _ptr(out),
+                  DTYPE_CODES[out_dtype])
