@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgeon.ops import native_gta
-from surgeon.ops.combine import magnitude_mask, sorted_positions
+from surgeon.ops.combine import della_probabilities, magnitude_mask, sorted_positions
 from surgeon.workflows.taskvec.apply import apply_task_vectors
 from surgeon.workflows.taskvec.methods import ApplyOptions
 from conftest import _save, tiny_llama_config
@@ -151,3 +151,25 @@ def test_magnitude_mask_falls_back_to_the_sort_it_follows(method, density, gamma
     kept, _ = magnitude_mask(values.clone().flip(0), density, method=method, gamma=gamma,
                              refill=lambda buf: (buf.copy_(values), refilled.append(1)))
     assert torch.equal(kept, expected) and (refilled or native_gta.kernel() is None)
+
+
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is not installed in a venv "
+                    "(set SURGEON_MERGEKIT_PYTHON, or see .ci/run for the install)")
+def test_della_ranks_tied_magnitudes_as_mergekit(bf16_models, tmp_path):
+    """DELLA's keep probability follows the magnitude rank within a row; with ties the rank is the sort's
+    order, so our probabilities equal the ones mergekit hands to torch.bernoulli, element by element."""
+    base, fts = bf16_models
+    b, f = load_file(base / "model.safetensors"), load_file(fts[1] / "model.safetensors")
+    taus = {n: (f[n].float() - b[n].float()).contiguous() for n in b}
+    save_file(taus, tmp_path / "taus.safetensors")
+    job = {"kind": "della_probs", "taus": str(tmp_path / "taus.safetensors"), "out": str(tmp_path / "p.safetensors"),
+           "density": 0.5, "epsilon": 0.2}
+    (tmp_path / "jobs.json").write_text(json.dumps([job]))
+    done = subprocess.run([MERGEKIT, str(DRIVER), str(tmp_path / "jobs.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = load_file(tmp_path / "p.safetensors")
+    for name, tau in taus.items():
+        rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+        ours = della_probabilities(rows, 0.5, 0.2).float().reshape(tau.shape)
+        assert float((ours - theirs[name]).abs().max()) < 1e-6, name
