@@ -15,6 +15,7 @@ from typing import Any
 from surgeon.errors import AdapterError, CheckpointNotFoundError, UnsupportedAdapterError
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, _refuse_pickle
 from surgeon.io.output import note_input
+from surgeon.io.textfile import check_regular
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -91,6 +92,7 @@ class Adapter:
         folder = Path(path)
         if not folder.exists():
             raise CheckpointNotFoundError(f"{folder}: no such adapter folder; check the path.")
+        check_regular(folder / ADAPTER_CONFIG, what="adapter config", error=AdapterError)  # a FIFO would block
         if not folder.is_dir() or not (folder / ADAPTER_CONFIG).is_file():
             raise AdapterError(
                 f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); give the folder that "

@@ -25,6 +25,7 @@ from surgeon.errors import (
 )
 from surgeon.io.format import FileHeader, TensorInfo, pread_into, read_header
 from surgeon.io.output import note_input
+from surgeon.io.textfile import check_regular
 
 if TYPE_CHECKING:
     import torch
@@ -220,6 +221,7 @@ class Checkpoint:
     def config(self) -> dict[str, Any] | None:
         """The folder's config.json, if any."""
         path = self.folder / "config.json"
+        check_regular(path, what="config.json", error=CheckpointFormatError)  # a FIFO would block or be dropped
         if not path.is_file():
             return None
         try:
@@ -234,6 +236,8 @@ class Checkpoint:
             return []
         out = []
         for p in sorted(self.folder.iterdir()):
+            if not p.name.startswith(".") and not p.is_dir():  # a FIFO or socket: never silently left out
+                check_regular(p, what="model folder's file", error=CheckpointFormatError)
             if not p.is_file() or p.name.startswith(".") or p.name in _NOT_EXTRA:
                 continue
             if p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):

@@ -17,6 +17,7 @@ from typing import Any
 
 from surgeon.errors import DataError
 from surgeon.io.output import note_input
+from surgeon.io.textfile import read_regular_bytes
 
 TASKS = ("classification", "causal-lm")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -87,8 +88,9 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give a .jsonl or .csv file.")
     suffix = path.suffix.lower()
+    raw = read_regular_bytes(path, what="data file", error=DataError)  # a FIFO or device: one line, no wait
     try:
-        text = path.read_text("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
     if suffix in _JSONL_SUFFIXES:

@@ -26,6 +26,7 @@ from surgeon.io.adapter import Adapter, is_adapter_folder
 from surgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
 from surgeon.io.hub import set_hub_defaults  # re-exported for the CLI
 from surgeon.io.model_card import card_metadata, check_base_model, read_provenance, render_card
+from surgeon.io.textfile import check_regular
 
 __all__ = ["LocalFile", "PushReport", "preflight_push", "push_folder", "set_hub_defaults", "validate_folder"]
 _READ_CHUNK = 16 << 20
@@ -74,6 +75,8 @@ def validate_folder(folder: str | os.PathLike[str]) -> list[LocalFile]:
             f"{root}: surgeon push publishes a folder, not a file; write the output with -o FOLDER and push that."
         )
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    for odd in (p for p in root.rglob("*") if not p.is_file() and not p.is_dir() and not _hidden(p.relative_to(root))):
+        check_regular(odd, what="file to push", error=CheckpointFormatError)  # never silently left out
     pickles = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise PickleRefusedError(

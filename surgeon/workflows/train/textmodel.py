@@ -23,6 +23,7 @@ from surgeon.errors import CheckpointFormatError
 from surgeon.io.adapter import is_adapter_folder
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.data import Example
+from surgeon.io.textfile import check_regular
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 IGNORE_INDEX = -100
@@ -56,6 +57,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     with Checkpoint.open(folder):  # validates the safetensors and refuses pickle weights
         pass
     config_path = folder / "config.json"
+    check_regular(config_path, what="config.json", error=CheckpointFormatError)
     if not folder.is_dir() or not config_path.is_file():
         raise CheckpointFormatError(
             f"{folder}: no config.json; transformers needs the model folder that save_pretrained() wrote."
@@ -86,6 +88,8 @@ def load_tokenizer(*folders: Path) -> Any:
 
     for folder in folders:
         if folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            for name in TOKENIZER_FILES:  # transformers would wait on a FIFO forever
+                check_regular(folder / name, what="tokenizer file", error=CheckpointFormatError)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder))
             except (OSError, ValueError, TypeError, KeyError) as exc:
