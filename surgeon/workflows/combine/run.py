@@ -161,9 +161,13 @@ def combine_module(job: ModuleJob, method: str, adapters: Sequence[tuple[Adapter
         lora_A, lora_B = lowrank_svd_factors(torch.cat([b for _, b in factors], dim=1), stacked_A, job.rank)
         return _pad(lora_A, lora_B, job.rank)
     inner = "linear" if method == "svd" else method[: -len("_svd")]
-    deltas = [(b @ a) * m.scaling for (a, b), m in zip(factors, job.members)]  # B·A orientation, as peft's SVD sees it
+    # ΔW in the layout of peft's get_delta_weight, which the pruning flattens (the order decides which tied
+    # magnitudes torch.topk keeps): transposed for embeddings and fan_in_fan_out layers; B·A for the SVD
+    flip = job.embedding or bool(adapters[job.members[0].adapter][0].config.raw.get("fan_in_fan_out"))
+    deltas = [((b @ a).T if flip else b @ a) * m.scaling for (a, b), m in zip(factors, job.members)]
     delta = peft_combine(deltas, [m.weight for m in job.members], inner, density=density,
                          majority_sign=options.majority_sign, key_of=_keys(options, job, "delta"))
+    delta = delta.T if flip else delta
     lora_A, lora_B = svd_factors(delta, job.rank, clamp=options.svd_clamp)
     return _pad(lora_A, lora_B, job.rank)
 
