@@ -173,3 +173,18 @@ def test_della_ranks_tied_magnitudes_as_mergekit(bf16_models, tmp_path):
         rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
         ours = della_probabilities(rows, 0.5, 0.2).float().reshape(tau.shape)
         assert float((ours - theirs[name]).abs().max()) < 1e-6, name
+
+
+@pytest.mark.skipif(native_gta.kernel() is None, reason="no C compiler: only the torch path runs")
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "magnitude_prune", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", [None, "F32", "F16"])
+def test_native_and_torch_paths_write_the_same_bytes(method, dtype, bf16_models, tmp_path, monkeypatch):
+    base, fts = bf16_models
+    opts = ApplyOptions(method=method, density=0.45, lambda_scale=0.8,
+                        normalize=True if method == "task_arithmetic" else None)
+    inputs = [(fts[1], 0.9), (fts[2], -0.4), (fts[3], 0.6)]
+    apply_task_vectors(base, inputs, tmp_path / "native", options=opts, dtype=dtype)
+    monkeypatch.setenv("SURGEON_NATIVE", "0")
+    apply_task_vectors(base, inputs, tmp_path / "torch", options=opts, dtype=dtype)
+    written = [(tmp_path / path / "model.safetensors").read_bytes() for path in ("native", "torch")]
+    assert written[0] == written[1]

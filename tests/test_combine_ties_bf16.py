@@ -28,7 +28,8 @@ def _tied_bf16(folder: Path, seed: int) -> Path:
 def tied(tiny_llama, tiny_gpt2, tmp_path_factory):
     """Three tied bf16 LoRAs per model: Llama (q/v projections and the embedding), GPT-2 (Conv1D, fan_in_fan_out)."""
     root = tmp_path_factory.mktemp("tied-adapters")
-    llama = [_make_lora(tiny_llama, root / f"l{i}", r=4, alpha=8, targets=LLAMA_TARGETS[0], seed=40 + i) for i in range(3)]
+    llama = [_make_lora(tiny_llama, root / f"l{i}", r=4, alpha=8, targets=LLAMA_TARGETS[0], seed=40 + i)
+             for i in range(3)]
     gpt2 = [_make_lora(tiny_gpt2, root / f"g{i}", r=4, alpha=8, targets=GPT2_TARGETS[0], seed=50 + i,
                        fan_in_fan_out=True) for i in range(3)]
     return {"llama": (tiny_llama, [_tied_bf16(f, i) for i, f in enumerate(llama)]),

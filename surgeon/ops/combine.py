@@ -8,7 +8,8 @@ Pure functions on float32 tensors. Two families, each with its library's semanti
   count of agreeing tensors).
 * mergekit's generalized task arithmetic, written per block of rows so that a tensor of any
   size streams: a :class:`KeepRule` per input (thresholds and rescale factor decided from
-  the whole τ first: the kept set of the magnitude methods exactly mergekit's, ties included), then :func:`sparsify_block` and :func:`consensus_block` on blocks
+  the whole τ first: the kept set of the magnitude methods exactly mergekit's, ties included), then
+  :func:`sparsify_block` and :func:`consensus_block` on blocks
   (mergekit keeps ``max(1, int(density·n))`` values, rescales by the L1-norm ratio, elects
   the sign on the *weighted* deltas and divides by the sum of agreeing weights).
 

@@ -20,6 +20,7 @@ import torch
 
 from surgeon.errors import OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter
+from surgeon.io.finite_inputs import refuse_non_finite_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.shared_output import RankShards
 from surgeon.io.writer import CheckpointWriter, TensorSpec
@@ -66,6 +67,8 @@ def combine_adapters(
     check_options(options, len(parsed))
     with ExitStack() as stack:
         opened = [(stack.enter_context(Adapter.open(p)), w) for p, w in parsed]
+        for adapter, _ in opened:  # a NaN factor: one line naming it, not an SVD that fails to converge
+            refuse_non_finite_adapter(adapter.weights)
         if len(opened) == 1 and options.method == "svd":
             if world.distributed:
                 raise OptionError("converting one adapter (--method svd with one ADAPTER) runs in one process; "
@@ -163,7 +166,8 @@ def combine_module(job: ModuleJob, method: str, adapters: Sequence[tuple[Adapter
     inner = "linear" if method == "svd" else method[: -len("_svd")]
     # ΔW in the layout of peft's get_delta_weight, which the pruning flattens (the order decides which tied
     # magnitudes torch.topk keeps): transposed for embeddings and fan_in_fan_out layers; B·A for the SVD
-    flip = job.embedding or bool(adapters[job.members[0].adapter][0].config.raw.get("fan_in_fan_out"))
+    first = adapters[job.members[0].adapter][0]
+    flip = job.embedding or bool(first.config.raw.get("fan_in_fan_out"))
     deltas = [((b @ a).T if flip else b @ a) * m.scaling for (a, b), m in zip(factors, job.members)]
     delta = peft_combine(deltas, [m.weight for m in job.members], inner, density=density,
                          majority_sign=options.majority_sign, key_of=_keys(options, job, "delta"))

@@ -1,11 +1,14 @@
 """mergekit's merge methods over task vectors and fine-tunes, one tensor at a time, in blocks of rows.
 
 Every output tensor is computed in two sweeps over its inputs: the first decides, per input,
-whether its τ is non-zero and what its sparsification keeps (magnitude thresholds from the
-whole |τ|, L1 rescale factors, Model Stock's cosines); the second reads the inputs again block
-by block, combines the blocks with :mod:`surgeon.ops.combine` and hands each finished block to
-the caller. Peak memory is one |τ| (only for magnitude thresholds) plus a few blocks per input,
-whatever the number of inputs. τ of a fine-tune is θ − θ_base in float32, never written.
+whether its τ is non-zero and what its sparsification keeps (for the magnitude methods exactly
+mergekit's kept elements, from the whole |τ|; L1 rescale factors, Model Stock's cosines); the
+second reads the inputs again block by block, combines the blocks (the native kernel of
+:mod:`surgeon.ops.native_gta` for ties/breadcrumbs/magnitude_prune/task arithmetic with
+λ or normalisation, else :mod:`surgeon.ops.combine`'s torch code, same bits) and hands each
+finished block to the caller. Peak memory: for the magnitude methods one |τ| and its index
+scratch (8 bytes per element) and a keep mask per input (1 byte per element), else a few blocks
+per input, whatever the number of inputs. τ of a fine-tune is θ − θ_base in float32, never written.
 """
 
 from __future__ import annotations
