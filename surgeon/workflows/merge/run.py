@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 from surgeon.errors import OptionError
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.finite_inputs import refuse_non_finite_adapter
 from surgeon.io.model_config import side_files
 from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
@@ -201,6 +202,8 @@ def merge(
     with Checkpoint.open(resolve_path(base)) as ckpt:
         opened = [Adapter.open(path) for path, _ in parsed]
         try:
+            for adapter in opened:  # a NaN factor is named here, not as a merged matrix full of NaN
+                refuse_non_finite_adapter(adapter.weights)
             view, vocab = prepare_vocab(ckpt, opened)  # added tokens, untied lm_head: the base as the adapters see it
             plan = plan_adapter_merge(view, [(a, w) for a, (_, w) in zip(opened, parsed)])
             quant = resolve_base_quant(base_quant, opened)

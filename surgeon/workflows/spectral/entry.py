@@ -50,6 +50,7 @@ def run_intruders(
         folders = [plot] if len(tuned) < 2 else [_plot_dir(plot, t, i) for i, t in enumerate(tuned)]
         for folder in folders:
             check_not_input(Path(folder), [p for p in (*tuned, base, adapter) if p is not None], what="plot folder")
+    refuse_non_finite_adapters([*tuned, adapter])
     report: IntrudersReport | ManyReport
     if sequence:
         if plot is not None:
@@ -72,6 +73,19 @@ def run_intruders(
 
         write_intruders_page(html, report, plot_matrices=plot_matrices, overwrite=overwrite)
     return report
+
+
+def refuse_non_finite_adapters(paths: Sequence[str | os.PathLike[str] | None]) -> None:
+    """Before any work: a NaN/Inf factor in an adapter given (as TUNED or --adapter) is one line naming it."""
+    from surgeon.io.adapter import Adapter, is_adapter_folder
+    from surgeon.io.finite_inputs import refuse_non_finite_adapter
+    from surgeon.io.resolve import resolve_path
+
+    for given in (p for p in paths if p is not None):
+        path = resolve_path(given)
+        if is_adapter_folder(path):
+            with Adapter.open(path) as opened:
+                refuse_non_finite_adapter(opened.weights)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ def run_scale_intruders(
         from surgeon.workflows.spectral.page import check_page_path
 
         check_page_path(html, overwrite=bool(write.get("overwrite")), inputs=[*tuned, base, adapter], outputs=[out])
+    refuse_non_finite_adapters([*tuned, adapter])
     view, before, ranks = None, None, None
     if sequence_from is not None:
         if adapter is not None:

@@ -24,6 +24,7 @@ import torch
 
 from surgeon.io.adapter import Adapter
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.finite_inputs import refuse_non_finite_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.resolve import resolve_path
 from surgeon.ops.task_vector import CHANGED, abs_max, is_float_dtype, rounding_check
@@ -121,6 +122,7 @@ class AdapterChecker:
 
         self.name = str(adapter)
         self.adapter = Adapter.open(resolve_path(adapter))
+        refuse_non_finite_adapter(self.adapter.weights)  # one line naming the factor, not "max error inf"
         self.base = base
         self.tolerance = tolerance
         self.device = device
