@@ -21,7 +21,6 @@ import torch
 from surgeon.errors import OptionError
 from surgeon.io.adapter import ADAPTER_CONFIG, Adapter
 from surgeon.io.finite_inputs import refuse_non_finite_adapter
-from surgeon.io.finite_inputs import refuse_non_finite_adapter
 from surgeon.io.format import torch_dtype
 from surgeon.io.shared_output import RankShards
 from surgeon.io.writer import CheckpointWriter, TensorSpec
@@ -68,8 +67,6 @@ def combine_adapters(
     check_options(options, len(parsed))
     with ExitStack() as stack:
         opened = [(stack.enter_context(Adapter.open(p)), w) for p, w in parsed]
-        for adapter, _ in opened:  # a NaN factor: one line naming it, not an SVD that fails to converge
-            refuse_non_finite_adapter(adapter.weights)
         for adapter, _ in opened:  # a NaN factor: one line naming it, not an SVD that fails to converge
             refuse_non_finite_adapter(adapter.weights)
         if len(opened) == 1 and options.method == "svd":
