@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -179,6 +180,29 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     return target
 
 
+def claim_work_folder(out: Path, *, overwrite: bool, owned: Iterable[str], what: str = "output folder") -> Path:
+    """A folder a long command fills step by step (``surgeon demo``): locked for this run, refused when it
+    holds anything unless ``overwrite``, and even then replaced only when it holds one of ``owned`` (the
+    files an earlier run of the command wrote), so that ``-o ~ --overwrite`` can never empty a home folder."""
+    target = out.resolve()
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder; choose another -o folder.")
+    make_parents(target.parent)
+    guard = _GUARD.get()
+    if guard is not None and target not in guard._releases:
+        guard.lock(target)
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{target}: folder is not empty; choose a new -o folder or pass --overwrite to replace it.")
+        names = sorted(owned)
+        if not any((target / name).exists() for name in names):
+            raise OutputError(f"{target}: holds files no earlier run wrote (none of {', '.join(names)}); --overwrite "
+                              f"replaces only a {what} surgeon wrote: choose a new -o folder or empty this one yourself.")
+        shutil.rmtree(target)
+    target.mkdir(exist_ok=True)
+    return target
+
+
 NON_FINITE_FIX = ("check the inputs for NaN/Inf (a corrupt or diverged checkpoint), a weight or λ too large for the "
                   "output dtype (fp16 holds at most 65504) or pass --allow-non-finite to write them anyway")
 
@@ -249,7 +273,7 @@ def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwr
 
 
 __all__ = ["LOCK_SUFFIX", "STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space",
-           "check_not_input", "check_output", "check_side_output", "check_writable", "clean_stale_locks",
+           "check_not_input", "check_output", "claim_work_folder", "check_side_output", "check_writable", "clean_stale_locks",
            "clean_stale_staging", "current_guard", "disk_error", "lock_path", "make_parents", "note_input",
            "output_guard", "refuse_non_finite", "release_lock", "show", "side_file", "signals_as_interrupts",
            "signals_deferred", "write_side_output"]

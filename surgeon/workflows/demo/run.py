@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from surgeon import __version__
 from surgeon.errors import OutputError
+from surgeon.io.output import claim_work_folder
 from surgeon.io.resolve import resolve_path
 from surgeon.workflows.demo import stages
 from surgeon.workflows.demo.settings import DemoRun, DemoSettings
@@ -90,13 +90,8 @@ def _prepare_output(out: Path, inputs: list[Path], *, overwrite: bool) -> None:
         p = p.resolve()
         if out == p or out in p.parents or p in out.parents:
             raise OutputError(f"{out}: the demo output folder overlaps its input {p}; choose another -o folder.")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another -o folder.")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"{out}: folder is not empty; choose a new -o folder or pass --overwrite to replace it.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # locked for this run; --overwrite replaces only a folder an earlier demo wrote (never `-o ~`)
+    claim_work_folder(out, overwrite=overwrite, owned=("continual.json", "demo.json", "models"), what="demo folder")
 
 
 def run_demo(
