@@ -5,7 +5,7 @@ Nothing is replaced: each hook calls the real method and only adds the pause. Po
 ``open`` (writer made, lock held, nothing written), ``write`` (first shard's header written into an
 anonymous file), ``staged`` (shards linked into the staging folder, before validation), ``publish``
 (inside the publish step, signals held back), ``scratch`` (finetune: scratch folder made, before
-training), ``old`` (fallback publish without RENAME_EXCHANGE: after the old output was renamed away).
+training), ``side`` (a side output written into its temporary file, before it is linked into place), ``old`` (fallback publish without RENAME_EXCHANGE: after the old output was renamed away).
 """
 
 from __future__ import annotations
@@ -49,6 +49,20 @@ def install(point: str) -> None:
         from surgeon.workflows.train import finetune
 
         _wrap(finetune, "_run", point, before=True)
+    elif point == "side":  # a side output (report, page, JSON) written into its temporary file, not yet linked
+        import contextlib
+
+        from surgeon.io import output
+
+        real_side = output.side_file
+
+        @contextlib.contextmanager
+        def side_file(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+            with real_side(*args, **kwargs) as tmp:
+                yield tmp
+                _pause(point)
+
+        output.side_file = side_file  # type: ignore[assignment]
     elif point == "old":
         staging.exchange = lambda a, b: False  # as on a file system without RENAME_EXCHANGE
         real_rename = os.rename
