@@ -30,6 +30,7 @@ from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.format import torch_dtype
 from surgeon.io.model_config import side_files
 from surgeon.io.resolve import resolve_path
+from surgeon.io.roles import refuse_adapter
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, pwrite_all, tensor_bytes
 from surgeon.io.shared_output import RankShards
 from surgeon.ops.task_vector import is_float_dtype
@@ -217,6 +218,9 @@ def apply_task_vectors(
     parsed = [parse_task(t) for t in tasks]
     check_options(options, len(parsed))
     base_path = resolve_path(base)
+    for path in [base_path] + [resolve_path(arg) for arg, _ in parsed]:
+        refuse_adapter(path, expected="a model or task vector", fix="merge an adapter into its base with "
+                       "`surgeon merge BASE ADAPTER`, or mix adapters with `surgeon combine`")
     with ExitStack() as stack:
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))
         opened = [(arg, stack.enter_context(Checkpoint.open(resolve_path(arg))), w) for arg, w in parsed]

@@ -24,6 +24,7 @@ from surgeon.workflows.device import pick_device  # noqa: F401 - re-exported for
 from surgeon.io.format import DTYPE_ALIASES, torch_dtype
 from surgeon.io.output import refuse_non_finite
 from surgeon.io.resolve import resolve_path
+from surgeon.io.roles import refuse_adapter
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec, check_output
 from surgeon.ops.task_vector import (
     CHANGED, IDENTICAL, ROUNDING_ONLY, DeltaMeasure, RankStats, is_float_dtype, measure_delta, rank_stats, task_vector,
@@ -201,6 +202,9 @@ def diff_checkpoints(
     opts = _Options(parse_rounding_dtype(rounding_dtype), ranks, pick_device(device_for(world, device or "auto")),
                     exact_ranks)
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)
+    for path in (tuned_path, base_path):
+        refuse_adapter(path, expected="a model", fix="diff compares two models: check an adapter against its merge "
+                       "with `surgeon diff MERGED BASE --adapter ADAPTER`, or merge it first with `surgeon merge`")
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))

@@ -33,6 +33,7 @@ from surgeon.errors import IncompatibleInputError, OptionError
 from surgeon.io.adapter_writer import AdapterWritten, SavedTensor, write_lora_adapter
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
+from surgeon.io.roles import refuse_adapter
 from surgeon.io.writer import check_output
 from surgeon.ops.lora_extract import LoraFactors, factorize
 from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
@@ -313,6 +314,9 @@ def extract_lora(
     pattern = _validate(rank, energy, max_rank, targets)
     st = parse_dtype(dtype) or "F32"
     tuned_path, base_path = resolve_path(tuned), resolve_path(base)
+    refuse_adapter(tuned_path, expected="a fine-tuned model", fix="it already is a LoRA: change its rank with "
+                   "`surgeon combine ADAPTER --method svd --svd-rank R`, or merge it with `surgeon merge`")
+    refuse_adapter(base_path, expected="a base model", fix="give the base model the fine-tune started from")
     with ExitStack() as stack:
         t_ckpt = stack.enter_context(Checkpoint.open(tuned_path))
         b_ckpt = stack.enter_context(Checkpoint.open(base_path))
