@@ -21,6 +21,8 @@ from _hostile_helpers import inputs_of, invoke, leftovers, one_line, world  # no
     (["apply", "{base}", "{tv}", "{adapter}:0.5", "--method", "ties", "--density", "0.5", "-o", "{out}"],
      "a model or task vector", "surgeon combine"),
     (["apply", "{adapter}", "{tv}", "-o", "{out}"], "a model or task vector", "surgeon merge BASE ADAPTER"),
+    (["merge", "{adapter}", "{adapter}", "-o", "{out}"], "a base model", "surgeon merge BASE ADAPTER [ADAPTER...]"),
+    (["spectrum", "{adapter}", "-o", "{out}.json"], "a model", "surgeon intruders ADAPTER --base BASE"),
 ])
 def test_an_adapter_where_a_model_belongs(world, tmp_path, args, expected, remedy):  # noqa: F811
     before = inputs_of(world)

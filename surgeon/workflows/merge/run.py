@@ -25,6 +25,7 @@ from surgeon.io.finite_inputs import refuse_non_finite_adapter
 from surgeon.io.model_config import side_files
 from surgeon.io.output import check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
+from surgeon.io.roles import refuse_adapter
 from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgeon.parallel.exchange import device_for
 from surgeon.parallel.world import SOLO, World
@@ -199,6 +200,8 @@ def merge(
     if not parsed:
         raise OptionError("no adapter given; name at least one adapter folder after the base.")
     target, dev = parse_dtype(dtype), device_name(device_for(world, str(device)))
+    refuse_adapter(resolve_path(base), expected="a base model", fix="give the base model first and the adapters "
+                   "after it: surgeon merge BASE ADAPTER [ADAPTER...]")
     with Checkpoint.open(resolve_path(base)) as ckpt:
         opened = [Adapter.open(path) for path, _ in parsed]
         try:

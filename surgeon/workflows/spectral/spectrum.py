@@ -26,6 +26,7 @@ import torch
 from surgeon.errors import OptionError, OutputError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.resolve import resolve_path
+from surgeon.io.roles import refuse_adapter
 from surgeon.io.svd_cache import SvdCache, content_key
 from surgeon.io.output import check_side_output, refuse_non_finite, write_side_output
 from surgeon.io.writer import CheckpointWriter, TensorSpec
@@ -216,6 +217,8 @@ def spectrum(
     store = SvdCache(cache) if (full and cache is not None) else SvdCache(None)
     counts = {"hits": 0, "misses": 0}
     model_path = resolve_path(model)
+    refuse_adapter(model_path, expected="a model", fix="spectrum decomposes a model's matrices: merge the adapter "
+                   "first with `surgeon merge`, or compare it with its base by `surgeon intruders ADAPTER --base BASE`")
     _check_output(output, overwrite, model_path)  # before the work: never into the input, never over a file
     with Checkpoint.open(model_path) as ckpt:
         chosen = resolve_targets(ckpt, targets, what=str(model))
