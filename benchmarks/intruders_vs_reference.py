@@ -39,7 +39,13 @@ PROJ = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
 def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, out: str) -> None:
-    """The authors' method on the selected matrices; writes {name: [c_j...]} to ``out``."""
+    """The authors' method on the selected matrices, for BASE + adapter and/or the merged TUNED.
+
+    Per matrix: a full float32 SVD of the base and of each tuned weight, then c_j = max_i |u_jᵀu₀,i|.
+    The base's SVD is done once and counted in both routes' times (each route's time: this process's
+    start-up and reading, the base SVDs and its own tuned SVDs). Writes {"routes": {route: {name: [c_j]}},
+    "seconds": {route: [wall, cpu]}} to ``out``.
+    """
     import re
 
     import torch
@@ -51,22 +57,35 @@ def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, 
     lora = safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") if adapter else None
     config = json.loads((Path(adapter) / "adapter_config.json").read_text()) if adapter else {}
     tuned_ckpt = Checkpoint.open(tuned) if tuned else None
-    result = {}
+    routes = (["adapter"] if lora is not None else []) + (["merged"] if tuned_ckpt is not None else [])
+    result: dict[str, dict[str, list[float]]] = {r: {} for r in routes}
+    own = {r: [0.0, 0.0] for r in ["base", *routes]}
+
+    def timed(route: str, work):  # type: ignore[no-untyped-def]
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = work()
+        own[route][0] += time.perf_counter() - wall
+        own[route][1] += time.process_time() - cpu
+        return value
+
     for name in base.keys():
         if not re.search(pattern, name):
             continue
-        w0 = base.get(name).float()
-        if lora is not None:
-            key = "base_model.model." + name[: -len(".weight")]
-            a, b = lora.get_tensor(key + ".lora_A.weight"), lora.get_tensor(key + ".lora_B.weight")
-            wt = w0 + (b @ a) * (config["lora_alpha"] / config["r"])  # peft's merge, float32
-        else:
-            wt = tuned_ckpt.get(name).float()
-        u0, _, _ = torch.linalg.svd(w0, full_matrices=False)
-        ut, _, _ = torch.linalg.svd(wt, full_matrices=False)
-        c = (ut[:, :10].T @ u0).abs().max(dim=1).values
-        result[name] = [float(x) for x in c]
-    Path(out).write_text(json.dumps(result))
+        w0 = timed("base", lambda: base.get(name).float())
+        u0 = timed("base", lambda: torch.linalg.svd(w0, full_matrices=False)[0])
+        for route in routes:
+            def tuned_c() -> list[float]:
+                if route == "adapter":
+                    key = "base_model.model." + name[: -len(".weight")]
+                    a, b = lora.get_tensor(key + ".lora_A.weight"), lora.get_tensor(key + ".lora_B.weight")
+                    wt = w0 + (b @ a) * (config["lora_alpha"] / config["r"])  # peft's merge, float32
+                else:
+                    wt = tuned_ckpt.get(name).float()
+                ut, _, _ = torch.linalg.svd(wt, full_matrices=False)
+                return [float(x) for x in (ut[:, :10].T @ u0).abs().max(dim=1).values]
+            result[route][name] = timed(route, tuned_c)
+    Path(out).write_text(json.dumps({"routes": result, "own": own, "pattern": pattern,
+                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -92,11 +111,27 @@ def _surgeon(args: list[str], out: Path) -> tuple[tuple[float, float], dict]:
     return times, json.loads(out.read_text())
 
 
-def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None = None, tuned: Path | None = None
-               ) -> tuple[tuple[float, float], dict]:
-    cmd = [sys.executable, __file__, "--reference", str(model), "--pattern", pattern, "--out", str(out)]
-    cmd += ["--adapter", str(adapter)] if adapter else ["--tuned", str(tuned)]
-    return measure(cmd), json.loads(out.read_text())
+def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None, tuned: Path | None, reuse: bool
+               ) -> dict[str, tuple[tuple[float, float], dict]]:
+    """{route: ((wall, CPU seconds), {name: [c_j]})} of the reference, one process for both routes.
+
+    A route's time is the whole process's less the other route's own tuned SVDs (so start-up, reading
+    and the base's SVDs count in both). ``reuse``: take a finished run's ``out`` for the same matrices.
+    """
+    routes = (["adapter"] if adapter else []) + (["merged"] if tuned else [])
+    saved = json.loads(out.read_text()) if reuse and out.is_file() else None
+    if saved is None or saved.get("pattern") != pattern or sorted(saved["routes"]) != sorted(routes):
+        cmd = [sys.executable, __file__, "--reference", str(model), "--pattern", pattern, "--out", str(out)]
+        cmd += (["--adapter", str(adapter)] if adapter else []) + (["--tuned", str(tuned)] if tuned else [])
+        total = measure(cmd)
+        saved = json.loads(out.read_text())
+        saved["total"] = total
+        out.write_text(json.dumps(saved))
+    else:
+        print(f"(reference reused from {out}, finished {saved['finished']})")
+    own, total = saved["own"], saved["total"]
+    return {r: (tuple(total[i] - sum(own[o][i] for o in routes if o != r) for i in range(2)), saved["routes"][r])
+            for r in routes}
 
 
 def _compare(ref: dict, body: dict, eps: float = 0.5) -> tuple[int, int, float, list[str]]:
@@ -138,20 +173,17 @@ def _merged_checkpoint(model: Path, adapter: Path, layers: int, out: Path) -> Pa
     return out
 
 
-def _rounds(repeat: int, cache: Path, run_reference, args: list[str], work: Path, tag: str):  # type: ignore[no-untyped-def]
-    """Reference, cold, warm, ``repeat`` times in turn (so that load on a shared machine hits all three);
-    the median wall and CPU time of each."""
-    times: dict[str, list[tuple[float, float]]] = {"ref": [], "cold": [], "warm": []}
+def _rounds(repeat: int, cache: Path, args: list[str], work: Path, tag: str):  # type: ignore[no-untyped-def]
+    """surgeon cold then warm, ``repeat`` times in turn; the median wall and CPU time of each."""
+    times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}
     for _ in range(repeat):
         shutil.rmtree(cache, ignore_errors=True)
-        t, ref = run_reference()
-        times["ref"].append(t)
         t, cold = _surgeon(args, work / f"cold{tag}.json")
         times["cold"].append(t)
         t, warm = _surgeon(args, work / f"warm{tag}.json")
         times["warm"].append(t)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-    return med["ref"], ref, med["cold"], cold, med["warm"], warm
+    return med["cold"], cold, med["warm"], warm
 
 
 def _row(label: str, times: tuple[float, float], ref: tuple[float, float], n: int) -> str:
@@ -171,7 +203,10 @@ def main() -> None:
     parser.add_argument("--merged", action="store_true", help="Also time TUNED given as a merged checkpoint.")
     parser.add_argument("--merged-only", action="store_true",
                         help="Time only TUNED given as a merged checkpoint (skip BASE + adapter).")
-    parser.add_argument("--repeat", type=int, default=1, help="Interleaved rounds; medians are printed.")
+    parser.add_argument("--repeat", type=int, default=1, help="Interleaved surgeon rounds; medians are printed.")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="Take the reference from a finished run's file in --workdir (same matrices).")
+    parser.add_argument("--reference-only", action="store_true", help="Run (and save) the reference only.")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tuned", default=None, help=argparse.SUPPRESS)
@@ -188,50 +223,51 @@ def main() -> None:
     pattern = rf"model\.layers\.({'|'.join(str(i) for i in range(args.layers))})\.{PROJ}\.weight$"
     cache = work / "svd-cache-bench"
     warm_cache(str(model))
+    merged = (_merged_checkpoint(model, adapter, args.layers, work / f"merged-{args.layers}-layers")
+              if args.merged or args.merged_only else None)
+    routes = _reference(model, pattern, work / f"reference-{args.layers}-layers.json",
+                        adapter=None if args.merged_only else adapter, tuned=merged,
+                        reuse=args.reuse_reference)
+    if args.reference_only:
+        return
     common = ["--base", str(model), "--targets", pattern, "--device", args.device, "--cache", str(cache)]
-    if args.merged_only:
-        sys.exit(1 if _merged(model, adapter, args, work, cache, common) else 0)
-    ref_t, ref, cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, lambda: _reference(
-        model, pattern, work / "reference.json", adapter=adapter), [*common, "--adapter", str(adapter)], work, "")
-    n = len(ref)
-    print(f"measured {n} matrices ({args.layers} of 22 layers x 7 projections), LoRA r=16 on all linear layers, "
-          f"device {args.device}; median of {args.repeat} interleaved round(s)\n")
-    print(_HEADER)
-    print(_row("reference (full SVD x2, float32)", ref_t, ref_t, n))
-    print(_row("surgeon intruders, cold cache", cold_t, ref_t, len(cold["matrices"])))
-    print(_row("surgeon intruders, warm cache", warm_t, ref_t, len(warm["matrices"])))
-    failed = _report_agreement("adapter", ref, [cold, warm])
-    print(f"\ncold/reference: {cold_t[0] / ref_t[0]:.3f}x wall, {cold_t[1] / ref_t[1]:.3f}x CPU (target <= 0.6x); "
-          f"warm/reference: {warm_t[0] / ref_t[0]:.3f}x wall, {warm_t[1] / ref_t[1]:.3f}x CPU (target <= 0.1x)")
-    print(f"surgeon methods: {warm['methods']}; "
-          f"cache {cold['cache']['misses']} misses then {warm['cache']['hits']} hits")
-    if args.merged:
-        failed |= _merged(model, adapter, args, work, cache, common)
+    print(f"device {args.device}; surgeon: median of {args.repeat} round(s) of cold then warm; reference: one "
+          "process for both routes, the base's SVD once per matrix and counted in both routes' times")
+    failed = False
+    if "adapter" in routes:
+        failed |= _route("adapter", routes["adapter"], [*common, "--adapter", str(adapter)], args, work, cache,
+                         f"LoRA r=16 on all linear layers ({args.layers} of 22 layers x 7 projections)", "")
+    if merged is not None:
+        failed |= _route("merged", routes["merged"], [str(merged), *common], args, work, cache,
+                         "TUNED as a merged bf16 checkpoint", "-merged")
     sys.exit(1 if failed else 0)
 
 
-def _report_agreement(label: str, ref: dict, bodies: list[dict]) -> bool:
-    failed = False
-    for body in bodies:
-        n_ref, n_ours, worst, differ = _compare(ref, body)
-        print(f"{label}: intruders reference {n_ref}, surgeon {n_ours}; max |Δc_j| {worst:.2e}; "
-              f"matrices with different counts: {len(differ)}" + (f" ({', '.join(differ)})" if differ else ""))
-        failed |= bool(differ)
-    return failed
-
-
-def _merged(model: Path, adapter: Path, args: argparse.Namespace, work: Path, cache: Path, common: list[str]) -> bool:
-    merged = _merged_checkpoint(model, adapter, args.layers, work / f"merged-{args.layers}-layers")
-    pattern = common[common.index("--targets") + 1]
-    ref_t, ref, cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, lambda: _reference(
-        model, pattern, work / "reference-merged.json", tuned=merged), [str(merged), *common], work, "-merged")
-    print(f"\nTUNED as a merged bf16 checkpoint ({len(ref)} matrices):")
+def _route(label: str, reference_run: tuple[tuple[float, float], dict], args_: list[str], args: argparse.Namespace,
+           work: Path, cache: Path, title: str, tag: str) -> bool:
+    ref_t, ref = reference_run
+    cold_t, cold, warm_t, warm = _rounds(args.repeat, cache, args_, work, tag)
+    print(f"\n{title}: {len(ref)} matrices")
     print(_HEADER)
     print(_row("reference (full SVD x2, float32)", ref_t, ref_t, len(ref)))
     print(_row("surgeon intruders, cold cache", cold_t, ref_t, len(cold["matrices"])))
     print(_row("surgeon intruders, warm cache", warm_t, ref_t, len(warm["matrices"])))
-    print(f"surgeon methods: {warm['methods']}")
-    return _report_agreement("merged", ref, [cold, warm])
+    failed = _report_agreement(label, ref, [cold, warm])
+    print(f"{label} cold/reference: {cold_t[0] / ref_t[0]:.3f}x wall, {cold_t[1] / ref_t[1]:.3f}x CPU; "
+          f"warm/reference: {warm_t[0] / ref_t[0]:.3f}x wall, {warm_t[1] / ref_t[1]:.3f}x CPU")
+    print(f"surgeon methods: {warm['methods']}; cache {cold['cache']['misses']} misses then "
+          f"{warm['cache']['hits']} hits")
+    return failed
+
+
+def _report_agreement(label: str, ref: dict, bodies: list[dict]) -> bool:
+    failed = False
+    for tag, body in zip(("cold", "warm"), bodies):
+        n_ref, n_ours, worst, differ = _compare(ref, body)
+        print(f"{label} {tag}: intruders reference {n_ref}, surgeon {n_ours}; max |Δc_j| {worst:.2e}; "
+              f"matrices with different counts: {len(differ)}" + (f" ({', '.join(differ)})" if differ else ""))
+        failed |= bool(differ)
+    return failed
 
 
 if __name__ == "__main__":

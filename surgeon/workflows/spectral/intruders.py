@@ -116,6 +116,7 @@ class Loaded:
     unchanged: bool = False
     w0: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     tuned: torch.Tensor | None = None
+    finite: bool = False  # both matrices converted and checked finite on the reader thread
 
 
 def _lora_factors(inputs: Inputs, target: Target) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -170,7 +171,13 @@ def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
             name, raw = loaded.tuned_raw
             tinfo = inputs.tuned.info(name)  # type: ignore[union-attr]
             loaded.tuned = _float64(raw, tinfo.dtype, tinfo.shape, target.transposed)
+            loaded.finite = _all_finite(loaded.w0) and _all_finite(loaded.tuned)
     return loaded
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    """No NaN/Inf in a converted matrix (numpy, GIL released); False when it is left to the main thread."""
+    return matrix.numel() > 0 and bool(np.isfinite(matrix.numpy()).all())
 
 
 _NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -204,6 +211,9 @@ def materialize(inputs: Inputs, loaded: Loaded) -> Loaded:
             w = linear_float64(raw, inputs.tuned, replace(target, name=name))  # type: ignore[arg-type]
         loaded.tuned, loaded.unchanged = (None, True) if torch.equal(w, loaded.w0) else (w, False)
     undefined = "its singular vectors are undefined; re-download or re-create this checkpoint"
+    if loaded.finite and loaded.tuned is not None:  # checked on the reader thread
+        loaded.raw0, loaded.tuned_raw = bytearray(), None
+        return loaded
     refuse_non_finite(loaded.w0, where=inputs.base.info(target.name).file, name=target.name, role="holds", fix=undefined)
     if loaded.tuned is not None:
         refuse_non_finite(loaded.tuned, where=str(inputs.tuned_path or inputs.adapter_path), name=target.name,
@@ -276,9 +286,28 @@ def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderO
             yield Analysis(build_row(target, Decomposition.unchanged(time.perf_counter() - begin)), loaded, None)
             continue
         base, state = _base(loaded, cache, device, counts)
-        trip = _triplets(loaded, base, options, device)
-        how = Decomposition(trip.method, trip.steps, trip.residual, state, time.perf_counter() - begin)
-        yield Analysis(_row(loaded, base, trip, options, how), loaded, trip)
+        with one_thread(device):
+            trip = _triplets(loaded, base, options, device)
+            how = Decomposition(trip.method, trip.steps, trip.residual, state, time.perf_counter() - begin)
+            row = _row(loaded, base, trip, options, how)
+        yield Analysis(row, loaded, trip)
+
+
+@contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """The iterations on a CPU with one compute thread: their products are skinny (N × a few dozen), where
+    a second thread gains little and, on a loaded machine, costs 3-4x the CPU time waiting for its peer
+    (measured: 6 s against 22-26 s of user time for one layer's warm run); the other core reads and converts
+    the next matrices meanwhile. The base's decomposition (compute-bound) keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def planned_cost(inputs: Inputs, target: Target, options: IntruderOptions, *, cached: bool = False) -> float:
