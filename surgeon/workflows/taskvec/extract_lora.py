@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,28 @@ def _lora_candidates(tuned: Checkpoint, base: Checkpoint, names: list[str], kind
         if not is_float_dtype(base.info(name).torch_dtype):
             continue
         module = name[: -len(".weight")]
-        kind = kinds.get(module, "other") if source == "transformers" else guess_kind(module, model_type)
+        if source == "pending":  # the module types are still being found: factor it as a Linear, settle later
+            kind = "linear"
+        else:
+            kind = kinds.get(module, "other") if source == "transformers" else guess_kind(module, model_type)
         if kind in LORA_KINDS and (pattern is None or pattern.search(module)):
             out[name] = (module, kind)
     return out
+
+
+def _settle_kinds(state: _State, by_rank: dict[str, int], kinds: dict[str, str], source: str,
+                  model_type: str | None) -> None:
+    """Give each factored module (factored as a Linear while the module types were found) its type: a
+    Conv1D/Embedding gets the factors of τᵀ = Aᵀ·Bᵀ (peft applies their deltas transposed);
+    a weight of no LoRA-able module goes back to the tensors stored whole or dropped."""
+    for module, (_, f, shape) in list(state.factors.items()):
+        kind = kinds.get(module, "other") if source == "transformers" else guess_kind(module, model_type)
+        if kind not in LORA_KINDS:
+            del state.factors[module]
+            by_rank.pop(module, None)
+            state.leftovers.setdefault(module, []).append(module + ".weight")
+        elif kind != "linear":
+            state.factors[module] = (kind, replace(f, A=f.B.T.contiguous(), B=f.A.T.contiguous()), shape)
 
 
 def _read_ahead(tuned: Checkpoint, base: Checkpoint, names: list[str]
@@ -219,8 +237,7 @@ def _scan_one(name: str, pair: tuple[torch.Tensor, torch.Tensor, bool], candidat
         return None
     if name in candidates:
         module, kind = candidates[name]
-        matrix = delta if kind == "linear" else delta.T  # peft applies Conv1D/Embedding deltas transposed
-        f = factorize(matrix, rank=rank, energy=energy, max_rank=max_rank, device=device, exact=exact)
+        f = factorize(delta, rank=rank, energy=energy, max_rank=max_rank, device=device, exact=exact)
         return ("factor", module, kind, f, list(delta.shape))
     return ("leftover", name.rsplit(".", 1)[0] if "." in name else "")
 
@@ -325,10 +342,15 @@ def extract_lora(
         pairs = pair_tensors(t_ckpt, b_ckpt)
         names = [n for n in pairs.common
                  if is_float_dtype(t_ckpt.info(n).torch_dtype) and is_float_dtype(b_ckpt.info(n).torch_dtype)]
-        kinds, source = module_kinds(t_ckpt)
-        candidates = _lora_candidates(t_ckpt, b_ckpt, names, kinds, source, pattern)
-        state, by_rank = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank,
-                               pick_device(device_for(world, device or "auto")), exact, world)
+        # the module types (a meta model of transformers' class: seconds of imports) are found on a thread
+        # while the factoring runs; every 2-D weight is factored as a Linear meanwhile and settled after
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-kinds") as pool:
+            found_kinds = pool.submit(module_kinds, t_ckpt)
+            candidates = _lora_candidates(t_ckpt, b_ckpt, names, {}, "pending", pattern)
+            state, by_rank = _scan(t_ckpt, b_ckpt, names, candidates, rank, energy, max_rank,
+                                   pick_device(device_for(world, device or "auto")), exact, world)
+            kinds, source = found_kinds.result()
+        _settle_kinds(state, by_rank, kinds, source, (t_ckpt.config() or {}).get("model_type"))
         saved = _saved_modules(t_ckpt, state, kinds, source, modules_to_save)
         factors = {m: (f.A, f.B) for m, (_, f, _) in state.factors.items() if f.rank > 0}
         if not factors:
