@@ -19,6 +19,8 @@ from surgeon.workflows.train.methods import METHODS
 @click.option("--alpha", type=float, help="LoRA alpha (scale alpha/r; rsLoRA alpha/sqrt(r)).  [default: 2 x rank]")
 @click.option("--targets", help="Modules to adapt: all-linear, attention, mlp, qv, or names like query,value.  [default: all-linear]")
 @click.option("--lr", type=float, help="Peak learning rate (AdamW, 10% warmup, linear decay).  [default: 5e-5 full, 1e-2 hira, 1e-3 other adapters]")
+@click.option("--head-lr", "head_lr", type=float,
+              help="Peak learning rate of the classification head (a fresh head often wants more than --lr).  [default: --lr]")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example (longer ones are cut).")

@@ -35,7 +35,7 @@ from surgeon.workflows.train.methods import (
 from surgeon.workflows.train.model import Built, build_model
 from surgeon.workflows.train.options import FinetuneOptions, Previous
 from surgeon.workflows.train.textmodel import (
-    PeakMemory, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, is_decoder_config,
+    PeakMemory, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, head_modules, is_decoder_config,
     load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance, seed_everything,
 )
 
@@ -56,6 +56,7 @@ class FinetuneReport:
     targets: str | list[str] | None
     target_modules: int
     lr: float
+    head_lr: float | None
     epochs: int
     batch_size: int
     seed: int
@@ -94,6 +95,10 @@ def _check_options(o: FinetuneOptions) -> None:
         raise OptionError(f"--max-length must be at least 2 tokens (got {o.max_length}).")
     if o.lr is not None and not (o.lr > 0 and math.isfinite(o.lr)):
         raise OptionError(f"--lr must be a positive number (got {o.lr}).")
+    if o.head_lr is not None and not (o.head_lr > 0 and math.isfinite(o.head_lr)):
+        raise OptionError(f"--head-lr must be a positive number (got {o.head_lr}).")
+    if o.head_lr is not None and o.task != "classification":
+        raise OptionError("--head-lr is the classification head's learning rate; use it with --task classification.")
     if o.method == "full" and (o.rank or o.alpha or o.targets):
         raise OptionError("--rank, --alpha and --targets are for adapter methods; --method full trains every weight.")
     if o.method != "sparse-lora" and (o.l1 is not None or o.sparsity is not None):
@@ -196,7 +201,7 @@ def _run(o: FinetuneOptions, base: Path, prev: Previous | None, train: TaskData,
     report = FinetuneReport(
         base=o.base, output=o.out, method=o.method, task=o.task, stage=prev.stage + 1 if prev else 1,
         continue_from=o.continue_from, rank=built.rank, alpha=built.alpha, targets=built.targets,
-        target_modules=built.target_modules, lr=float(o.lr or 0), epochs=o.epochs, batch_size=o.batch_size,
+        target_modules=built.target_modules, lr=float(o.lr or 0), head_lr=o.head_lr, epochs=o.epochs, batch_size=o.batch_size,
         seed=o.seed, device=str(device), train_examples=len(train), eval_examples=len(evald) if evald else None,
         labels=list(train.labels) if train.labels else None, trainable_parameters=trainable,
         total_parameters=total, trainable_percent=100.0 * trainable / max(total, 1), train_loss=losses,
@@ -230,6 +235,17 @@ def _lr_lambda(total: int) -> Any:
     return scale
 
 
+def _param_groups(model: Any, params: list[torch.nn.Parameter], o: FinetuneOptions) -> list[dict[str, Any]]:
+    """One group at ``lr``; with ``head_lr`` the trainable parameters of the task head in a second group
+    (the body's group first: sparse LoRA reads its step from group 0)."""
+    if o.head_lr is None:
+        return [{"params": params}]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = {id(p) for name in head_modules(inner) for p in getattr(inner, name).parameters() if p.requires_grad}
+    body, tuned_head = [p for p in params if id(p) not in head], [p for p in params if id(p) in head]
+    return ([{"params": body}] if body else []) + ([{"params": tuned_head, "lr": o.head_lr}] if tuned_head else [])
+
+
 def _train(o: FinetuneOptions, built: Built, tokenizer: Any, train: TaskData, evaluate: Any,
            device: torch.device) -> tuple[list[float], list[TaskMetrics], float | None]:
     """AdamW with linear warmup/decay; per-epoch mean train loss and eval metrics."""
@@ -241,7 +257,7 @@ def _train(o: FinetuneOptions, built: Built, tokenizer: Any, train: TaskData, ev
         enc = encode_causal(tokenizer, train.examples, o.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = math.ceil(len(train) / o.batch_size)
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, o), lr=o.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps * o.epochs))
     sparse = SparseLoRA(model, l1=o.l1, sparsity=o.sparsity, epochs=o.epochs) if o.method == "sparse-lora" else None
     losses, per_epoch = [], []

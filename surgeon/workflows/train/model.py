@@ -167,6 +167,7 @@ def _continue_adapter(o: FinetuneOptions, model: Any, prev: Previous, labels: li
     config = PeftConfig.from_pretrained(str(prev.folder))
     config.inference_mode = False
     config.modules_to_save = to_save or None
+    config.base_model_name_or_path = None  # this stage's base is named below (no rename warning from peft)
     peft_model = _wrap(model, config, o.base)
     same_head = o.task != "classification" or prev.labels == labels
     state = get_peft_model_state_dict(peft_model)  # a fresh head stays as initialized

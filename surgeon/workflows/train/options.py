@@ -20,6 +20,7 @@ class FinetuneOptions:
     alpha: float | None = None
     targets: str | None = None
     lr: float | None = None
+    head_lr: float | None = None  # the classification head's peak learning rate (None: lr)
     epochs: int = 3
     batch_size: int = 16
     max_length: int = 128
