@@ -141,7 +141,7 @@ def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[to
     a = tau.to(torch.float32)
     m, n = a.shape
     gen = torch.Generator().manual_seed(0)
-    total = float(a.square().sum())
+    total = float(torch.linalg.vector_norm(a)) ** 2
     blocks: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
     captured = 0.0
@@ -168,10 +168,13 @@ def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[to
 
 @torch.no_grad()
 def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL,
-                 method: str = "auto") -> Triplets:
-    """Top-k triplets of a dense ``wt`` (m × n) given the complete basis of ``w0``: the warm route (module doc)."""
+                 method: str = "auto", tau: torch.Tensor | None = None) -> Triplets:
+    """Top-k triplets of a dense ``wt`` (m × n) given the complete basis of ``w0``: the warm route (module doc).
+
+    ``tau``: W_t − W₀ if already at hand (any float dtype; it only shapes the preconditioner)."""
     if base.side == "right":
-        return transposed(top_k_merged(w0.T, BaseBasis("left", base.basis, base.s), wt.T, k, tol=tol, method=method))
+        return transposed(top_k_merged(w0.T, BaseBasis("left", base.basis, base.s), wt.T, k, tol=tol, method=method,
+                                       tau=None if tau is None else tau.T))
     w0, wt = w0.to(torch.float64), wt.to(torch.float64)
     m, n = wt.shape
     k = min(k, m, n)
@@ -179,7 +182,7 @@ def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *,
     start = base.basis[:, :block]
     if k == 0 or method != "auto" or _use_dense(m, block, method):
         return top_k(wt, k, tol=tol, method=method, start=start)
-    left, right = tau_range(wt - w0)
+    left, right = tau_range(wt - w0 if tau is None else tau)
     q = base.basis
     pre = LowRankOperator.build(w0, q, base.s, left, right)
     wide = min(k + max(4, k // 2), m)

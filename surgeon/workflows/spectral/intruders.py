@@ -117,6 +117,7 @@ class Loaded:
     w0: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     tuned: torch.Tensor | None = None
     finite: bool = False  # both matrices converted and checked finite on the reader thread
+    tau: torch.Tensor | None = None  # W_t − W₀ in float32, from the reader thread
 
 
 def _lora_factors(inputs: Inputs, target: Target) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -172,6 +173,8 @@ def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
             tinfo = inputs.tuned.info(name)  # type: ignore[union-attr]
             loaded.tuned = _float64(raw, tinfo.dtype, tinfo.shape, target.transposed)
             loaded.finite = _all_finite(loaded.w0) and _all_finite(loaded.tuned)
+            if loaded.finite:  # τ in float32 for the merged route's range finder, off the main thread
+                loaded.tau = torch.from_numpy(np.subtract(loaded.tuned.numpy(), loaded.w0.numpy(), dtype=np.float32))
     return loaded
 
 
@@ -249,7 +252,9 @@ def _triplets(loaded: Loaded, base: svd.BaseBasis, options: IntruderOptions, dev
         left, right = (f.to(device) for f in loaded.factors)
         return svd.top_k_low_rank(w0, base, left, right, options.top_k, tol=options.tol, method=options.method)
     assert loaded.tuned is not None
-    return svd.top_k_merged(w0, base, loaded.tuned.to(device), options.top_k, tol=options.tol, method=options.method)
+    tau = loaded.tau.to(device) if loaded.tau is not None else None
+    return svd.top_k_merged(w0, base, loaded.tuned.to(device), options.top_k, tol=options.tol, method=options.method,
+                            tau=tau)
 
 
 def _side(base: svd.BaseBasis, w0: torch.Tensor, vectors: torch.Tensor, side: str, dim: int
@@ -288,6 +293,7 @@ def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderO
         base, state = _base(loaded, cache, device, counts)
         with one_thread(device):
             trip = _triplets(loaded, base, options, device)
+            loaded.tau = None
             how = Decomposition(trip.method, trip.steps, trip.residual, state, time.perf_counter() - begin)
             row = _row(loaded, base, trip, options, how)
         yield Analysis(row, loaded, trip)
