@@ -23,6 +23,7 @@ import click
 
 from surgeon.cli.common import State
 from surgeon.errors import SurgeonError
+from surgeon.io.signals import Interrupted
 from surgeon.parallel.world import DEFAULT_TIMEOUT_S, SOLO, PeerLostError, World, detect, process_group
 from surgeon.progress import set_progress
 
@@ -49,6 +50,7 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``python -m surgeon argv`` on ``nproc`` local ranks (gloo on CPU, nccl on GPUs); its exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -59,6 +61,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     if env_threads is None:  # one BLAS thread per core per rank, not N × cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    quiet += [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)  # modules set their own level
+              if name.startswith(("torch.distributed.elastic.", "torch.distributed.launcher."))]
     levels = [log.level for log in quiet]
     for log in quiet:  # the ranks say what went wrong in one line; the agent's own log would repeat it
         log.setLevel(logging.CRITICAL)
@@ -66,6 +70,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "surgeon", *argv)
     except ChildFailedError as exc:
         return _report_failure(exc)
+    except SignalException as exc:  # SIGTERM/SIGHUP to this parent: torch's agent has stopped the ranks (each
+        raise Interrupted(int(exc.sigval)) from None  # cleaned up as for Ctrl-C); one line, exit 128+n
     finally:
         os.environ.pop(CHILD_ENV, None)
         for log, level in zip(quiet, levels):

@@ -52,12 +52,13 @@ def write_shared(
             failure, opened = exc, {"error": str(exc)}
             if writer is not None:
                 writer.__exit__(type(exc), exc, exc.__traceback__)
-    shared = _from_main(world, opened)
-    if "error" in shared:
-        if failure is not None:
-            raise failure
-        raise DistributedError(f"rank 0 could not open the output: {shared['error']}")
-    try:
+                writer = None
+    try:  # from here on, any exit of rank 0 (an error, Ctrl-C, SIGTERM from the launcher) closes the writer
+        shared = _from_main(world, opened)
+        if "error" in shared:
+            if failure is not None:
+                raise failure
+            raise DistributedError(f"rank 0 could not open the output: {shared['error']}")
         try:  # a failure is held for the gather, so that no rank waits for a peer that gave up
             with RankShards(shared) as shards:
                 fill(shards)
@@ -65,19 +66,22 @@ def write_shared(
         except Exception as exc:
             part.fail(exc)
         results = collect(part, encode=encode, decode=decode)
+        outcome: dict[str, Any] | None = None
+        if writer is not None:
+            try:
+                finish(writer, results)
+                writer, closing = None, writer
+                closing.__exit__(None, None, None)  # publishes, or aborts and raises, by itself
+                outcome = {"ok": True}
+            except SurgeonError as exc:  # every rank learns it below, so that none waits for rank 0
+                outcome, failure = {"error": str(exc)}, exc
+                if writer is not None:
+                    writer.__exit__(type(exc), exc, exc.__traceback__)
+                    writer = None
     except BaseException as exc:
         if writer is not None:
             writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
-    outcome: dict[str, Any] | None = None
-    if writer is not None:
-        try:
-            finish(writer, results)
-            writer.__exit__(None, None, None)
-            outcome = {"ok": True}
-        except SurgeonError as exc:
-            outcome = {"error": str(exc)}
-            failure = exc
     final = _from_main(world, outcome)
     if "error" in final:
         if failure is not None:
