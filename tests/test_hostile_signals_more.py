@@ -67,3 +67,18 @@ def test_signal_while_a_side_output_is_written_leaves_no_temporary(world, tmp_pa
     code, err = interrupt("side", [a.format(**paths) for a in args])
     assert_clean(code, err, signal.SIGTERM, tmp_path)
     assert inputs_of(world) == before
+
+
+def test_sigkill_while_a_side_output_is_written_is_cleaned_by_the_next_run(world, tmp_path):  # noqa: F811
+    target = tmp_path / "s.json"
+    proc = subprocess.Popen([sys.executable, str(CHILD), "side", "spectrum", str(world["base"]), "-o", str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout.readline().strip() == "AT side"  # type: ignore[union-attr]
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".s.json.surgeon-staging-") and not target.exists()
+    done = subprocess.run([sys.executable, "-m", "surgeon", "spectrum", str(world["base"]), "-o", str(target)],
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]

@@ -229,6 +229,7 @@ def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: 
         raise OutputError(f"{show(out)}: the {what} file exists; choose another or pass --overwrite to replace it.")
     make_parents(target.parent)
     check_writable(target.parent, out)
+    clean_stale_staging(target.parent)  # a side file a killed run (kill -9) left half-written
     return target
 
 
