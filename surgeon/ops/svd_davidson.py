@@ -43,8 +43,10 @@ class LowRankOperator:
     def build(cls, w0: torch.Tensor, q: torch.Tensor, s: torch.Tensor, left: torch.Tensor, right: torch.Tensor
               ) -> LowRankOperator:
         """For W = W₀ + left·right (m ≤ n, Q = U₀): C = leftᵀQ, P = right·W₀ᵀ·Q."""
-        c, p = left.T @ q, (right @ w0.T) @ q
-        return cls(s * s, torch.cat([c, p]), torch.cat([p, c]).T.contiguous(), right @ right.T)
+        r = left.shape[1]
+        cp = torch.cat([left.T, right @ w0.T]) @ q  # [C; P] in one pass over Q (memory-bound when Q is big)
+        c, p = cp[:r], cp[r:]
+        return cls(s * s, cp, torch.cat([p, c]).T.contiguous(), right @ right.T)
 
     @property
     def rank(self) -> int:
