@@ -168,3 +168,25 @@ def test_head_from_errors_are_one_line(hf, tmp_path):
 def test_bare_base_without_head_names_head_from(hf):
     one_line(run(hf["bert"], "--data", hf["eval"], "--task", "classification"), 1,
              "config.json has no id2label, so it is not a trained classifier; give its head with --head-from PATH")
+
+
+def _with_nan(src: Path, dst: Path, file: str, pick: str) -> tuple[Path, str]:
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / file))
+    name = next(k for k in sorted(tensors) if pick in k)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(dst / file), metadata={"format": "pt"})
+    return dst, name
+
+
+def test_nan_weights_are_refused_not_measured(hf, tmp_path):
+    # transformers' attention turns a NaN query weight into finite logits: the metrics would look fine
+    model, _ = _with_nan(hf["full"], tmp_path / "full-nan", "model.safetensors", "attention.self.query.weight")
+    one_line(run(model, "--data", hf["eval"], "--task", "classification"), 1,
+             f"{model}: weight 'bert.encoder.layer.0.attention.self.query.weight' holds 1 NaN/Inf value(s)",
+             "re-download or re-train it")
+    one_line(run(hf["full"], "--data", hf["eval"], "--drift-from", model), 1, f"{model}: weight ")
+    adapter, _ = _with_nan(hf["headless"], tmp_path / "lora-nan", "adapter_model.safetensors", "lora_B")
+    one_line(run(hf["bert"], "--adapter", adapter, "--data", hf["eval"], "--task", "classification",
+                 "--head-from", hf["head_file"]), 1, f"{adapter}: weight ", "lora_B")
