@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -30,6 +31,7 @@ from surgeon.io.disk import check_free_space, check_writable, disk_error, show
 from surgeon.io.locks import LOCK_SUFFIX, acquire_lock, clean_stale_locks, lock_path, release_lock
 from surgeon.io.signals import Interrupted, signals_as_interrupts, signals_deferred
 from surgeon.io.staging import STAGING_MARK, clean_stale_staging, current_umask, fsync_dir, staging_name
+from surgeon.io.textfile import kind_of
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +126,17 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str]] = (), *,
     return target
 
 
+def refuse_special(out: Path, target: Path) -> None:
+    """Never replace a device, FIFO or socket (``--html /dev/null --overwrite`` would replace /dev/null)."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{show(out)}: is {kind_of(mode)}, not a file or folder; surgeon never replaces one: "
+                          "choose another output path.")
+
+
 def make_parents(folder: Path) -> list[Path]:
     """``mkdir -p folder``; returns the folders it created (deepest last), for removal on failure."""
     missing = []
@@ -165,6 +178,7 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     target = check_not_input(out, inputs)
     clean_stale_locks(target.parent)
     clean_stale_staging(target.parent)  # first: a killed publish may have left the old output to restore
+    refuse_special(out, target)
     if target.exists():
         if target.is_file() and not str(out).endswith(".safetensors"):
             raise OutputError(f"{show(out)}: exists and is a file; choose a folder name for the output.")
@@ -225,6 +239,7 @@ def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: 
     target = check_not_input(out, inputs, what=what)
     if target.is_dir():
         raise OutputError(f"{show(out)}: is a folder; give a file name for the {what}.")
+    refuse_special(out, target)
     if os.path.lexists(target) and not overwrite:
         raise OutputError(f"{show(out)}: the {what} file exists; choose another or pass --overwrite to replace it.")
     make_parents(target.parent)
