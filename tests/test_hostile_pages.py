@@ -97,3 +97,25 @@ def test_spectrum_page_and_its_output_file_cannot_be_one(world, tmp_path):  # no
     result = invoke("spectrum", world["base"], "--html", page, "--overwrite")
     assert result.exit_code == 0, result.output
     assert page.read_text().startswith("<!DOCTYPE html>") and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["intruders", "{merged}", "--base", "{base}", "--cache", "{base}"], "the SVD cache folder overlaps the input"),
+    (["intruders", "{merged}", "--base", "{base}", "--cache", "{merged}/cache"], "the SVD cache folder overlaps the input"),
+    (["spectrum", "{base}", "--full", "--cache", "{base}"], "the SVD cache folder overlaps the input"),
+    (["scale-intruders", "{merged}", "--base", "{base}", "--lambda", "0", "-o", "{out}", "--cache", "{out}/c"],
+     "the SVD cache folder overlaps the output"),
+])
+def test_the_svd_cache_is_a_side_output_too(world, tmp_path, args, message):  # noqa: F811
+    before = inputs_of(world)
+    out = tmp_path / "fixed"
+    paths = {"base": world["base"], "merged": world["merged"], "out": out}
+    one_line(invoke(*[a.format(**paths) for a in args]), 1, message)
+    assert inputs_of(world) == before and not out.exists()
+
+
+def test_a_cache_beside_the_output_still_works(world, tmp_path):  # noqa: F811
+    result = invoke("scale-intruders", world["merged"], "--base", world["base"], "--lambda", "0", "-o",
+                    tmp_path / "fixed", "--cache", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fixed").is_dir() and any((tmp_path / "cache").iterdir())

@@ -47,6 +47,7 @@ class OutputGuard:
         self._releases: list[Path] = []
         self._created: list[Path] = []
         self.allow_non_finite = False  # --allow-non-finite: write NaN/Inf instead of refusing them
+        self.work: list[Path] = []  # folders a command fills itself (claim_work_folder): caches may go inside
 
     def note_input(self, path: str | os.PathLike[str]) -> None:
         resolved = Path(path).resolve()
@@ -124,6 +125,20 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str]] = (), *,
             raise OutputError(f"{show(out)}: the {what} overlaps the input {show(shown)}; surgeon never writes "
                               f"over its inputs. {fix}")
     return target
+
+
+def check_cache_folder(folder: Path) -> None:
+    """A cache written while a command runs (``--cache DIR``) is a side output too: never inside an input
+    or inside the output being written (it would be swapped away with the old output)."""
+    check_not_input(folder, what="SVD cache folder")
+    guard = _GUARD.get()
+    resolved = folder.resolve()
+    for target in guard._releases if guard is not None else []:
+        if target in guard.work:  # type: ignore[union-attr]
+            continue
+        if _is_within(resolved, target) or _is_within(target, resolved):
+            raise OutputError(f"{show(folder)}: the SVD cache folder overlaps the output {show(target)}; choose a "
+                              "--cache DIR outside it.")
 
 
 def refuse_special(out: Path, target: Path) -> None:
@@ -205,6 +220,7 @@ def claim_work_folder(out: Path, *, overwrite: bool, owned: Iterable[str], what:
     guard = _GUARD.get()
     if guard is not None and target not in guard._releases:
         guard.lock(target)
+        guard.work.append(target)
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise OutputError(f"{target}: folder is not empty; choose a new -o folder or pass --overwrite to replace it.")
@@ -289,7 +305,7 @@ def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwr
 
 
 __all__ = ["LOCK_SUFFIX", "STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space",
-           "check_not_input", "check_output", "claim_work_folder", "check_side_output", "check_writable", "clean_stale_locks",
+           "check_cache_folder", "check_not_input", "check_output", "claim_work_folder", "check_side_output", "check_writable", "clean_stale_locks",
            "clean_stale_staging", "current_guard", "disk_error", "lock_path", "make_parents", "note_input",
            "output_guard", "refuse_non_finite", "release_lock", "show", "side_file", "signals_as_interrupts",
            "signals_deferred", "write_side_output"]

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from surgeon.errors import OutputError, SurgeonError
 from surgeon.io.checkpoint import Checkpoint
+from surgeon.io.output import check_cache_folder
 
 FORMAT_VERSION = "1"
 _KEY_PREFIX = b"surgeon-svd-cache-v" + FORMAT_VERSION.encode()
@@ -61,6 +62,7 @@ class SvdCache:
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root).expanduser() if root is not None else None
+        self._checked = False
         if self.root is not None and self.root.exists() and not self.root.is_dir():
             raise OutputError(
                 f"{self.root}: the SVD cache location is a file; give a folder with --cache or pass --no-cache."
@@ -97,6 +99,9 @@ class SvdCache:
         """Write an entry atomically (temporary file + rename)."""
         if self.root is None:
             return
+        if not self._checked:  # by the first store every input of the command has been opened (and noted)
+            check_cache_folder(self.root)
+            self._checked = True
         path = self.path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
