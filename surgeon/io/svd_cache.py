@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from surgeon.errors import OutputError, SurgeonError
@@ -110,10 +111,10 @@ class SvdCache:
                        "s": s.detach().to("cpu", torch.float64).contiguous()},
                       tmp, metadata={"format": "pt", "surgeon_svd_cache": FORMAT_VERSION, "side": side})
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
             tmp.unlink(missing_ok=True)
             raise OutputError(
-                f"{path}: cannot write to the SVD cache ({exc.strerror or exc}); free disk space, choose another "
+                f"{path}: cannot write to the SVD cache ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}); free disk space, choose another "
                 "folder with --cache DIR, or pass --no-cache."
             ) from None
 
