@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgeon.ops import native_gta
-from surgeon.ops.combine import della_probabilities, magnitude_mask, sorted_positions
+from surgeon.ops.combine import della_probabilities, magnitude_mask, sorted_positions, unpack_bits
 from surgeon.workflows.taskvec.apply import apply_task_vectors
 from surgeon.workflows.taskvec.methods import ApplyOptions
 from conftest import _save, tiny_llama_config
@@ -137,20 +137,21 @@ def test_the_native_selection_is_torchs_sort(numel):
 
 @pytest.mark.parametrize("method,density,gamma", [("magnitude", 0.37, 0.0), ("magnitude_outliers", 0.5, 0.05)])
 def test_magnitude_mask_falls_back_to_the_sort_it_follows(method, density, gamma, monkeypatch):
-    """Without the kernel, and after the kernel gave up (refill called), the sort itself decides."""
+    """Without the kernel, and where the kernel gives up (the sort's heapsort depth), the sort itself decides."""
     gen = torch.Generator().manual_seed(3)
     values = torch.randint(0, 5, (50_000,), generator=gen).float()
     descending, lo, hi = sorted_positions(values.numel(), density, method=method, gamma=gamma)
     expected = _reference_mask(values, descending, lo, hi)
-    monkeypatch.setenv("SURGEON_NATIVE", "0")
-    kept, total = magnitude_mask(values.clone(), density, method=method, gamma=gamma)
-    assert torch.equal(kept, expected) and total == float(values[expected].double().sum())
-    monkeypatch.delenv("SURGEON_NATIVE")
-    monkeypatch.setattr(native_gta, "sorted_range", lambda *a, **k: None)  # as at the heapsort depth limit
-    refilled = []
-    kept, _ = magnitude_mask(values.clone().flip(0), density, method=method, gamma=gamma,
-                             refill=lambda buf: (buf.copy_(values), refilled.append(1)))
-    assert torch.equal(kept, expected) and (refilled or native_gta.kernel() is None)
+    for route in ("native", "torch", "gave up"):
+        with monkeypatch.context() as patch:
+            if route == "torch":
+                patch.setenv("SURGEON_NATIVE", "0")
+            if route == "gave up":
+                patch.setattr(native_gta, "sorted_range_pairs", lambda *a, **k: None)
+            bits, total = magnitude_mask(values, density, method=method, gamma=gamma)
+        assert torch.equal(unpack_bits(bits, 0, values.numel()), expected), route
+        assert total == pytest.approx(float(values[expected].double().sum()), rel=1e-12), route
+        assert unpack_bits(bits, 12345, 999).tolist() == expected[12345:13344].tolist()
 
 
 @pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is not installed in a venv "

@@ -130,7 +130,7 @@ def lora_from_delta(delta: torch.Tensor, rank: int | float) -> tuple[torch.Tenso
 class KeepRule:
     """How one input's τ is sparsified, decided from the whole τ before any block is combined.
 
-    ``kind``: all | mask (``mask``: the kept elements of the flattened τ, from :func:`magnitude_mask`:
+    ``kind``: all | mask (``mask``: bits of the kept elements of the flattened τ, :func:`magnitude_mask`:
     magnitude, breadcrumbs) | random (DARE, Bernoulli(density)) | della (per-row rank-dependent probability).
     ``scale`` multiplies the kept values (L1 rescale).
     """
@@ -155,30 +155,55 @@ def sorted_positions(numel: int, density: float, *, method: str, gamma: float = 
     return False, bottom, bottom + target
 
 
-@torch.no_grad()
-def magnitude_mask(flat_abs: torch.Tensor, density: float, *, method: str, gamma: float = 0.01,
-                   refill: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, float]:
-    """(kept, Σ kept |τ| in float64): exactly the elements mergekit keeps, ties at the threshold included,
-    for |τ| flattened in float32 on the CPU (``flat_abs``). mergekit takes them from torch's sort, which
-    is not stable, so which of many equal magnitudes it keeps is that sort's order: the native kernel
-    carries out only the sort's partitions that hold a boundary (``flat_abs`` is permuted then; ``refill``
-    writes |τ| into it again when the kernel cannot finish), else torch's sort itself decides."""
-    descending, lo, hi = sorted_positions(flat_abs.numel(), density, method=method, gamma=gamma)
-    kept = torch.zeros(flat_abs.numel(), dtype=torch.bool)
-    if hi <= lo:
-        return kept, 0.0
+def magnitude_mask(flat_abs: torch.Tensor, density: float, *, method: str, gamma: float = 0.01
+                   ) -> tuple[torch.Tensor, float]:
+    """(kept bits, Σ kept |τ| in float64): exactly the elements mergekit keeps, ties at the threshold included,
+    for |τ| flattened in float32 on the CPU (``flat_abs``, left unchanged); bit i (little-endian bit order,
+    :func:`unpack_bits`) is element i. mergekit takes them from torch's sort, which is not stable, so which
+    of many equal magnitudes it keeps is that sort's order: the native kernel carries out only the
+    partitions of that sort that hold a boundary, else torch's sort decides."""
     lib = native_gta.kernel()
-    if lib is not None:
-        total = native_gta.sorted_range(lib, flat_abs.numpy(), descending=descending, lo=lo, hi=hi,
-                                        mask=kept.numpy().view(numpy.uint8))
-        if total is not None:
-            return kept, total
-        if refill is None:
-            raise ValueError("the sort's heapsort fallback needs |τ| again: pass refill")
-        refill(flat_abs)
-        kept.zero_()
-    kept[torch.sort(flat_abs, descending=descending).indices[lo:hi]] = True
-    return kept, float(flat_abs[kept].sum(dtype=torch.float64))
+    if lib is None:
+        return _sorted_mask(flat_abs, *sorted_positions(flat_abs.numel(), density, method=method, gamma=gamma))
+    pairs = native_gta.pairs_buffer(flat_abs.numel())
+    lib.fill_pairs(flat_abs.numpy().ctypes.data, flat_abs.numel(), pairs.ctypes.data)
+    return magnitude_mask_pairs(pairs, density, method=method, gamma=gamma, values=lambda: flat_abs)
+
+
+def magnitude_mask_pairs(pairs: numpy.ndarray, density: float, *, method: str, gamma: float = 0.01,
+                         values: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """:func:`magnitude_mask` from (|τ|, index) pairs (:func:`native_gta.tau_abs_pairs`, permuted here);
+    ``values()`` gives |τ| again for torch's sort where the kernel cannot finish (its heapsort depth)."""
+    descending, lo, hi = sorted_positions(pairs.size, density, method=method, gamma=gamma)
+    bits = torch.zeros((pairs.size + 7) // 8, dtype=torch.uint8)
+    if hi <= lo:
+        return bits, 0.0
+    lib = native_gta.kernel()
+    total = None if lib is None else native_gta.sorted_range_pairs(
+        lib, pairs, descending=descending, lo=lo, hi=hi, bits=bits.numpy())
+    if total is not None:
+        return bits, total
+    return _sorted_mask(values(), descending, lo, hi)
+
+
+def _sorted_mask(flat_abs: torch.Tensor, descending: bool, lo: int, hi: int) -> tuple[torch.Tensor, float]:
+    """What mergekit does: torch's sort of |τ|, the elements at positions [lo, hi) kept (as bits)."""
+    kept = torch.zeros(flat_abs.numel(), dtype=torch.bool)
+    if hi > lo:
+        kept[torch.sort(flat_abs, descending=descending).indices[lo:hi]] = True
+    return pack_bits(kept), float(flat_abs[kept].sum(dtype=torch.float64))
+
+
+def pack_bits(kept: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as bits, little-endian within each byte (bit i of the result is element i)."""
+    return torch.from_numpy(numpy.packbits(kept.numpy(), bitorder="little"))
+
+
+def unpack_bits(bits: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Elements [start, start + count) of a :func:`pack_bits` mask as a bool tensor."""
+    first, skip = divmod(start, 8)
+    chunk = bits[first:(start + count + 7) // 8 + 1].numpy()
+    return torch.from_numpy(numpy.unpackbits(chunk, bitorder="little")[skip:skip + count].astype(bool))
 
 
 def della_probabilities(block: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -199,7 +224,7 @@ def keep_mask(block: torch.Tensor, rule: KeepRule, start: int) -> torch.Tensor |
     if rule.kind == "all":
         return None
     if rule.kind == "mask":
-        return rule.mask[start:start + block.numel()].view(block.shape).to(block.device)
+        return unpack_bits(rule.mask, start, block.numel()).view(block.shape).to(block.device)
     if rule.kind == "random":
         return bernoulli_mask(rule.key, start, tuple(block.shape), rule.density).to(block.device)
     if rule.kind == "della":

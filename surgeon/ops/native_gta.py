@@ -73,12 +73,17 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib.tau_abs.restype = ctypes.c_int
     lib.tau_abs.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, ctypes.c_size_t, _P, ctypes.POINTER(ctypes.c_double)]
+    lib.tau_abs_pairs.restype = ctypes.c_int
+    lib.tau_abs_pairs.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, ctypes.c_size_t, ctypes.c_int64, _P,
+                                  ctypes.POINTER(ctypes.c_double)]
+    lib.fill_pairs.restype = None
+    lib.fill_pairs.argtypes = [_P, ctypes.c_int64, _P]
     lib.sorted_range.restype = ctypes.c_int
-    lib.sorted_range.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, _P,
+    lib.sorted_range.argtypes = [_P, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, _P,
                                  ctypes.POINTER(ctypes.c_double)]
     lib.gta_block.restype = None
-    lib.gta_block.argtypes = [ctypes.c_size_t, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int]
+    lib.gta_block.argtypes = [ctypes.c_size_t, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int64, _P,
+                              _P, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int]
     return lib
 
 
@@ -107,25 +112,52 @@ def tau_abs(lib: ctypes.CDLL, a: numpy.ndarray, a_dtype: str, b: numpy.ndarray |
     return bool(nonzero), total.value
 
 
-def sorted_range(lib: ctypes.CDLL, values: numpy.ndarray, *, descending: bool, lo: int, hi: int,
-                 mask: numpy.ndarray) -> float | None:
-    """mask[i] = 1 where torch's CPU sort of ``values`` (float32; permuted in place) puts element i at a
-    position in [lo, hi); the kept values' sum, or None where the sort would have taken its heapsort
-    fallback (then ``mask`` is incomplete and the caller sorts)."""
-    if values.size >= 2**31:
+def tau_abs_pairs(lib: ctypes.CDLL, a: numpy.ndarray, a_dtype: str, b: numpy.ndarray | None, b_dtype: str,
+                  pairs: numpy.ndarray, start: int, *, l1: bool = True) -> tuple[bool, float]:
+    """pairs[i] = (|a − b| or |a| as float32, start + i), ``pairs`` uint64 (see :func:`pairs_buffer`); (any
+    non-zero, Σ|.| in float64, 0 unless ``l1``)."""
+    total = ctypes.c_double()
+    nonzero = lib.tau_abs_pairs(_ptr(a), DTYPE_CODES[a_dtype], _ptr(b), DTYPE_CODES.get(b_dtype, 0), pairs.size,
+                                start, _ptr(pairs), ctypes.byref(total) if l1 else None)
+    return bool(nonzero), total.value
+
+
+def pairs_buffer(numel: int) -> numpy.ndarray:
+    """Room for ``numel`` (float32 value, int32 index) pairs."""
+    return numpy.empty(numel, dtype=numpy.uint64)
+
+
+def sorted_range_pairs(lib: ctypes.CDLL, pairs: numpy.ndarray, *, descending: bool, lo: int, hi: int,
+                       bits: numpy.ndarray) -> float | None:
+    """Bit i of ``bits`` (uint8, little-endian bit order, zeroed, at least (n + 7) // 8) set where torch's CPU
+    sort of the pairs' values puts element i (the pair's index) at a position in [lo, hi); ``pairs`` are
+    permuted in place. The kept values' sum, or None where the sort would have taken its heapsort fallback
+    (then ``bits`` are incomplete and the caller sorts)."""
+    if pairs.size >= 2**31:
         return None
-    scratch = numpy.empty(values.size, dtype=numpy.int32)
     kept = ctypes.c_double()
-    rc = lib.sorted_range(_ptr(values), _ptr(scratch), values.size, int(descending), lo, hi, _ptr(mask),
-                          ctypes.byref(kept))
+    rc = lib.sorted_range(_ptr(pairs), pairs.size, int(descending), lo, hi, _ptr(bits), ctypes.byref(kept))
     return None if rc else kept.value
 
 
+def sorted_range(lib: ctypes.CDLL, values: numpy.ndarray, *, descending: bool, lo: int, hi: int,
+                 mask: numpy.ndarray) -> float | None:
+    """:func:`sorted_range_pairs` for float32 ``values`` (left unchanged), ``mask`` one uint8 0/1 per value."""
+    pairs = pairs_buffer(values.size)
+    lib.fill_pairs(_ptr(numpy.ascontiguousarray(values, dtype=numpy.float32)), values.size, _ptr(pairs))
+    bits = numpy.zeros((values.size + 7) // 8, dtype=numpy.uint8)
+    total = sorted_range_pairs(lib, pairs, descending=descending, lo=lo, hi=hi, bits=bits)
+    mask[:] = numpy.unpackbits(bits, bitorder="little")[: values.size]
+    return total
+
+
 def gta_block(lib: ctypes.CDLL, base: numpy.ndarray, base_dtype: str, inputs: list[tuple[numpy.ndarray, str, bool]],
-              masks: list[numpy.ndarray | None], scales: list[float], weights: list[float], *, consensus: int,
-              normalize: bool, divisor: float, lambda_scale: float, out: numpy.ndarray, out_dtype: str) -> None:
+              masks: list[numpy.ndarray | None], start: int, scales: list[float], weights: list[float], *,
+              consensus: int, normalize: bool, divisor: float, lambda_scale: float, out: numpy.ndarray,
+              out_dtype: str) -> None:
     """One block of θ_base + λ·mix(w_i·s_i·(m_i·τ_i)) into ``out`` (raw elements of ``out_dtype``); ``inputs``:
-    (raw elements, dtype, is a fine-tune); consensus 0 none, 1 sum, 2 count (see gta_rows.c)."""
+    (raw elements, dtype, is a fine-tune); ``masks``: whole-tensor keep bits (little-endian), this block's
+    first element being bit ``start``; consensus 0 none, 1 sum, 2 count (see gta_rows.c)."""
     count = len(inputs)
     pointers = (ctypes.c_void_p * count)(*(_ptr(a) for a, _, _ in inputs))
     dtypes = (ctypes.c_int * count)(*(DTYPE_CODES[d] for _, d, _ in inputs))
@@ -134,5 +166,5 @@ def gta_block(lib: ctypes.CDLL, base: numpy.ndarray, base_dtype: str, inputs: li
     scale_arr = (ctypes.c_float * count)(*scales)
     weight_arr = (ctypes.c_float * count)(*weights)
     lib.gta_block(base.size, _ptr(base), DTYPE_CODES[base_dtype], count, pointers, dtypes, finetune, mask_ptrs,
-                  scale_arr, weight_arr, consensus, int(normalize), divisor, lambda_scale, _ptr(out),
+                  start, scale_arr, weight_arr, consensus, int(normalize), divisor, lambda_scale, _ptr(out),
                   DTYPE_CODES[out_dtype])

@@ -3,7 +3,8 @@
  * Built at first use by surgeon/ops/native_gta.py with the system C compiler (-O3 -ffp-contract=off: no fused
  * multiply-add the source does not ask for) and called through ctypes (the GIL is released during a call).
  *
- * tau_abs      |θ − θ_base| (or |τ|) of one block in float32, its L1 norm in double, whether any is non-zero.
+ * tau_abs      |θ − θ_base| (or |τ|) of one block in float32, its L1 norm in double, whether any is non-zero;
+ *              tau_abs_pairs the same as (value, index) pairs, what sorted_range permutes.
  * sorted_range which elements of a float32 array land at positions [lo, hi) of torch's CPU sort (not stable:
  *              introsort, median of three, Hoare partition, insertion sort of runs of at most 16), that is which
  *              of the values tied at a threshold mergekit's argsort keeps. Only the partitions that contain a
@@ -71,8 +72,40 @@ int tau_abs(const void *a, int adt, const void *b, int bdt, size_t n, float *out
 
 /* -- torch's CPU sort, followed only where a boundary lies ------------------------------------------------ */
 typedef struct {
-    float *v;
-    int32_t *ix;
+    float v;    /* the value sorted */
+    int32_t ix; /* where it was */
+} Pair;         /* values and indices side by side: a swap moves one 8-byte word */
+
+/* out[i] = (|a[i] − b[i]| or |a[i]|, start + i) for one block; *l1 = Σ |.| unless NULL; 1 when any is non-zero */
+int tau_abs_pairs(const void *a, int adt, const void *b, int bdt, size_t n, int64_t start, Pair *out, double *l1) {
+    float block[1024];
+    uint32_t any = 0;
+    double sum = 0.0;
+    if (l1) *l1 = 0.0;
+    for (size_t off = 0; off < n; off += 1024) {
+        size_t m = n - off < 1024 ? n - off : 1024;
+        int nz = tau_abs((const char *)a + off * (adt == F32 ? 4 : 2), adt,
+                         b ? (const char *)b + off * (bdt == F32 ? 4 : 2) : NULL, bdt, m, block, l1 ? &sum : NULL);
+        any |= (uint32_t)nz;
+        if (l1) *l1 += sum;
+        for (size_t i = 0; i < m; i++) {
+            out[off + i].v = block[i];
+            out[off + i].ix = (int32_t)(start + (int64_t)(off + i));
+        }
+    }
+    return any != 0;
+}
+
+/* pairs (values[i], i): for callers that hold the values alone */
+void fill_pairs(const float *values, int64_t n, Pair *out) {
+    for (int64_t i = 0; i < n; i++) {
+        out[i].v = values[i];
+        out[i].ix = (int32_t)i;
+    }
+}
+
+typedef struct {
+    Pair *a;
     int desc;
     int64_t lo, hi;
     uint8_t *mask;
@@ -86,24 +119,21 @@ INLINE int comes_before(const Sel *s, float a, float b) {
 }
 
 INLINE void swap_at(Sel *s, int64_t i, int64_t j) {
-    float v = s->v[i];
-    int32_t x = s->ix[i];
-    s->v[i] = s->v[j];
-    s->ix[i] = s->ix[j];
-    s->v[j] = v;
-    s->ix[j] = x;
+    Pair t = s->a[i];
+    s->a[i] = s->a[j];
+    s->a[j] = t;
 }
 
 /* the median of the values at a, b, c moved to position r */
 static void median_to(Sel *s, int64_t r, int64_t a, int64_t b, int64_t c) {
-    const float *v = s->v;
-    if (comes_before(s, v[a], v[b])) {
-        if (comes_before(s, v[b], v[c])) swap_at(s, r, b);
-        else if (comes_before(s, v[a], v[c])) swap_at(s, r, c);
+    const Pair *v = s->a;
+    if (comes_before(s, v[a].v, v[b].v)) {
+        if (comes_before(s, v[b].v, v[c].v)) swap_at(s, r, b);
+        else if (comes_before(s, v[a].v, v[c].v)) swap_at(s, r, c);
         else swap_at(s, r, a);
-    } else if (comes_before(s, v[a], v[c])) {
+    } else if (comes_before(s, v[a].v, v[c].v)) {
         swap_at(s, r, a);
-    } else if (comes_before(s, v[b], v[c])) {
+    } else if (comes_before(s, v[b].v, v[c].v)) {
         swap_at(s, r, c);
     } else {
         swap_at(s, r, b);
@@ -112,11 +142,11 @@ static void median_to(Sel *s, int64_t r, int64_t a, int64_t b, int64_t c) {
 
 /* Hoare partition of [first, last) around the value at ``pivot`` (outside the range, a sentinel below it) */
 static int64_t partition(Sel *s, int64_t first, int64_t last, int64_t pivot) {
-    const float p = s->v[pivot];
+    const float p = s->a[pivot].v;
     for (;;) {
-        while (comes_before(s, s->v[first], p)) first++;
+        while (comes_before(s, s->a[first].v, p)) first++;
         last--;
-        while (comes_before(s, p, s->v[last])) last--;
+        while (comes_before(s, p, s->a[last].v)) last--;
         if (!(first < last)) return first;
         swap_at(s, first, last);
         first++;
@@ -126,16 +156,13 @@ static int64_t partition(Sel *s, int64_t first, int64_t last, int64_t pivot) {
 /* stable insertion sort of a short run (what the final insertion sort does to it) */
 static void insertion_sort(Sel *s, int64_t first, int64_t last) {
     for (int64_t i = first + 1; i < last; i++) {
-        float v = s->v[i];
-        int32_t x = s->ix[i];
+        Pair x = s->a[i];
         int64_t j = i;
-        while (j > first && comes_before(s, v, s->v[j - 1])) {
-            s->v[j] = s->v[j - 1];
-            s->ix[j] = s->ix[j - 1];
+        while (j > first && comes_before(s, x.v, s->a[j - 1].v)) {
+            s->a[j] = s->a[j - 1];
             j--;
         }
-        s->v[j] = v;
-        s->ix[j] = x;
+        s->a[j] = x;
     }
 }
 
@@ -148,8 +175,9 @@ static void mark(Sel *s, int64_t first, int64_t last) {
     int64_t a = first > s->lo ? first : s->lo, b = last < s->hi ? last : s->hi;
     double sum = 0.0;
     for (int64_t p = a; p < b; p++) {
-        s->mask[s->ix[p]] = 1;
-        sum += s->v[p];
+        int32_t i = s->a[p].ix;
+        s->mask[i >> 3] |= (uint8_t)(1u << (i & 7)); /* bits: the mask stays in cache */
+        sum += s->a[p].v;
     }
     s->kept_l1 += sum;
 }
@@ -173,12 +201,11 @@ static int follow(Sel *s, int64_t first, int64_t last, int depth) {
     return 0;
 }
 
-/* mask[i] = 1 for the elements of v (n values, permuted in place; ix: scratch of n) that torch.sort(v,
+/* bit i of mask (little-endian bit order, zeroed by the caller) set for the elements of ``a`` (n pairs
+ * (value, i), permuted in place) that torch.sort(values,
  * descending=desc) puts at positions [lo, hi); *kept_l1 = their sum. 0, or -1 (the caller sorts). */
-int sorted_range(float *v, int32_t *ix, int64_t n, int desc, int64_t lo, int64_t hi, uint8_t *mask,
-                 double *kept_l1) {
-    Sel s = {v, ix, desc, lo, hi, mask, 0.0};
-    for (int64_t i = 0; i < n; i++) ix[i] = (int32_t)i;
+int sorted_range(Pair *a, int64_t n, int desc, int64_t lo, int64_t hi, uint8_t *mask, double *kept_l1) {
+    Sel s = {a, desc, lo, hi, mask, 0.0};
     int depth = 0;
     for (int64_t m = n; m > 1; m >>= 1) depth++;
     int rc = n > 0 ? follow(&s, 0, n, 2 * depth) : 0;
@@ -194,13 +221,14 @@ int sorted_range(float *v, int32_t *ix, int64_t n, int desc, int64_t lo, int64_t
     else for (size_t j = 0; j < m; j++) DST[j] = load(SRC, F16, off + j);
 
 /* out = round(base + λ·mixed/divisor): for each input i, d_i = w_i·(s_i·(m_i·τ_i)) with τ_i = in_i − base
- * (finetune[i]) or in_i, m_i its 0/1 mask (NULL: all kept); consensus 0 (none: mixed = Σ d_i, divisor
+ * (finetune[i]) or in_i, m_i its bit (mask bits start + j, little-endian; NULL: all kept); consensus 0 (none: mixed = Σ d_i, divisor
  * ``divisor_all``), 1 (sum) or 2 (count): only d_i whose sign is the elected one count, divisor Σ of their
  * w_i (1 where none agrees). normalize 0 leaves the divisor out. Each element sees the same float32 operations
  * in the same order as mergekit's tensor code; the chunked loops only let the compiler vectorize them. */
 void gta_block(size_t n, const void *base, int bdt, int nt, const void *const *ins, const int *idt,
-               const int *finetune, const uint8_t *const *masks, const float *scales, const float *weights,
-               int consensus, int normalize, float divisor_all, float lambda, void *out, int odt) {
+               const int *finetune, const uint8_t *const *masks, int64_t start, const float *scales,
+               const float *weights, int consensus, int normalize, float divisor_all, float lambda, void *out,
+               int odt) {
     float b[CHUNK], t[CHUNK], d[64][CHUNK], acc[CHUNK], mixed[CHUNK], div[CHUNK], major[CHUNK];
     for (size_t off = 0; off < n; off += CHUNK) {
         size_t m = n - off < CHUNK ? n - off : CHUNK;
@@ -211,8 +239,9 @@ void gta_block(size_t n, const void *base, int bdt, int nt, const void *const *i
             LOAD_LOOP(t, ins[i], idt[i])
             if (finetune[i]) for (size_t j = 0; j < m; j++) t[j] = t[j] - b[j];
             if (masks[i]) {
-                const uint8_t *mk = masks[i] + off;
-                for (size_t j = 0; j < m; j++) t[j] = t[j] * (float)mk[j];
+                const uint8_t *mk = masks[i];
+                const int64_t at = start + (int64_t)off;
+                for (size_t j = 0; j < m; j++) t[j] = t[j] * (float)((mk[(at + (int64_t)j) >> 3] >> ((at + (int64_t)j) & 7)) & 1);
             }
             if (sc != 1.0f) for (size_t j = 0; j < m; j++) t[j] = t[j] * sc;
             for (size_t j = 0; j < m; j++) di[j] = t[j] * w;

@@ -41,7 +41,8 @@ from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text
 from surgeon.workflows.convert import parse_dtype
 from surgeon.workflows.shared_write import write_shared
 from surgeon.workflows.taskvec.diff import TASK_VECTOR_KIND
-from surgeon.workflows.taskvec.methods import BLOCK_ELEMENTS, ApplyOptions, TensorMerge, Term, block_workers, check_options
+from surgeon.workflows.taskvec.methods import (BLOCK_ELEMENTS, ApplyOptions, ScratchPool, TensorMerge, Term, block_workers,
+                                              check_options)
 
 TaskArg = Union[str, "os.PathLike[str]", tuple[Union[str, "os.PathLike[str]"], float]]
 
@@ -248,6 +249,7 @@ def apply_task_vectors(
         sources = [(c, kinds[i] == "finetune") for i, (_, c, _) in enumerate(opened)]
         weights = [w for _, _, w in opened]
         pool = stack.enter_context(block_workers())
+        scratch = ScratchPool()  # |τ| buffers reused from tensor to tensor (freed with the run)
 
         def open_writer() -> CheckpointWriter:
             return CheckpointWriter(out, specs, inputs=inputs, max_shard_size=max_shard_size, overwrite=overwrite,
@@ -260,14 +262,15 @@ def apply_task_vectors(
             done = write_shared(world, part, open_writer=open_writer, finish=lambda writer, got: None,
                                 encode=bool, decode=bool,
                                 fill=lambda shards: run_share(part, [p.name for p in mine], (
-                                    _write_one(shards, b_ckpt, p, sources, weights, options, pool, block_elements)
+                                    _write_one(shards, b_ckpt, p, sources, weights, options, pool, block_elements, scratch)
                                     for p in progress(mine, total=len(mine), desc=f"apply {options.method}"))))
             computed = {p.name for p, made in zip(plan, done) if made}
             shards = []
         else:
             with open_writer() as writer:
                 computed = {p.name for p in progress(plan, total=len(plan), desc=f"apply {options.method}")
-                            if _write_one(writer, b_ckpt, p, sources, weights, options, pool, block_elements)}
+                            if _write_one(writer, b_ckpt, p, sources, weights, options, pool, block_elements,
+                                           scratch)}
             shards = writer.shard_files
         cast = sum(1 for p in plan if p.name not in computed and p.dtype != b_ckpt.info(p.name).dtype)
         return ApplyReport(**report, computed=len(computed), copied=len(plan) - len(computed) - cast, cast=cast,
@@ -275,7 +278,8 @@ def apply_task_vectors(
 
 
 def _write_one(writer: CheckpointWriter | RankShards, base: Checkpoint, entry: PlannedTensor, sources: list[tuple[Checkpoint, bool]],
-               weights: list[float], options: ApplyOptions, pool: Executor | None, block_elements: int) -> bool:
+               weights: list[float], options: ApplyOptions, pool: Executor | None, block_elements: int,
+               scratch: ScratchPool | None = None) -> bool:
     """Write one output tensor; True when it was computed, False when copied or only cast.
 
     A τ that is all zeros (``diff --all`` writes those for identical tensors, an untouched tensor of a
@@ -284,7 +288,8 @@ def _write_one(writer: CheckpointWriter | RankShards, base: Checkpoint, entry: P
     name, st = entry.name, entry.dtype
     if entry.action == "merge":
         terms = [Term(sources[i][0], weights[i], sources[i][1], i) for i in entry.inputs]
-        job = TensorMerge(base, name, terms, options, pool=pool, block_elements=block_elements, out_dtype=st)
+        job = TensorMerge(base, name, terms, options, pool=pool, block_elements=block_elements, out_dtype=st,
+                          scratch=scratch)
         if job.prepare():
             out_dtype = torch_dtype(st)
             fd, offset = writer.reserve(name)

@@ -31,10 +31,11 @@ from surgeon.ops import combine as C
 from surgeon.ops import native_gta
 from surgeon.ops.counter_rng import stream_key
 from surgeon.ops.task_vector import abs_max
+from surgeon.workflows.taskvec.raw_blocks import RAW as _RAW
+from surgeon.workflows.taskvec.raw_blocks import ScratchPool, read_raw
 
 BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block and input
 TERMS_AT_ONCE_BYTES = 1 << 28  # magnitude selections of several inputs run at once below this much scratch
-_RAW = {"F32": numpy.float32, "F16": numpy.uint16, "BF16": numpy.uint16}  # the dtypes the native kernels read
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,6 @@ def read_block(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tens
     return torch.empty(0, dtype=torch.float32)
 
 
-def read_raw(ckpt: Checkpoint, name: str, start: int, stop: int, dtype: str | None = None) -> numpy.ndarray:
-    """Flat stored elements [start, stop) of an F32/F16/BF16 tensor, raw (16-bit ones as uint16)."""
-    info = ckpt.info(name)
-    out = numpy.empty(stop - start, dtype=_RAW[dtype or info.dtype])
-    if out.size:
-        fd, offset, _ = ckpt.fd_and_span(name)
-        pread_into(fd, memoryview(out).cast("B"), offset + start * out.itemsize, info.file)
-    return out
-
-
 @dataclass
 class TensorMerge:
     """One output tensor: prepare() runs the first sweep, run(emit) the second, block by block."""
@@ -188,6 +179,7 @@ class TensorMerge:
     pool: Executor | None = None  # blocks are independent: workers each run single-threaded torch ops
     block_elements: int = BLOCK_ELEMENTS
     out_dtype: str | None = None  # the output's dtype: the native kernel rounds to it (else blocks are float32)
+    scratch: ScratchPool | None = None  # |τ| and index buffers reused from tensor to tensor
 
     def _map(self, fn: Callable[[tuple[int, int]], Any]) -> list[Any]:
         spans = list(self.spans())
@@ -263,36 +255,53 @@ class TensorMerge:
         return True
 
     def _fill_abs(self, term: Term, full_abs: torch.Tensor, blocks_at_once: bool) -> tuple[bool, float]:
-        """|τ| of the whole tensor into ``full_abs``: (any non-zero, Σ|τ| in float64)."""
-        lib = self._native()
+        """|τ| of the whole tensor into ``full_abs`` with torch: (any non-zero, Σ|τ| in float64)."""
+        def scan(span: tuple[int, int]) -> tuple[bool, float]:
+            start, stop = span
+            block = self.tau(term, start, stop, None)
+            torch.abs(block, out=full_abs[start:stop])
+            return abs_max(block) != 0.0, float(full_abs[start:stop].sum(dtype=torch.float64))
+
+        found = self._map(scan) if blocks_at_once else [scan(span) for span in self.spans()]
+        return any(f[0] for f in found), sum(f[1] for f in found)
+
+    def _fill_pairs(self, lib: Any, term: Term, pairs: numpy.ndarray, blocks_at_once: bool) -> tuple[bool, float]:
+        """(|τ|, index) pairs of the whole tensor from the native kernel: (any non-zero, Σ|τ| in float64)."""
+        b_dtype, t_dtype = self.base.info(self.name).dtype, term.ckpt.info(self.name).dtype
 
         def scan(span: tuple[int, int]) -> tuple[bool, float]:
             start, stop = span
-            out = full_abs[start:stop]
-            if lib is not None:
-                base = read_raw(self.base, self.name, start, stop) if term.finetune else None
-                return native_gta.tau_abs(lib, read_raw(term.ckpt, self.name, start, stop),
-                                          term.ckpt.info(self.name).dtype, base, self.base.info(self.name).dtype,
-                                          out.numpy(), l1=self.options.rescale_on)
-            block = self.tau(term, start, stop, None)
-            torch.abs(block, out=out)
-            return abs_max(block) != 0.0, float(out.sum(dtype=torch.float64))
+            base = read_raw(self.base, self.name, start, stop) if term.finetune else None
+            return native_gta.tau_abs_pairs(lib, read_raw(term.ckpt, self.name, start, stop), t_dtype, base,
+                                            b_dtype, pairs[start:stop], start, l1=self.options.rescale_on)
 
         found = self._map(scan) if blocks_at_once else [scan(span) for span in self.spans()]
         return any(f[0] for f in found), sum(f[1] for f in found)
 
     def _prepare_magnitude(self, term: Term, sparse: str, blocks_at_once: bool) -> bool:
         """mergekit's magnitude sparsification: the kept elements decided from the whole |τ|, exactly."""
-        opts = self.options
-        full_abs = torch.empty(self.base.info(self.name).numel, dtype=torch.float32)
-        nonzero, before = self._fill_abs(term, full_abs, blocks_at_once)
+        opts, numel = self.options, self.base.info(self.name).numel
+        lib = self._native()
+        if lib is None:
+            full_abs = torch.empty(numel, dtype=torch.float32)
+            nonzero, before = self._fill_abs(term, full_abs, blocks_at_once)
+            kept, after = C.magnitude_mask(full_abs, opts.density, method=sparse, gamma=opts.gamma) if nonzero else (None, 0.0)
+        else:
+            with (self.scratch or ScratchPool()).take(numel) as pairs:
+                nonzero, before = self._fill_pairs(lib, term, pairs, blocks_at_once)
+                kept, after = C.magnitude_mask_pairs(
+                    pairs, opts.density, method=sparse, gamma=opts.gamma,
+                    values=lambda: self._refilled(term, numel)) if nonzero else (None, 0.0)
         if not nonzero:
             return False
-        kept, after = C.magnitude_mask(full_abs, opts.density, method=sparse, gamma=opts.gamma,
-                                       refill=lambda buf: self._fill_abs(term, buf, blocks_at_once))
         scale = C.l1_scale(before, after) if opts.rescale_on else 1.0
         self.rules[term.index] = C.KeepRule("mask", density=opts.density, scale=scale, mask=kept)
         return True
+
+    def _refilled(self, term: Term, numel: int) -> torch.Tensor:
+        full_abs = torch.empty(numel, dtype=torch.float32)
+        self._fill_abs(term, full_abs, blocks_at_once=False)
+        return full_abs
 
     def _native(self) -> Any:
         """The native kernels when every dtype here is one they read (F32/F16/BF16), else None."""
@@ -358,9 +367,8 @@ class TensorMerge:
         native_gta.gta_block(
             lib, read_raw(self.base, name, start, stop), self.base.info(name).dtype,
             [(read_raw(t.ckpt, name, start, stop), t.ckpt.info(name).dtype, t.finetune) for t in self.active],
-            [None if r.mask is None else r.mask[start:stop].numpy().view(numpy.uint8) for r in rules],
-            [r.scale for r in rules], [t.weight for t in self.active], consensus=consensus,
-            normalize=opts.normalize_on, divisor=1.0 if abs(weight_sum) < 1e-8 else weight_sum,
+            [None if r.mask is None else r.mask.numpy() for r in rules], start, [r.scale for r in rules],
+            [t.weight for t in self.active], consensus=consensus, normalize=opts.normalize_on, divisor=1.0 if abs(weight_sum) < 1e-8 else weight_sum,
             lambda_scale=opts.lambda_scale, out=out, out_dtype=self.out_dtype)
         return torch.from_numpy(out).view(torch_dtype(self.out_dtype))
 
