@@ -37,3 +37,8 @@ def test_an_adapter_where_a_model_belongs(world, tmp_path, args, expected, remed
 def test_the_adapter_check_itself_still_takes_the_adapter(world):  # noqa: F811
     result = invoke("diff", world["merged"], world["base"], "--adapter", world["adapter"])
     assert result.exit_code == 0 and "EQUIVALENT" in result.output, result.output
+
+
+def test_messages_that_had_no_remedy(world, tmp_path):  # noqa: F811
+    one_line(invoke("merge", world["base"], world["adapter"], "-o", tmp_path / "m", "--max-shard-size", "0"), 1,
+             "shard size '0' must be positive; write it like 5GB, 500MB or 2GiB.")

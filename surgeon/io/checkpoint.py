@@ -140,7 +140,7 @@ class Checkpoint:
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             if not isinstance(shard, str) or not shard:
-                raise CheckpointFormatError(f"{index_path}: weight_map entry for {key!r} is not a file name.")
+                raise CheckpointFormatError(f"{index_path}: weight_map entry for {key!r} is not a file name; re-download or re-export the index.")
             shards.setdefault(shard, []).append(key)
         headers = []
         owner: dict[str, str] = {}

@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
     size = int(number * scale)
     if size <= 0:
-        raise OutputError(f"shard size {text!r} must be positive.")
+        raise OutputError(f"shard size {text!r} must be positive; write it like 5GB, 500MB or 2GiB.")
     return size
 
 

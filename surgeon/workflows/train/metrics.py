@@ -100,7 +100,8 @@ def masked_lm_metrics(model: Any, tokenizer: Any, data: TaskData, *, batch_size:
                       device: torch.device, seed: int = 0) -> TaskMetrics:
     """Masked-LM cross-entropy over a fixed (seeded) 15% of each text's tokens."""
     if tokenizer.mask_token_id is None:
-        raise CheckpointFormatError("the tokenizer has no mask token, so masked-LM loss cannot be measured.")
+        raise CheckpointFormatError("the tokenizer has no mask token, so masked-LM loss cannot be measured; measure "
+                                    "forgetting with --drift-from BASE instead.")
     enc = encode_texts(tokenizer, data.texts, [], max_length, token_types=accepts_token_types(model))
     special = set(tokenizer.all_special_ids)
     generator = torch.Generator().manual_seed(seed)
