@@ -221,7 +221,8 @@ int sorted_range(Pair *a, int64_t n, int desc, int64_t lo, int64_t hi, uint8_t *
     else for (size_t j = 0; j < m; j++) DST[j] = load(SRC, F16, off + j);
 
 /* out = round(base + λ·mixed/divisor): for each input i, d_i = w_i·(s_i·(m_i·τ_i)) with τ_i = in_i − base
- * (finetune[i]) or in_i, m_i its bit (mask bits start + j, little-endian; NULL: all kept); consensus 0 (none: mixed = Σ d_i, divisor
+ * (finetune[i]) or in_i, m_i its keep bit (bit start + j of masks[i], little-endian; NULL: all kept);
+ * consensus 0 (none: mixed = Σ d_i, divisor
  * ``divisor_all``), 1 (sum) or 2 (count): only d_i whose sign is the elected one count, divisor Σ of their
  * w_i (1 where none agrees). normalize 0 leaves the divisor out. Each element sees the same float32 operations
  * in the same order as mergekit's tensor code; the chunked loops only let the compiler vectorize them. */
@@ -241,7 +242,10 @@ void gta_block(size_t n, const void *base, int bdt, int nt, const void *const *i
             if (masks[i]) {
                 const uint8_t *mk = masks[i];
                 const int64_t at = start + (int64_t)off;
-                for (size_t j = 0; j < m; j++) t[j] = t[j] * (float)((mk[(at + (int64_t)j) >> 3] >> ((at + (int64_t)j) & 7)) & 1);
+                for (size_t j = 0; j < m; j++) {
+                    int64_t bit = at + (int64_t)j;
+                    t[j] = t[j] * (float)((mk[bit >> 3] >> (bit & 7)) & 1);
+                }
             }
             if (sc != 1.0f) for (size_t j = 0; j < m; j++) t[j] = t[j] * sc;
             for (size_t j = 0; j < m; j++) di[j] = t[j] * w;

@@ -285,7 +285,8 @@ class TensorMerge:
         if lib is None:
             full_abs = torch.empty(numel, dtype=torch.float32)
             nonzero, before = self._fill_abs(term, full_abs, blocks_at_once)
-            kept, after = C.magnitude_mask(full_abs, opts.density, method=sparse, gamma=opts.gamma) if nonzero else (None, 0.0)
+            kept, after = (C.magnitude_mask(full_abs, opts.density, method=sparse, gamma=opts.gamma) if nonzero
+                           else (None, 0.0))
         else:
             with (self.scratch or ScratchPool()).take(numel) as pairs:
                 nonzero, before = self._fill_pairs(lib, term, pairs, blocks_at_once)
@@ -368,7 +369,8 @@ class TensorMerge:
             lib, read_raw(self.base, name, start, stop), self.base.info(name).dtype,
             [(read_raw(t.ckpt, name, start, stop), t.ckpt.info(name).dtype, t.finetune) for t in self.active],
             [None if r.mask is None else r.mask.numpy() for r in rules], start, [r.scale for r in rules],
-            [t.weight for t in self.active], consensus=consensus, normalize=opts.normalize_on, divisor=1.0 if abs(weight_sum) < 1e-8 else weight_sum,
+            [t.weight for t in self.active], consensus=consensus, normalize=opts.normalize_on,
+            divisor=1.0 if abs(weight_sum) < 1e-8 else weight_sum,
             lambda_scale=opts.lambda_scale, out=out, out_dtype=self.out_dtype)
         return torch.from_numpy(out).view(torch_dtype(self.out_dtype))
 
