@@ -25,7 +25,7 @@ from surgeon.workflows.demo.run import run_continual_demo
 from surgeon.workflows.spectral.intruders import IntruderOptions, find_intruders
 
 TINY = ContinualSettings(epochs=5, batch_size=8, lora_rank=4, lora_alpha=8.0, lora_lr=1e-2, full_lr=2e-3,
-                         lambdas=(0.0, 0.5))
+                         lambdas=(0.0, 0.5), threads=1)
 
 
 def _flipped(rows: list[dict]) -> list[dict]:
@@ -43,8 +43,10 @@ def demo(tmp_path_factory):
              ("topic", write_jsonl(d / "c.jsonl", topic_rows(48, 0)), write_jsonl(d / "d.jsonl", topic_rows(12, 1))),
              ("flip", write_jsonl(d / "e.jsonl", _flipped(sentiment_rows(64, 3))),
               write_jsonl(d / "f.jsonl", _flipped(sentiment_rows(12, 4))))]
+    threads = torch.get_num_threads()
     with output_guard():  # as the CLI runs it: every input noted, never written over
         report = run_continual_demo(root / "out", model=model, tasks=tasks, settings=TINY)
+    assert torch.get_num_threads() == threads  # the run's thread count is restored
     out = Path(report.output)
     return report, json.loads((out / JSON_NAME).read_text("utf-8")), out, tasks
 
@@ -92,6 +94,22 @@ def test_forgetting_matrix_matches_transformers_with_the_head_copied_in(demo):
         assert body["eval"][method]["forgetting"] == pytest.approx([acc[0][0] - acc[2][0], acc[1][1] - acc[2][1]])
 
 
+def test_drift_matches_surgeon_eval_drift_from(demo):
+    """The demo embeds the base once and reads each model once; `surgeon eval --drift-from` loads both each time."""
+    from surgeon.workflows.train.evaluate import evaluate
+
+    _, body, out, _ = demo
+    probe, base = out / "data" / "probe.jsonl", out / "models" / "base-sent"
+    for method in ("lora", "full"):
+        for s in range(1, 4):
+            r = evaluate(out / "models" / f"{method}-{s}", data=probe, drift_from=base, batch_size=7, max_length=32,
+                         device="cpu")
+            assert body["eval"][method]["drift"][s - 1] == pytest.approx(1.0 - r.drift.mean_cosine, abs=1e-6)
+    for point in body["scale"]["points"]:
+        r = evaluate(out / point["output"], data=probe, drift_from=base, max_length=32, device="cpu")
+        assert point["drift"] == pytest.approx(1.0 - r.drift.mean_cosine, abs=1e-6)
+
+
 def test_intruders_per_stage_equal_separate_runs(demo):
     _, body, out, tasks = demo
     base = out / "models" / f"base-{tasks[0][0]}"
@@ -109,16 +127,27 @@ def test_intruders_per_stage_equal_separate_runs(demo):
 
 
 def test_scaling_points_and_report(demo, tmp_path):
-    report, body, out, _ = demo
+    report, body, out, tasks = demo
     points = body["scale"]["points"]
     assert [p["lambda"] for p in points] == [0.0, 0.5]
     assert all(len(p["accuracy"]) == 3 and p["scaled"] == body["intruders"]["lora"]["per_stage"][-1]["intruders"]
                for p in points)
+    models = out / "models"
+    for point in points:  # the scaled encoder read out with each task's LoRA head, by transformers + peft
+        scaled = out / point["output"]
+        heads = [_classifier(models / f"base-{tasks[t][0]}", models / f"lora-adapter-{t + 1}") for t in range(2)]
+        heads.append(_classifier(scaled))
+        for t, head in enumerate(heads):
+            assert point["accuracy"][t] == pytest.approx(_accuracy(_classifier(scaled), head, models / "full-1",
+                                                                   tasks[t][2])), (point["lambda"], t)
     text = (out / HTML_NAME).read_text("utf-8")
     self_contained(text)
     assert len(images(text)) == 3
     assert embedded(text, "demo-data") == body
     assert [h["key"] for h in report.headline] == ["first_task", "forgetting", "intruders", "scale", "drift", "time"]
+    assert "1 torch thread," in body["machine"]
+    assert all(s["cpu_seconds"] >= 0 for s in body["stages"])
+    assert sum(s["cpu_seconds"] for s in body["stages"]) <= body["cpu_seconds"] + 1e-6
     assert not [p for p in (out / "models").iterdir() if p.name.startswith("head-swap")]
     rendered(out / HTML_NAME, tmp_path)
 

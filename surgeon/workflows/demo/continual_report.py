@@ -112,7 +112,8 @@ def headline(d: dict[str, Any]) -> list[dict[str, str]]:
         {"key": "drift", "label": "drift after the last stage: LoRA / full",
          "text": f"{drift_text(ev['lora']['drift'][-1])} / {drift_text(ev['full']['drift'][-1])}",
          "detail": "mean 1 \u2212 cos to the base's embeddings"},
-        {"key": "time", "label": "total time", "text": secs(d["total_seconds"]), "detail": d.get("machine", "")},
+        {"key": "time", "label": "total time", "text": secs(d["total_seconds"]),
+         "detail": (f"CPU {secs(d['cpu_seconds'])}; " if "cpu_seconds" in d else "") + d.get("machine", "")},
     ]
 
 
@@ -144,8 +145,11 @@ def build_html(d: dict[str, Any], root: Path) -> str:
                     ["\u03bb", "intruders scaled", *names, "drift"],
                     [(f"{p['lambda']:g}", p["scaled"], *(pct(a) for a in p["accuracy"]), drift_text(p["drift"]))
                      for p in d["scale"]["points"]])),
-        section("Stage timings", "timings", table(["stage", "time"], [(s["title"], secs(s["seconds"])) for s in d["stages"]]
-                                                   + [("total", secs(d["total_seconds"]))])),
+        section("Stage timings", "timings", table(
+            ["stage", "wall time", "CPU time"],
+            [(s["title"], secs(s["seconds"]), secs(s["cpu_seconds"]) if "cpu_seconds" in s else "\u2014")
+             for s in d["stages"]]
+            + [("total", secs(d["total_seconds"]), secs(d["cpu_seconds"]) if "cpu_seconds" in d else "\u2014")])),
     ]
     return page(title=f"surgeon demo --continual: {m['name']}", heading="surgeon demo --continual",
                 subtitle=f"{m['name']} through {ARROW.join(names)}: LoRA vs full fine-tuning, forgetting and intruders.",

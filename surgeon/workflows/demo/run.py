@@ -17,12 +17,13 @@ tests pass a tiny model, tiny data and tiny settings to run it in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,20 +213,25 @@ def run_continual_demo(
                          settings=settings or c.ContinualSettings())
     stages = _continual_stages()
     timings: list[StageTiming] = []
-    started = time.perf_counter()
-    for i, stage in enumerate(stages, 1):
-        if on_stage:
-            on_stage(i, len(stages), stage.title, None)
-        t0 = time.perf_counter()
-        stage.run(run)  # type: ignore[arg-type]
-        timings.append(StageTiming(stage.name, stage.title, time.perf_counter() - t0))
-        if on_stage:
-            on_stage(i, len(stages), stage.title, timings[-1].seconds)
+    cpu: list[float] = []
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    with _torch_threads(run.settings.threads):
+        for i, stage in enumerate(stages, 1):
+            if on_stage:
+                on_stage(i, len(stages), stage.title, None)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            stage.run(run)  # type: ignore[arg-type]
+            timings.append(StageTiming(stage.name, stage.title, time.perf_counter() - t0))
+            cpu.append(_cpu_seconds() - c0)
+            if on_stage:
+                on_stage(i, len(stages), stage.title, timings[-1].seconds)
     body: dict[str, Any] = {
         "schema": 1, "surgeon_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "settings": run.settings.to_dict(), **run.results, "stages": [asdict(t) for t in timings],
-        "total_seconds": time.perf_counter() - started, "machine": _machine(),
+        "settings": run.settings.to_dict(), **run.results,
+        "stages": [{**asdict(t), "cpu_seconds": c} for t, c in zip(timings, cpu)],
+        "cpu_seconds": _cpu_seconds() - cpu_started,
+        "total_seconds": time.perf_counter() - started, "machine": _machine(run.settings.threads),
     }
     html_path, json_path, plots = write_continual(body, run.out)
     written = json.loads(json_path.read_text(encoding="utf-8"))
@@ -233,10 +239,35 @@ def run_continual_demo(
                       written["headline"], timings, time.perf_counter() - started)
 
 
-def _machine() -> str:
-    """CPU cores and the load average when the run ended (the machine may be shared)."""
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (every thread)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (None: as they are), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _machine(threads: int | None) -> str:
+    """CPU cores, torch threads and the load average when the run ended (the machine may be shared)."""
     try:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "n/a"
-    return f"{os.cpu_count()} CPU cores, load average {load}"
+    import torch
+
+    used = threads if threads is not None else torch.get_num_threads()
+    return f"{os.cpu_count()} CPU cores, {used} torch thread{'s' if used != 1 else ''}, load average {load}"
