@@ -197,10 +197,17 @@ def test_four_bit_base_is_refused(tmp_path, lora):
 def test_non_finite_merge_is_an_error(tiny_llama, tmp_path):
     nan = {**lora_pair(Q, 32, 32), f"{Q}.lora_B.weight": torch.full((32, 2), float("nan"))}
     ad = hand_adapter(tmp_path / "nan", nan)
-    result = run(tiny_llama, ad, "-o", tmp_path / "out")
-    expect_error(result, "model.layers.0.self_attn.q_proj.weight: the merge (lora(a0)) produced 1,024 non-finite values "
-                         "in F32; the adapter is broken or its scale overflows the dtype. Check it with `surgeon "
-                         "inspect`, lower its weight, or merge with --dtype fp32.")
+    result = run(tiny_llama, ad, "-o", tmp_path / "out")  # the NaN factor itself is named, before any work
+    expect_error(result, f"{ad / 'adapter_model.safetensors'}: tensor '{Q}.lora_B.weight' holds 64 NaN/Inf value(s) "
+                         "of 64; the adapter is corrupt or its training diverged; re-download or re-train it "
+                         "(`surgeon inspect` lists its tensors).")
+    assert not (tmp_path / "out").exists()
+    big = hand_adapter(tmp_path / "big", {f"{Q}.lora_A.weight": torch.full((2, 32), 1e20),
+                                              f"{Q}.lora_B.weight": torch.full((32, 2), 1e20)})
+    expect_error(run(tiny_llama, big, "-o", tmp_path / "out"),  # finite factors whose product overflows float32
+                 "model.layers.0.self_attn.q_proj.weight: the merge (lora(a0)) produced 1,024 non-finite values "
+                 "in F32; the adapter is broken or its scale overflows the dtype. Check it with `surgeon "
+                 "inspect`, lower its weight, or merge with --dtype fp32.")
     assert not (tmp_path / "out").exists()
 
 
