@@ -120,7 +120,7 @@ def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None, tu
     """
     routes = (["adapter"] if adapter else []) + (["merged"] if tuned else [])
     saved = json.loads(out.read_text()) if reuse and out.is_file() else None
-    if saved is None or saved.get("pattern") != pattern or sorted(saved["routes"]) != sorted(routes):
+    if saved is None or saved.get("pattern") != pattern or not set(routes) <= set(saved["routes"]):
         cmd = [sys.executable, __file__, "--reference", str(model), "--pattern", pattern, "--out", str(out)]
         cmd += (["--adapter", str(adapter)] if adapter else []) + (["--tuned", str(tuned)] if tuned else [])
         total = measure(cmd)
@@ -129,8 +129,8 @@ def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None, tu
         out.write_text(json.dumps(saved))
     else:
         print(f"(reference reused from {out}, finished {saved['finished']})")
-    own, total = saved["own"], saved["total"]
-    return {r: (tuple(total[i] - sum(own[o][i] for o in routes if o != r) for i in range(2)), saved["routes"][r])
+    own, total, done = saved["own"], saved["total"], list(saved["routes"])
+    return {r: (tuple(total[i] - sum(own[o][i] for o in done if o != r) for i in range(2)), saved["routes"][r])
             for r in routes}
 
 
