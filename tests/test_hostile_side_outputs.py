@@ -22,6 +22,17 @@ def test_precision_report_into_the_base_config_is_refused(world, tmp_path):  # n
     assert leftovers(tmp_path) == [] and leftovers(world["base"]) == []
 
 
+def test_precision_report_inside_the_merged_folder_is_refused(world, tmp_path):  # noqa: F811
+    # The merged folder is published whole (and swapped away by the next --overwrite): a report written
+    # into it afterwards would be a file its provenance does not list. Same rule as --html.
+    out = tmp_path / "merged"
+    for extra in ([], ["--overwrite"]):
+        one_line(invoke("merge", world["base"], world["adapter"], "-o", out, "--precision-report",
+                        out / "precision.json", *extra), 1,
+                 "the precision report would be written into the output", "choose a precision report path outside it")
+        assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_existing_precision_report_is_refused_before_the_checkpoint(world, tmp_path):  # noqa: F811
     report = tmp_path / "precision.json"
     report.write_text("mine\n")

@@ -248,10 +248,22 @@ def refuse_non_finite(tensor: torch.Tensor, *, where: str | os.PathLike[str], na
 
 
 # -- side outputs -------------------------------------------------------------------------------
+def check_not_output(path: Path, outputs: Iterable[str | os.PathLike[str] | None], *, what: str) -> None:
+    """A side file never goes into (or over) the command's main output."""
+    resolved = path.resolve()
+    for other in (Path(o) for o in outputs if o is not None):
+        if resolved == other.resolve() or other.resolve() in resolved.parents:
+            raise OutputError(f"{show(path)}: the {what} would be written into the output {show(other)}; "
+                              f"choose a {what} path outside it.")
+
+
 def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: Iterable[str | os.PathLike[str]] = (),
-                      what: str = "report") -> Path:
-    """Everything that can be checked about a side output before the main output is published."""
+                      outputs: Iterable[str | os.PathLike[str] | None] = (), what: str = "report") -> Path:
+    """Everything that can be checked about a side output before the main output is published: never
+    into an input, never into or over the command's other ``outputs`` (its checkpoint folder, which is
+    published whole and swapped away by the next ``--overwrite``)."""
     out = Path(path)
+    check_not_output(out, outputs, what=what)
     target = check_not_input(out, inputs, what=what)
     if target.is_dir():
         raise OutputError(f"{show(out)}: is a folder; give a file name for the {what}.")
@@ -265,11 +277,11 @@ def check_side_output(path: str | os.PathLike[str], *, overwrite: bool, inputs: 
 
 
 @contextlib.contextmanager
-def side_file(path: str | os.PathLike[str], *, overwrite: bool,
-              inputs: Iterable[str | os.PathLike[str]] = (), what: str = "report") -> Iterator[Path]:
+def side_file(path: str | os.PathLike[str], *, overwrite: bool, inputs: Iterable[str | os.PathLike[str]] = (),
+              outputs: Iterable[str | os.PathLike[str] | None] = (), what: str = "report") -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) to write into; published atomically when the block
     ends without error, removed otherwise."""
-    target = check_side_output(path, overwrite=overwrite, inputs=inputs, what=what)
+    target = check_side_output(path, overwrite=overwrite, inputs=inputs, outputs=outputs, what=what)
     tmp = target.parent / (staging_name(target.name, "side") + target.suffix)
     try:
         yield tmp
@@ -295,17 +307,18 @@ def side_file(path: str | os.PathLike[str], *, overwrite: bool,
 
 
 def write_side_output(path: str | os.PathLike[str], data: str | bytes, *, overwrite: bool,
-                      inputs: Iterable[str | os.PathLike[str]] = (), what: str = "report") -> Path:
+                      inputs: Iterable[str | os.PathLike[str]] = (),
+                      outputs: Iterable[str | os.PathLike[str] | None] = (), what: str = "report") -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` under the side-output rules; returns the resolved path."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    with side_file(path, overwrite=overwrite, inputs=inputs, what=what) as tmp:
+    with side_file(path, overwrite=overwrite, inputs=inputs, outputs=outputs, what=what) as tmp:
         with open(tmp, "xb") as fh:
             fh.write(raw)
     return Path(path).resolve()
 
 
 __all__ = ["LOCK_SUFFIX", "STAGING_MARK", "Interrupted", "OutputGuard", "acquire_lock", "check_free_space",
-           "check_cache_folder", "check_not_input", "check_output", "claim_work_folder", "check_side_output", "check_writable", "clean_stale_locks",
+           "check_cache_folder", "check_not_input", "check_not_output", "check_output", "claim_work_folder", "check_side_output", "check_writable", "clean_stale_locks",
            "clean_stale_staging", "current_guard", "disk_error", "lock_path", "make_parents", "note_input",
            "output_guard", "refuse_non_finite", "release_lock", "show", "side_file", "signals_as_interrupts",
            "signals_deferred", "write_side_output"]

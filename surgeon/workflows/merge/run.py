@@ -236,7 +236,7 @@ def _execute(job: _Job, routes: RoutePlan, started: float) -> MergeReport:
     side_inputs = [ckpt.root, *(p for p, _ in job.sources)]
     if options.precision_report is not None and job.world.is_main:  # before any work: fail now, not after
         check_side_output(options.precision_report, overwrite=options.overwrite, inputs=side_inputs,
-                          what="precision report")
+                          outputs=[job.out], what="precision report")
     if job.world.distributed:
         return _execute_shared(job, routes, started, specs, record, extra_files, extra_texts, side_inputs)
     with CheckpointWriter(job.out, specs, inputs=[ckpt.root, *(p for p, _ in job.sources)],

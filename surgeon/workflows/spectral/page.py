@@ -20,7 +20,7 @@ from typing import Any
 from surgeon import __version__
 from surgeon.errors import OutputError
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.io.output import check_side_output, show, write_side_output
+from surgeon.io.output import check_not_output, check_side_output, write_side_output
 from surgeon.io.resolve import resolve_path
 from surgeon.ops import svd
 from surgeon.ops.targets import Target
@@ -44,11 +44,7 @@ def check_page_path(path: str | os.PathLike[str], *, overwrite: bool = False,
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{p}: is a folder; --html takes a file name, e.g. --html {p / 'report.html'}.")
-    target = p.resolve()
-    for out in (Path(o) for o in outputs if o is not None):
-        if target == out.resolve() or out.resolve() in target.parents:
-            raise OutputError(f"{show(p)}: the page would be written into the output {show(out)}; "
-                              "give --html a path outside it.")
+    check_not_output(p, outputs, what="page")
     if not p.parent.exists() and p.parent != Path(""):
         raise OutputError(f"{p.parent}: no such folder for --html {p}; create it or choose another path.")
     return check_side_output(p, overwrite=overwrite, inputs=[i for i in inputs if i is not None], what="page")
