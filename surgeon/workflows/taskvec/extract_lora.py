@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,21 @@ def _read_ahead(tuned: Checkpoint, base: Checkpoint, names: list[str]
             yield name, pair
 
 
+@contextmanager
+def _one_thread(device: Any) -> Iterator[None]:
+    """The factoring on one compute thread on a CPU: the reader (and the module-type) threads keep the other
+    core busy, and two compute threads on top oversubscribe it (small eigh/GEMMs spend more time waiting)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dict[str, tuple[str, str]],
           rank: int | None, energy: float | None, max_rank: int | None, device: str, exact: bool,
           world: World = SOLO) -> tuple[_State, dict[str, int]]:
@@ -210,8 +225,9 @@ def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dic
     part = plan_share(world, costs)
     mine = [names[i] for i in part.mine]
     stream = progress(_read_ahead(tuned, base, mine), total=len(mine), desc="extract-lora")
-    run_share(part, mine, (_scan_one(name, pair, candidates, rank, energy, max_rank, device, exact)
-                           for name, pair in stream))
+    with _one_thread(device):
+        run_share(part, mine, (_scan_one(name, pair, candidates, rank, energy, max_rank, device, exact)
+                               for name, pair in stream))
     state = _State({}, {}, [])
     by_rank: dict[str, int] = {}
     for name, owner, found in zip(names, part.owners, collect(part, encode=_wire, decode=_unwire)):
