@@ -172,7 +172,7 @@ class CheckpointWriter:
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
         """Refuse NaN/Inf in (a block of) tensor ``name`` unless allowed; for callers that ``pwrite`` into a
-        :meth:`reserve`\ d place themselves."""
+        place from :meth:`reserve` themselves."""
         if not self.allow_non_finite:
             refuse_non_finite(tensor, where=self.out, name=name)
 
