@@ -65,6 +65,15 @@ def surgeon_argv(*args: object) -> list[str]:
     return [sys.executable, "-m", "surgeon", *(str(a) for a in args)]
 
 
+def default_signals() -> None:
+    """``preexec_fn`` of signal-test children: SIGHUP/SIGTERM at their default action, as in a login shell,
+    even when the test run itself was started under ``nohup`` (which hands SIG_IGN down)."""
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HF_HUB_OFFLINE": "1"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _hostile_helpers import env, inputs_of, invoke, leftovers, one_line, surgeon_argv, world  # noqa: F401
+from _hostile_helpers import default_signals, env, inputs_of, invoke, leftovers, one_line, surgeon_argv, world  # noqa: F401
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], limit: float = 120.0) -> None:
@@ -47,7 +47,8 @@ def test_signal_to_the_nproc_parent_is_one_line(world, tmp_path, name, sig):  # 
                                 "--no-cache"],
             "merge": ["merge", world["base"], world["adapter"]]}[name]
     proc = subprocess.Popen(surgeon_argv(*args, "-o", out, "--nproc", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_signals)
     _wait_for(tmp_path / "new" / ".out.surgeon-lock", proc)  # rank 0 holds the target: the group is at work
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from _finetune_helpers import build_model, lm_rows, write_jsonl
-from _hostile_helpers import env, inputs_of, invoke, leftovers, one_line, run_cli, world  # noqa: F401
+from _hostile_helpers import default_signals, env, inputs_of, invoke, leftovers, one_line, run_cli, world  # noqa: F401
 from surgeon.io.checkpoint import Checkpoint
 
 CHILD = Path(__file__).with_name("_hostile_child.py")
@@ -43,7 +43,8 @@ def command(name: str, w: dict[str, Path], ft: tuple[Path, Path], out: Path) -> 
 
 def start(point: str, args: list[object]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(CHILD), point, *(str(a) for a in args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_signals)
 
 
 def wait_at(proc: subprocess.Popen[str], point: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _hostile_helpers import env, inputs_of, world  # noqa: F401
+from _hostile_helpers import default_signals, env, inputs_of, world  # noqa: F401
 
 CHILD = Path(__file__).with_name("_hostile_child.py")
 
@@ -29,7 +29,8 @@ def command(name: str, w: dict[str, Path], out: Path) -> list[object]:
 
 def interrupt(point: str, args: list[object], sig: int = signal.SIGTERM) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, str(CHILD), point, *(str(a) for a in args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_signals)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     if line.strip() != f"AT {point}":
         proc.kill()
@@ -72,7 +73,8 @@ def test_signal_while_a_side_output_is_written_leaves_no_temporary(world, tmp_pa
 def test_sigkill_while_a_side_output_is_written_is_cleaned_by_the_next_run(world, tmp_path):  # noqa: F811
     target = tmp_path / "s.json"
     proc = subprocess.Popen([sys.executable, str(CHILD), "side", "spectrum", str(world["base"]), "-o", str(target)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_signals)
     assert proc.stdout.readline().strip() == "AT side"  # type: ignore[union-attr]
     proc.kill()
     proc.communicate(timeout=60)
@@ -82,3 +84,22 @@ def test_sigkill_while_a_side_output_is_written_is_cleaned_by_the_next_run(world
                           capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_sighup_under_nohup_is_left_ignored():
+    # `nohup surgeon merge ... &` then logging out must not stop the run: surgeon turns SIGHUP/SIGTERM into a
+    # clean interrupt only where the signal still has its default action, and leaves SIG_IGN as it is.
+    probe = (
+        "import os, signal\n"
+        "from surgeon.io.signals import signals_as_interrupts\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "with signals_as_interrupts():\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('unreachable')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=120,
+                          preexec_fn=default_signals)
+    # SIGHUP was ignored (no Interrupted for it), the SIGTERM that follows is the clean interrupt
+    assert done.returncode == 1 and "Interrupted: SIGTERM" in done.stderr, done.stderr
+    assert "unreachable" not in done.stdout
