@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from surgeon.ops.threads import torch_threads
+
 _MEASURED: dict[tuple[int, int, int, int], bool] = {}
 
 
@@ -91,12 +93,8 @@ def block_route_exact(out: int, features: int, size: int, *, threads: int) -> bo
         gen = torch.Generator().manual_seed(1234 + size)
         weight = torch.randn(out, features, generator=gen)
         blocks = torch.randn(features // size, size, size, generator=gen)
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             _MEASURED[key] = torch.equal(dense_rotate(weight, blocks), _block_product(weight, blocks))
-        finally:
-            torch.set_num_threads(saved)
     return _MEASURED[key]
 
 
@@ -110,13 +108,9 @@ def rotate_blocks(weight: torch.Tensor, blocks: torch.Tensor, *, threads: int) -
         return None
     if not block_route_exact(out, features, size, threads=threads) or not bool(torch.isfinite(weight).all()):
         return None
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         weight = weight.contiguous() if weight.data_ptr() % 64 == 0 else weight.clone()  # aligned, as peft's copy
         merged = _block_product(weight.contiguous(), blocks.contiguous())
-    finally:
-        torch.set_num_threads(saved)
     if bool((merged == 0).any()):
         return None
     return merged

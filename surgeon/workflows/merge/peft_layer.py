@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import UnsupportedAdapterError
+from surgeon.ops.threads import torch_threads
 from surgeon.workflows.merge.module_plan import SHARED_ROLE
 from surgeon.workflows.merge.plan import CONV1D_MODEL_TYPES, MergeOp, MergePlan
 
@@ -238,16 +239,12 @@ def _merged_layer(model: Any, path: str, *, alone: bool, threads: int) -> nn.Mod
     """The layer at ``path`` after peft's merge: ``merge_and_unload()`` when it is the only real layer, else
     that layer's own merge (its siblings are shapes only). Its few large products run on ``threads``
     threads; everything around them stays single-threaded (no per-op barrier on a busy machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         if alone:
             return model.merge_and_unload().get_submodule(path)
         layer = model.base_model.model.get_submodule(path)
         layer.merge(adapter_names=list(layer.active_adapters))
         return layer.get_base_layer()
-    finally:
-        torch.set_num_threads(saved)
 
 
 def merge_module(plan: MergePlan, ops: list[MergeOp], base_module: str, current: dict[str, torch.Tensor],

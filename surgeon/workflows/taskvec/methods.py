@@ -31,6 +31,7 @@ from surgeon.ops import combine as C
 from surgeon.ops import native_gta
 from surgeon.ops.counter_rng import stream_key
 from surgeon.ops.task_vector import abs_max
+from surgeon.ops.threads import torch_threads
 from surgeon.workflows.taskvec.raw_blocks import RAW as _RAW
 from surgeon.workflows.taskvec.raw_blocks import ScratchPool, read_raw
 
@@ -418,10 +419,5 @@ def block_workers(workers: int | None = None) -> Iterator[Executor | None]:
     if count <= 1:
         yield None
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="surgeon-apply") as pool:
-            yield pool
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(1), ThreadPoolExecutor(max_workers=count, thread_name_prefix="surgeon-apply") as pool:
+        yield pool
