@@ -17,12 +17,11 @@ tests pass a tiny model, tiny data and tiny settings to run it in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from surgeon import __version__
 from surgeon.errors import OutputError
 from surgeon.io.output import claim_work_folder
 from surgeon.io.resolve import resolve_path
+from surgeon.ops.threads import torch_threads
 from surgeon.workflows.demo import stages
 from surgeon.workflows.demo.settings import DemoRun, DemoSettings
 from surgeon.workflows.demo.report import drift_text, num, pct, secs, write_report
@@ -215,7 +215,7 @@ def run_continual_demo(
     timings: list[StageTiming] = []
     cpu: list[float] = []
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    with _torch_threads(run.settings.threads):
+    with torch_threads(run.settings.threads):
         for i, stage in enumerate(stages, 1):
             if on_stage:
                 on_stage(i, len(stages), stage.title, None)
@@ -245,20 +245,6 @@ def _cpu_seconds() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the block (None: as they are), then restored."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _machine(threads: int | None) -> str:
