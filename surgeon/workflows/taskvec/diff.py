@@ -33,7 +33,7 @@ from surgeon.parallel.exchange import device_for
 from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.taskvec.diff_shared import measure_shared
+from surgeon.workflows.taskvec.diff_shared import measure_shared, one_thread
 from surgeon.workflows.taskvec.adapter_check import AdapterCheck, AdapterChecker, finite_or_none
 from surgeon.workflows.taskvec.results import ClassCount, DiffSummary, ShapeMismatch, TensorDiff
 
@@ -152,7 +152,8 @@ def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Option
         delta, m = measure_delta(t, b, torch_dtype(rounding) if floats else None)
     rank = None
     if opts.ranks and m.status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
-        rank = rank_stats(delta, device=opts.device, exact=opts.exact_ranks)
+        with one_thread(opts.device):
+            rank = rank_stats(delta, device=opts.device, exact=opts.exact_ranks)
     diff = TensorDiff(
         name=name, status=m.status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,
         shape=list(t_info.shape), parameters=t_info.numel, norm=m.norm, base_norm=m.base_norm,
