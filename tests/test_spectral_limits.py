@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
-from surgeon.workflows.spectral.intruders import IntruderOptions, find_intruders, one_thread
+from surgeon.ops.threads import one_cpu_thread as one_thread
+from surgeon.workflows.spectral.intruders import IntruderOptions, find_intruders
 
 K = 10
 

@@ -34,6 +34,7 @@ from surgeon.io.svd_cache import CachedBasis, SvdCache, content_key
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
 from surgeon.ops.targets import DEFAULT_PRESET, Target
+from surgeon.ops.threads import one_cpu_thread
 from surgeon.parallel.exchange import collect, device_for, plan_share, run_share, sum_counts
 from surgeon.parallel.share import svd_cost
 from surgeon.parallel.world import SOLO, World
@@ -290,31 +291,13 @@ def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderO
         if loaded.unchanged:
             yield Analysis(build_row(target, Decomposition.unchanged(time.perf_counter() - begin)), loaded, None)
             continue
-        with one_thread(device):
+        with one_cpu_thread(device):  # the reader thread uses the other core (2.5-4x less CPU on 2 cores)
             base, state = _base(loaded, cache, device, counts)
             trip = _triplets(loaded, base, options, device)
             loaded.tau = None
             how = Decomposition(trip.method, trip.steps, trip.residual, state, time.perf_counter() - begin)
             row = _row(loaded, base, trip, options, how)
         yield Analysis(row, loaded, trip)
-
-
-@contextmanager
-def one_thread(device: torch.device) -> Iterator[None]:
-    """A matrix's analysis on a CPU with one compute thread while the read-ahead thread reads, converts and
-    checks the next matrices: the iterations' products are skinny (N × a few dozen), where a second thread
-    gains little, and with the reader busy two compute threads oversubscribe two cores and spend 2.5-4x the
-    CPU time waiting for each other (one layer of the 1.1B merged model: warm 5.5 s of user time against
-    21-26 s, cold 13.5 s against 34 s, loaded machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def planned_cost(inputs: Inputs, target: Target, options: IntruderOptions, *, cached: bool = False) -> float:

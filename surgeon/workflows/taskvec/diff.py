@@ -29,11 +29,12 @@ from surgeon.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSp
 from surgeon.ops.task_vector import (
     CHANGED, IDENTICAL, ROUNDING_ONLY, DeltaMeasure, RankStats, is_float_dtype, measure_delta, rank_stats, task_vector,
 )
+from surgeon.ops.threads import one_cpu_thread
 from surgeon.parallel.exchange import device_for
 from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
-from surgeon.workflows.taskvec.diff_shared import measure_shared, one_thread
+from surgeon.workflows.taskvec.diff_shared import measure_shared
 from surgeon.workflows.taskvec.adapter_check import AdapterCheck, AdapterChecker, finite_or_none
 from surgeon.workflows.taskvec.results import ClassCount, DiffSummary, ShapeMismatch, TensorDiff
 
@@ -152,7 +153,7 @@ def measure_tensor(tuned: Checkpoint, base: Checkpoint, name: str, opts: _Option
         delta, m = measure_delta(t, b, torch_dtype(rounding) if floats else None)
     rank = None
     if opts.ranks and m.status == CHANGED and delta.ndim == 2 and min(delta.shape) > 0:
-        with one_thread(opts.device):
+        with one_cpu_thread(opts.device):  # skinny products: a second thread waits more than it gains
             rank = rank_stats(delta, device=opts.device, exact=opts.exact_ranks)
     diff = TensorDiff(
         name=name, status=m.status, dtype=t_info.dtype, base_dtype=b_info.dtype, rounding_dtype=rounding,

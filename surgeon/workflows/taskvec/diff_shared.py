@@ -4,12 +4,9 @@ in order. Rank 0 alone writes τ (a second streamed pass, I/O-bound)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
-
-import torch
 
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.ops.task_vector import RankStats
@@ -55,19 +52,3 @@ def _decode(data: dict[str, Any]) -> tuple[TensorDiff, TargetCheck | None]:
         diff["rank"] = RankStats(**diff["rank"])
     check = data["check"]
     return TensorDiff(**diff), None if check is None else TargetCheck(**check)
-
-
-@contextmanager
-def one_thread(device: Any) -> Iterator[None]:
-    """Randomised SVDs on one compute thread on a CPU: their products are skinny (m × a few dozen), where a
-    second thread on 2 shared cores costs more waiting than it gains (diff's rank statistics on the
-    0.25-scale benchmark: 13.4 s against 24.3 s)."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

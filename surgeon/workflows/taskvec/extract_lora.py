@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from surgeon.io.roles import refuse_adapter
 from surgeon.io.writer import check_output
 from surgeon.ops.lora_extract import LoraFactors, factorize
 from surgeon.ops.task_vector import CHANGED, is_float_dtype, measure_delta
+from surgeon.ops.threads import one_cpu_thread
 from surgeon.parallel.exchange import collect, device_for, plan_share, run_share
 from surgeon.parallel.share import svd_cost
 from surgeon.parallel.world import SOLO, World
@@ -200,21 +201,6 @@ def _read_ahead(tuned: Checkpoint, base: Checkpoint, names: list[str]
             yield name, pair
 
 
-@contextmanager
-def _one_thread(device: Any) -> Iterator[None]:
-    """The factoring on one compute thread on a CPU: the reader (and the module-type) threads keep the other
-    core busy, and two compute threads on top oversubscribe it (small eigh/GEMMs spend more time waiting)."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dict[str, tuple[str, str]],
           rank: int | None, energy: float | None, max_rank: int | None, device: str, exact: bool,
           world: World = SOLO) -> tuple[_State, dict[str, int]]:
@@ -225,7 +211,7 @@ def _scan(tuned: Checkpoint, base: Checkpoint, names: list[str], candidates: dic
     part = plan_share(world, costs)
     mine = [names[i] for i in part.mine]
     stream = progress(_read_ahead(tuned, base, mine), total=len(mine), desc="extract-lora")
-    with _one_thread(device):
+    with one_cpu_thread(device):  # the reader and module-type threads use the other core
         run_share(part, mine, (_scan_one(name, pair, candidates, rank, energy, max_rank, device, exact)
                                for name, pair in stream))
     state = _State({}, {}, [])
