@@ -14,6 +14,10 @@ matrices were measured. ``--merged`` also times TUNED given as a merged bf16 che
 
     python benchmarks/intruders_vs_reference.py [--layers 2] [--repeat 3] [--device cpu] [--merged]
 
+The reference is resumable (the 154-matrix one is hours of full SVDs on 2 cores): stopped, it keeps
+every finished matrix in ``reference-*.json.partial`` and the next run continues from there, its
+time then the sum of its processes' own.
+
 Random Gaussian weights are the hardest case for an iterative top-k (the top singular
 values sit at the edge of a flat bulk, 0.05% apart), so this measures the worst case.
 """
@@ -30,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+_STARTED = [time.perf_counter()]  # this process's start (before the heavy imports), for a resumed reference
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._measure import warm_cache  # noqa: E402
@@ -45,6 +51,10 @@ def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, 
     The base's SVD is done once and counted in both routes' times (each route's time: this process's
     start-up and reading, the base SVDs and its own tuned SVDs). Writes {"routes": {route: {name: [c_j]}},
     "seconds": {route: [wall, cpu]}} to ``out``.
+
+    Resumable: after every matrix the results so far and this run's times go to ``out.partial``; a
+    later run with the same pattern and routes starts after the last finished matrix and adds its
+    times to the saved ones ("elapsed": the processes' own wall and CPU time from their start).
     """
     import re
 
@@ -60,6 +70,19 @@ def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, 
     routes = (["adapter"] if lora is not None else []) + (["merged"] if tuned_ckpt is not None else [])
     result: dict[str, dict[str, list[float]]] = {r: {} for r in routes}
     own = {r: [0.0, 0.0] for r in ["base", *routes]}
+    partial = Path(out + ".partial")
+    earlier = [0.0, 0.0]
+    if partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved["pattern"] == pattern and set(saved["routes"]) == set(routes):
+            result, own, earlier = saved["routes"], saved["own"], saved["elapsed"]
+            print(f"reference: resuming after {len(next(iter(result.values()), {}))} matrices", file=sys.stderr)
+
+    def save_partial() -> None:
+        elapsed = [earlier[0] + time.perf_counter() - _STARTED[0], earlier[1] + time.process_time()]
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"routes": result, "own": own, "pattern": pattern, "elapsed": elapsed}))
+        tmp.replace(partial)
 
     def timed(route: str, work):  # type: ignore[no-untyped-def]
         wall, cpu = time.perf_counter(), time.process_time()
@@ -69,7 +92,7 @@ def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, 
         return value
 
     for name in base.keys():
-        if not re.search(pattern, name):
+        if not re.search(pattern, name) or all(name in result[r] for r in routes):
             continue
         w0 = timed("base", lambda: base.get(name).float())
         u0 = timed("base", lambda: torch.linalg.svd(w0, full_matrices=False)[0])
@@ -84,8 +107,11 @@ def reference(model: str, adapter: str | None, tuned: str | None, pattern: str, 
                 ut, _, _ = torch.linalg.svd(wt, full_matrices=False)
                 return [float(x) for x in (ut[:, :10].T @ u0).abs().max(dim=1).values]
             result[route][name] = timed(route, tuned_c)
-    Path(out).write_text(json.dumps({"routes": result, "own": own, "pattern": pattern,
-                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
+        save_partial()
+    save_partial()
+    saved = json.loads(partial.read_text())
+    Path(out).write_text(json.dumps({**saved, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
+    partial.unlink()
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -123,9 +149,11 @@ def _reference(model: Path, pattern: str, out: Path, *, adapter: Path | None, tu
     if saved is None or saved.get("pattern") != pattern or not set(routes) <= set(saved["routes"]):
         cmd = [sys.executable, __file__, "--reference", str(model), "--pattern", pattern, "--out", str(out)]
         cmd += (["--adapter", str(adapter)] if adapter else []) + (["--tuned", str(tuned)] if tuned else [])
+        resumed = Path(str(out) + ".partial").is_file()
         total = measure(cmd)
         saved = json.loads(out.read_text())
-        saved["total"] = total
+        # a resumed reference: its time is the sum of its processes' own (start-up of each included)
+        saved["total"] = saved["elapsed"] if resumed else total
         out.write_text(json.dumps(saved))
     else:
         print(f"(reference reused from {out}, finished {saved['finished']})")
