@@ -4,7 +4,8 @@
 Nothing is replaced: each hook calls the real method and only adds the pause. Points:
 ``open`` (writer made, lock held, nothing written), ``write`` (first shard's header written into an
 anonymous file), ``staged`` (shards linked into the staging folder, before validation), ``publish``
-(inside the publish step, signals held back), ``scratch`` (finetune: scratch folder made, before
+(inside the publish step, signals held back), ``lock`` (the target's lock file made and locked, not yet
+recorded as held: signals held back), ``scratch`` (finetune: scratch folder made, before
 training), ``side`` (a side output written into its temporary file, before it is linked into place), ``old`` (fallback publish without RENAME_EXCHANGE: after the old output was renamed away).
 """
 
@@ -17,7 +18,7 @@ import time
 
 def _pause(tag: str) -> None:
     print(f"AT {tag}", flush=True)
-    time.sleep(1.5 if tag == "publish" else 60)  # at "publish" signals are held back: the sleep runs out
+    time.sleep(1.5 if tag in ("publish", "lock") else 60)  # there signals are held back: the sleep runs out
 
 
 def _wrap(owner: object, name: str, tag: str, *, before: bool = False) -> None:
@@ -45,6 +46,21 @@ def install(point: str) -> None:
         _wrap(writer.CheckpointWriter, "_validate", point, before=True)
     elif point == "publish":
         _wrap(writer, "publish", point, before=True)
+    elif point == "lock":  # the lock file made and locked, not yet recorded as held (signals held back there)
+        import types
+
+        from surgeon.io import locks
+
+        real_fcntl = locks.fcntl
+
+        def flock(fd: int, op: int) -> None:
+            real_fcntl.flock(fd, op)
+            if op & real_fcntl.LOCK_EX and not getattr(flock, "paused", False):
+                flock.paused = True  # type: ignore[attr-defined]
+                _pause(point)
+
+        locks.fcntl = types.SimpleNamespace(flock=flock, LOCK_EX=real_fcntl.LOCK_EX,  # type: ignore[assignment]
+                                            LOCK_NB=real_fcntl.LOCK_NB, LOCK_UN=real_fcntl.LOCK_UN)
     elif point == "scratch":
         from surgeon.workflows.train import finetune
 

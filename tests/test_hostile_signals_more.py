@@ -58,6 +58,17 @@ def test_signal_leaves_nothing_beside_the_target(world, tmp_path, name, point, s
     assert inputs_of(world) == before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("name", ["diff", "combine"])
+def test_signal_while_the_lock_is_taken_leaves_no_lock_file(world, tmp_path, name, sig):  # noqa: F811
+    # The signal comes after the lock file is made and locked but before it is recorded as held (a
+    # `--nproc` parent forwarding SIGTERM hit that window): it waits, then the run cleans up as anywhere.
+    before = inputs_of(world)
+    code, err = interrupt("lock", command(name, world, tmp_path / "new" / "out"), sig)
+    assert_clean(code, err, sig, tmp_path)
+    assert inputs_of(world) == before
+
+
 @pytest.mark.parametrize("args", [["spectrum", "{base}", "-o", "{out}/new/s.json"],
                                   ["intruders", "{merged}", "--base", "{base}", "--html", "{out}/r.html"],
                                   ["spectrum", "{base}", "--html", "{out}/s.html"]])

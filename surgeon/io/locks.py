@@ -15,6 +15,7 @@ from pathlib import Path
 
 from surgeon.errors import OutputError
 from surgeon.io.disk import disk_error, show
+from surgeon.io.signals import signals_deferred
 
 LOCK_SUFFIX = ".surgeon-lock"
 _HELD: dict[Path, list[int]] = {}  # target -> [lock fd, holders]; flock is per open file, so one fd per process
@@ -34,9 +35,12 @@ def _holder(path: Path) -> str:
 
 
 def acquire_lock(target: Path) -> None:
-    """Lock ``target`` for this process (re-entrant); raise at once if another process holds it."""
+    """Lock ``target`` for this process (re-entrant); raise at once if another process holds it.
+
+    SIGTERM/SIGHUP/SIGINT wait until the lock is recorded as held: between creating the lock file and
+    recording it, an interrupt would leave the file beside the target with nobody to remove it."""
     target = target.resolve()
-    with _HELD_LOCK:
+    with signals_deferred(), _HELD_LOCK:
         if target in _HELD:
             _HELD[target][1] += 1
             return

@@ -55,8 +55,9 @@ class OutputGuard:
             self.inputs.append(resolved)
 
     def lock(self, target: Path) -> None:
-        acquire_lock(target)
-        self._releases.append(target)
+        with signals_deferred():  # held and recorded for release as one step (an interrupt between: a stale lock)
+            acquire_lock(target)
+            self._releases.append(target)
 
     def created(self, folders: Iterable[Path]) -> None:
         self._created.extend(folders)
