@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +41,15 @@ class TaskMetrics:
 
 # -- metrics on a loaded model (shared with finetune) ---------------------------------------------
 
+def _logits(model: Any, tokenizer: Any, enc: Any, count: int, *, batch_size: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(labels, float32 logits) of every batch of ``enc``, with the eval progress bar."""
+    for batch in progress(batches(enc, range(count), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                  device=device), total=math.ceil(count / batch_size), desc="eval", unit="batch"):
+        target = batch.pop("labels")
+        yield target, model(**batch).logits.float()
+
+
 @torch.no_grad()
 def classification_metrics(model: Any, tokenizer: Any, data: TaskData, labels: list[str], *, batch_size: int,
                            max_length: int, device: torch.device) -> TaskMetrics:
@@ -47,10 +57,7 @@ def classification_metrics(model: Any, tokenizer: Any, data: TaskData, labels: l
     enc = encode_texts(tokenizer, data.texts, data.label_ids(labels), max_length, token_types=accepts_token_types(model))
     model.eval()
     loss_sum, correct = 0.0, 0
-    for batch in progress(batches(enc, range(len(data)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                                  device=device), total=math.ceil(len(data) / batch_size), desc="eval", unit="batch"):
-        target = batch.pop("labels")
-        logits = model(**batch).logits.float()
+    for target, logits in _logits(model, tokenizer, enc, len(data), batch_size=batch_size, device=device):
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(-1) == target).sum())
     return TaskMetrics("classification", len(data), loss_sum / len(data), accuracy=correct / len(data))
@@ -109,10 +116,7 @@ def masked_lm_metrics(model: Any, tokenizer: Any, data: TaskData, *, batch_size:
     enc = type(enc)([p[0] for p in pairs], [p[1] for p in pairs], enc.token_type_ids)
     model.eval()
     loss_sum, tokens = 0.0, 0
-    for batch in progress(batches(enc, range(len(data)), batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                                  device=device), total=math.ceil(len(data) / batch_size), desc="eval", unit="batch"):
-        target = batch.pop("labels")
-        logits = model(**batch).logits.float()
+    for target, logits in _logits(model, tokenizer, enc, len(data), batch_size=batch_size, device=device):
         loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                           ignore_index=IGNORE_INDEX, reduction="sum"))
         tokens += int((target != IGNORE_INDEX).sum())
