@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy
 
 from surgeon.ops.native_merge import DTYPE_CODES, _cache_dir, _cpu_flags, _flags, _trusted
+from surgeon.ops.native_merge import _build as _build_source
 
 SOURCE = Path(__file__).with_name("native") / "gta_rows.c"
 MAX_INPUTS = 64  # the kernel's per-element scratch
@@ -30,30 +29,7 @@ _P = ctypes.c_void_p
 
 
 def _build(target: Path) -> bool:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
-        return False
-    try:
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _trusted(target.parent):
-            return False
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError:
-        return False
-    try:
-        done = subprocess.run([compiler, *_flags("native"), "-o", tmp, str(SOURCE)], capture_output=True,
-                              timeout=120, check=False)
-        if done.returncode != 0:
-            return False
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)  # atomic: another process may be building the same kernel
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return _build_source(target, "native", SOURCE) == ""
 
 
 def _load() -> ctypes.CDLL | None:

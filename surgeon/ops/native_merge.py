@@ -100,8 +100,9 @@ def _loadable(target: Path) -> bool:
     return target.exists() and _trusted(target) and _trusted(target.parent)
 
 
-def _build(target: Path, march: str) -> str:
-    """Compile the kernel into ``target``; the reason when it could not be ("" when built)."""
+def _build(target: Path, march: str, source: Path = SOURCE) -> str:
+    """Compile ``source`` (this module's kernel unless told) into ``target`` for CPU ``march``; the reason
+    when it could not be ("" when built). Also builds the other native kernels (:mod:`surgeon.ops.native_gta`)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return "no C compiler"
@@ -114,7 +115,7 @@ def _build(target: Path, march: str) -> str:
     except OSError as exc:  # e.g. a read-only home
         return f"cannot write {target.parent}: {exc}"
     try:
-        done = subprocess.run([compiler, *_flags(march), "-o", tmp, str(SOURCE)], capture_output=True, timeout=120,
+        done = subprocess.run([compiler, *_flags(march), "-o", tmp, str(source)], capture_output=True, timeout=120,
                               check=False)
         if done.returncode != 0:
             return done.stderr.decode(errors="replace")[-2000:] or f"{compiler} failed"
