@@ -11,8 +11,10 @@ rounding-only tensors are left alone) is handled in one streamed pass:
   byte for byte from the tuned model), or is listed as dropped when that is off,
   when the module is itself a LoRA target (its bias), or when it is not a module.
 
-Module types come from the model class named in config.json, built on the meta
-device (no weights); without one they are guessed from tensor names.
+Module types come from the tensor names for the model types in ``NAMED_LAYOUTS`` (each checked
+against transformers' own classes in tests/test_extract_lora_kinds.py), otherwise from the model
+class named in config.json, built on the meta device (no weights; seconds of imports); without a
+usable class they are guessed from tensor names.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ from surgeon.workflows.taskvec.diff import load_pair, pair_tensors, pick_device
 LORA_KINDS = ("linear", "conv1d", "embedding")
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+# Model types whose every module with a 2-D weight is a Linear, or an Embedding / Conv1D that
+# guess_kind tells by its name: for these the names decide, without building transformers' model class.
+NAMED_LAYOUTS = frozenset({
+    "bert", "roberta", "xlm-roberta", "distilbert",
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo",
+    "gpt2", "gpt_neox", "gptj", "opt", "falcon", "starcoder2",
+})  # not electra (embeddings_project is a Linear), mpnet/t5 (relative_attention_bias is an Embedding),
+#     mixtral/qwen2_moe (the router "gate" is no Linear): the check in the tests fails for each
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class ExtractReport:
     output: str
     rank: int | None
     energy: float | None
-    module_types: str  # "transformers" (from the model class) or "names" (guessed)
+    module_types: str  # "transformers" (from the model class), "<model type> layout" (names of a known layout), "names" (guessed)
     modules: list[MatrixFactor]
     modules_to_save: list[str]
     dropped: list[Dropped]
@@ -92,9 +102,12 @@ class ExtractReport:
 
 
 def module_kinds(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
-    """({module name: linear|conv1d|embedding|other}, source) for the checkpoint's model class."""
-    config = ckpt.config()
-    arch = ((config or {}).get("architectures") or [None])[0]
+    """({module name: linear|conv1d|embedding|other}, source) for the checkpoint's model class; ({}, source)
+    where the names decide (a model type of NAMED_LAYOUTS, or no usable class)."""
+    config = ckpt.config() or {}
+    if config.get("model_type") in NAMED_LAYOUTS:
+        return {}, f"{config['model_type']} layout"
+    arch = (config.get("architectures") or [None])[0]
     if not arch:
         return {}, "names"
     try:
@@ -106,17 +119,16 @@ def module_kinds(ckpt: Checkpoint) -> tuple[dict[str, str], str]:
             model = cls(cfg)
     except Exception:  # unknown or remote-code architecture, odd config: fall back to names
         return {}, "names"
-    kinds = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding):
-            kinds[name] = "embedding"
-        elif isinstance(module, torch.nn.Linear):
-            kinds[name] = "linear"
-        elif type(module).__name__ == "Conv1D":
-            kinds[name] = "conv1d"
-        else:
-            kinds[name] = "other"
-    return kinds, "transformers"
+    return {name: kind_of(module) for name, module in model.named_modules()}, "transformers"
+
+
+def kind_of(module: torch.nn.Module) -> str:
+    """linear | conv1d | embedding | other, by the module's class (what peft's LoRA can wrap)."""
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return "conv1d" if type(module).__name__ == "Conv1D" else "other"
 
 
 def guess_kind(module: str, model_type: str | None) -> str:
