@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from surgeon.ops.blas import mm
 from surgeon.ops.svd import BaseBasis
 
 EPSILON_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -34,12 +35,12 @@ def base_cosines(base: BaseBasis, w0: torch.Tensor, vectors: torch.Tensor, side:
     w0 = w0.to(torch.float64)
     vectors = vectors.to(torch.float64)
     if side == base.side:
-        return (base.basis.T @ vectors).abs()
-    projected = w0.T @ vectors if side == "left" else w0 @ vectors  # into the complete side's space
+        return mm(base.basis.T, vectors).abs()
+    projected = mm(w0.T, vectors) if side == "left" else mm(w0, vectors)  # into the complete side's space
     s = base.s
     keep = s > _NULL * float(s[0]) if s.numel() and float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
     inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    return (inv[:, None] * (base.basis.T @ projected)).abs()
+    return (inv[:, None] * mm(base.basis.T, projected)).abs()
 
 
 def max_cosines(cosines: torch.Tensor) -> tuple[list[float], list[int]]:

@@ -177,6 +177,16 @@ def _refine(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor, total: float, wan
         q = _orth(a @ _orth(a.T @ q))  # one power step: range(ττᵀQ)
         b = q.T @ a
         passes += 3
-    outside = max(total - float(b.double().square().sum()), 0.0)
+    outside = _outside(a, q, b, total)
     tail, extra = _tail_norm(a, q, gen, norm_steps) if outside > 0 and norm_steps else (outside ** 0.5, 0)
     return Profile(s, u, v, total, outside, min(tail, outside ** 0.5), passes + extra, False)
+
+
+def _outside(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor, total: float) -> float:
+    """‖τ − QQᵀτ‖²_F: ‖τ‖² − ‖Qᵀτ‖² where that difference is well above the rounding of the float32 Qᵀτ
+    (~1e-7·‖τ‖², which depends on the BLAS's summation order), else the residual itself in float64 (a
+    nearly low-rank τ: the case where the tail decides whether the numerical rank is exact)."""
+    outside = max(total - float(b.double().square().sum()), 0.0)
+    if outside > 1e-4 * total:
+        return outside
+    return float((a.double() - q.double() @ b.double()).square().sum())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from surgeon.ops.blas import mm
 from surgeon.ops.svd_davidson import LowRankOperator, davidson_eigs
 from surgeon.ops.svd_gram import GRAM_FROM, base_basis, dense_top_k, gram, singular_values
 from surgeon.ops.svd_krylov import chebyshev_eigs, krylov_eigs
@@ -74,9 +75,10 @@ def top_k(w: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL, method: str = "a
         return dense_top_k(w, k)
     left = m <= n
     if dim >= GRAM_FROM:  # a compute-bound Gram once (cheaper than ~40 skinny passes over W), then a small GEMM per block
-        apply = gram(w).__matmul__
+        g = gram(w)
+        apply = lambda x: mm(g, x)  # noqa: E731
     else:
-        apply = (lambda x: w @ (w.T @ x)) if left else (lambda x: w.T @ (w @ x))
+        apply = (lambda x: mm(w, mm(w.T, x))) if left else (lambda x: mm(w.T, mm(w, x)))
     found = krylov_eigs(apply, dim, k, tol=tol, block=block, max_dim=_krylov_budget(dim, block, method),
                         start=start, device=w.device)
     if found is None:
@@ -84,10 +86,10 @@ def top_k(w: torch.Tensor, k: int, *, tol: float = DEFAULT_TOL, method: str = "a
     theta, y, d = found
     s = theta.sqrt()
     if left:
-        u, v = y, torch.nn.functional.normalize(w.T @ y, dim=0)
+        u, v = y, torch.nn.functional.normalize(mm(w.T, y), dim=0)
     else:
-        u, v = torch.nn.functional.normalize(w @ y, dim=0), y
-    result = finish(lambda x: w @ x, u, s, v, "krylov", d)
+        u, v = torch.nn.functional.normalize(mm(w, y), dim=0), y
+    result = finish(lambda x: mm(w, x), u, s, v, "krylov", d)
     return result if result.residual <= tol else dense_top_k(w, k)
 
 
@@ -105,7 +107,7 @@ def top_k_low_rank(w0: torch.Tensor, base: BaseBasis, left: torch.Tensor, right:
                                          method=method))
     m, n = w0.shape
     k = min(k, m, n)
-    w_apply = lambda x: w0 @ x + left @ (right @ x)  # noqa: E731
+    w_apply = lambda x: mm(w0, x) + left @ (right @ x)  # noqa: E731
     block = block_size(k)
     if k == 0 or _use_dense(m, block, method):
         return dense_top_k(w0 + left @ right, k)
@@ -122,8 +124,8 @@ def top_k_low_rank(w0: torch.Tensor, base: BaseBasis, left: torch.Tensor, right:
         if found is None:
             continue
         theta, y, steps = found
-        u = q @ y
-        v = torch.nn.functional.normalize(w0.T @ u + right.T @ (left.T @ u), dim=0)
+        u = mm(q, y)
+        v = torch.nn.functional.normalize(mm(w0.T, u) + right.T @ (left.T @ u), dim=0)
         result = finish(w_apply, u, theta.sqrt(), v, label, steps)
         if result.residual <= tol:
             return result
@@ -149,12 +151,12 @@ def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[to
     while sum(b.shape[1] for b in blocks) < top:
         q = torch.cat(blocks, 1) if blocks else a.new_zeros(m, 0)
         width = min(step, top - q.shape[1])
-        y = a @ torch.randn(n, width, generator=gen).to(a.device)
-        y = a @ (a.T @ torch.linalg.qr(y - q @ (q.T @ y))[0])  # one power step: the flat tail drops out
+        y = mm(a, torch.randn(n, width, generator=gen).to(a.device))
+        y = mm(a, mm(a.T, torch.linalg.qr(y - q @ (q.T @ y))[0]))  # one power step: the flat tail drops out
         for _ in range(2):
             y = y - q @ (q.T @ y)
         new = torch.linalg.qr(y)[0]
-        row = new.T @ a
+        row = mm(new.T, a)
         held = float(row.square().sum())
         blocks.append(new)
         rows.append(row)
@@ -189,12 +191,12 @@ def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *,
     first = chebyshev_eigs(pre, m, wide, tol=1e-6, block=min(wide + 4, m), max_steps=_START_STEPS,
                            start=torch.eye(m, wide, dtype=wt.dtype, device=wt.device), device=wt.device)
     y0 = first[1] if first is not None else _start(pre, m, wide)
-    found = davidson_eigs(lambda x: q.T @ (wt @ (wt.T @ (q @ x))), pre, y0, k, tol=tol)
+    found = davidson_eigs(lambda x: mm(q.T, mm(wt, mm(wt.T, mm(q, x)))), pre, y0, k, tol=tol)
     if found is not None:
         theta, y, steps = found
-        u = q @ y
-        v = torch.nn.functional.normalize(wt.T @ u, dim=0)
-        result = finish(lambda x: wt @ x, u, theta.sqrt(), v, "davidson-tau", steps)
+        u = mm(q, y)
+        v = torch.nn.functional.normalize(mm(wt.T, u), dim=0)
+        result = finish(lambda x: mm(wt, x), u, theta.sqrt(), v, "davidson-tau", steps)
         if result.residual <= tol:
             return result
     return top_k(wt, k, tol=tol, method=method, start=start)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surgeon.ops.blas import mm
 from surgeon.ops.svd_krylov import orth
 from surgeon.ops.svd_types import SEED, flush
 
@@ -44,7 +45,7 @@ class LowRankOperator:
               ) -> LowRankOperator:
         """For W = W₀ + left·right (m ≤ n, Q = U₀): C = leftᵀQ, P = right·W₀ᵀ·Q."""
         r = left.shape[1]
-        cp = torch.cat([left.T, right @ w0.T]) @ q  # [C; P] in one pass over Q (memory-bound when Q is big)
+        cp = mm(torch.cat([left.T, mm(right, w0.T)]), q)  # [C; P] in one pass over Q (memory-bound when Q is big)
         c, p = cp[:r], cp[r:]
         return cls(s * s, cp, torch.cat([p, c]).T.contiguous(), right @ right.T)
 

@@ -24,22 +24,28 @@ def gram(w: torch.Tensor, *, parts: int = 4) -> torch.Tensor:
     Computed as XᵀX with X (max × N) contiguous, by blocks of its upper triangle only (a
     symmetric rank-k update: ``parts`` (parts+1)/2 GEMMs of N/parts columns instead of a full
     product, ~20% faster on a CPU for 2048 x 5632; the lower triangle is the mirror, exactly
-    symmetric). Matrices under 512 on the small side take one plain product.
+    symmetric, also within the diagonal blocks). Matrices under 512 on the small side take one plain product.
     """
     x = (w.T if w.shape[0] <= w.shape[1] else w).contiguous()  # XᵀX with long contiguous columns is the fast case
     n = x.shape[1]
     if n < GRAM_FROM or parts <= 1 or x.device.type != "cpu":
-        return x.T @ x
+        return _mirrored(x.T @ x)
     step = -(-n // parts)
     out = torch.empty(n, n, dtype=x.dtype, device=x.device)
     cols = [(i, x[:, i:i + step]) for i in range(0, n, step)]
     for a, (i, xa) in enumerate(cols):
         for j, xb in cols[a:]:
-            block = xa.T @ xb
+            block = xa.T @ xb if j != i else _mirrored(xa.T @ xa)
             out[i:i + block.shape[0], j:j + block.shape[1]] = block
             if j != i:
                 out[j:j + block.shape[1], i:i + block.shape[0]] = block.T
     return out
+
+
+def _mirrored(g: torch.Tensor) -> torch.Tensor:
+    """``g``'s upper triangle mirrored into its lower one: XᵀX exactly symmetric (a BLAS need not compute
+    both triangles of XᵀX in the same order: MKL on AMD processors does not)."""
+    return torch.triu(g) + torch.triu(g, 1).T
 
 
 def _gram_eigh(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from surgeon.ops.blas import mm
 from surgeon.ops.svd_types import SEED, TINY, flush
 
 
@@ -25,7 +26,7 @@ def orth(x: torch.Tensor, basis: torch.Tensor | None, generator: torch.Generator
     for attempt in range(2):
         for _ in range(2):  # "twice is enough" (Kahan/Parlett) for full reorthogonalization
             if basis is not None:
-                x = x - basis @ (basis.T @ x)
+                x = x - mm(basis, mm(basis.T, x))
         q, r = torch.linalg.qr(x)
         lost = r.diagonal().abs() <= 1e-8 * max(scale, 1e-300)
         if attempt == 1 or not bool(lost.any()):
@@ -89,7 +90,7 @@ def krylov_eigs(
         basis[:, d:d + width] = q
         image[:, d:d + width] = flush(apply(q))
         d += width
-        column = basis[:, :d].T @ image[:, d - width:d]
+        column = mm(basis[:, :d].T, image[:, d - width:d])
         h[:d, d - width:d] = column
         h[d - width:d, :d] = column.T
         if schedule.due(d) or d >= max_dim:
@@ -110,8 +111,8 @@ def _ritz(basis: torch.Tensor, image: torch.Tensor, h: torch.Tensor, k: int, tol
     theta, z = theta.flip(0)[:k].clamp_min(0), z.flip(1)[:, :k]
     if theta.numel() < k or float(theta[-1]) <= TINY**2 * float(theta[0]):
         return None, math.inf  # (nearly) rank-deficient top-k: leave it to the dense route
-    y = basis @ z
-    rho = (image @ z - y * theta).norm(dim=0)
+    y = mm(basis, z)
+    rho = (mm(image, z) - y * theta).norm(dim=0)
     sigma = theta.sqrt()
     excess = float((rho / sigma).max()) / (tol * float(sigma[0]))
     return ((theta, y) if excess <= 1.0 else None), excess
