@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from surgeon.ops import blas
+from surgeon.workflows.device import configure_cpu_blas, pick_device
 
 
 @pytest.fixture(params=["0", "1"])
 def route(request, monkeypatch):
+    """torch's products ("0") or numpy's ("1"), chosen as the workflows choose (SURGEON_NUMPY_BLAS)."""
     monkeypatch.setenv("SURGEON_NUMPY_BLAS", request.param)
-    blas._numpy_blas.cache_clear()
+    configure_cpu_blas.cache_clear()
+    assert configure_cpu_blas() == (request.param == "1")
     yield request.param
-    blas._numpy_blas.cache_clear()
+    monkeypatch.delenv("SURGEON_NUMPY_BLAS")
+    configure_cpu_blas.cache_clear()
+    blas.use_numpy_blas(None)
 
 
 def _layouts(m: int, n: int, dtype: torch.dtype, gen: torch.Generator):
@@ -39,12 +44,20 @@ def test_mm_is_the_product(route, dtype, shape):
                                        msg=f"{a_name} @ {b_name}")
 
 
-def test_the_numpy_route_is_taken_when_asked(route):
-    a, b = torch.randn(100, 50, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
-    out = blas.mm(a, b)
-    # numpy's result comes back as a tensor over numpy's buffer; torch's own product does not
-    assert (blas._numpy_blas() is not None) == (route == "1")
-    torch.testing.assert_close(out, a @ b, rtol=1e-12, atol=1e-12)
+def test_a_cpu_device_makes_the_choice(monkeypatch):
+    monkeypatch.setenv("SURGEON_NUMPY_BLAS", "1")
+    configure_cpu_blas.cache_clear()
+    blas.use_numpy_blas(None)
+    try:
+        pick_device("cpu")
+        assert blas.numpy_blas_in_use()
+        monkeypatch.setenv("SURGEON_NUMPY_BLAS", "0")
+        configure_cpu_blas.cache_clear()
+        pick_device("cpu")
+        assert not blas.numpy_blas_in_use()
+    finally:
+        configure_cpu_blas.cache_clear()
+        blas.use_numpy_blas(None)
 
 
 def test_other_products_are_torch_s(route):
