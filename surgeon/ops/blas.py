@@ -55,7 +55,11 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         setter(_threads[0])  # type: ignore[operator]
     a = a if _blasable(a) else a.contiguous()
     b = b if _blasable(b) else b.contiguous()
-    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    # the product lands in torch's memory (64-byte aligned): MKL's later results on it can depend on the
+    # alignment of their operands, and numpy's own allocations differ from process to process
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+    return out
 
 
 __all__ = ["THIN", "mm", "numpy_blas_in_use", "use_numpy_blas"]

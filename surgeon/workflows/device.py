@@ -31,7 +31,7 @@ def pick_device(name: str | torch.device | None) -> torch.device:
 
     text = "auto" if name is None else str(name).lower()
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
