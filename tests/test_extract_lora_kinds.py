@@ -90,30 +90,11 @@ def test_other_model_types_take_the_class(tmp_path):
     assert kinds["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"] == "embedding"
 
 
-def test_known_layout_needs_no_model_class(tiny_llama, tmp_path):
-    tensors = load_file(tiny_llama / "model.safetensors")
-    torch.manual_seed(1)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    tensors[name] = tensors[name] + 0.01 * torch.randn_like(tensors[name])
-    tuned = tmp_path / "tuned"
-    tuned.mkdir()
-    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
-    (tuned / "config.json").write_text((tiny_llama / "config.json").read_text())
-    out = CliRunner().invoke(cli, ["extract-lora", str(tuned), str(tiny_llama), "-r", "2", "-o",
-                                   str(tmp_path / "lora"), "--json"])
-    assert out.exit_code == 0, out.output
-    report = json.loads(out.output)
-    assert report["module_types"] == "llama layout"
-    assert [m["module"] for m in report["modules"]] == ["model.layers.0.self_attn.q_proj"]
-
-
-def test_t5_relative_bias_becomes_an_embedding_lora(tmp_path):
-    """On the transformers route the Embedding is factored as one (τᵀ), and peft loads it."""
-    base = _t5_checkpoint(tmp_path / "base")
+def _extract_one_change(base, name, scale, seed, tmp_path):
+    """(extract-lora's --json, tuned tensors): ``base`` with tensor ``name`` moved by scale·noise, at rank 2."""
     tensors = load_file(base / "model.safetensors")
-    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    torch.manual_seed(2)
-    tensors[name] = tensors[name] + 0.1 * torch.randn_like(tensors[name])
+    torch.manual_seed(seed)
+    tensors[name] = tensors[name] + scale * torch.randn_like(tensors[name])
     tuned = tmp_path / "tuned"
     tuned.mkdir()
     save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
@@ -121,7 +102,20 @@ def test_t5_relative_bias_becomes_an_embedding_lora(tmp_path):
     out = CliRunner().invoke(cli, ["extract-lora", str(tuned), str(base), "-r", "2", "-o",
                                    str(tmp_path / "lora"), "--json"])
     assert out.exit_code == 0, out.output
-    report = json.loads(out.output)
+    return json.loads(out.output), tensors
+
+
+def test_known_layout_needs_no_model_class(tiny_llama, tmp_path):
+    report, _ = _extract_one_change(tiny_llama, "model.layers.0.self_attn.q_proj.weight", 0.01, 1, tmp_path)
+    assert report["module_types"] == "llama layout"
+    assert [m["module"] for m in report["modules"]] == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_t5_relative_bias_becomes_an_embedding_lora(tmp_path):
+    """On the transformers route the Embedding is factored as one (τᵀ), and peft loads it."""
+    base = _t5_checkpoint(tmp_path / "base")
+    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    report, tensors = _extract_one_change(base, name, 0.1, 2, tmp_path)
     assert report["module_types"] == "transformers"
     assert [(m["module"], m["kind"]) for m in report["modules"]] == [(name[: -len(".weight")], "embedding")]
     import transformers
