@@ -160,7 +160,7 @@ def test_recorded_config_is_the_default_and_none_turns_it_off(tiny_llama, qlora,
     plain, unquantized = read_folder(tmp_path / "off"), read_folder(tmp_path / "plain")
     assert all(torch.equal(auto[k], explicit[k]) for k in auto)
     assert all(torch.equal(plain[k], unquantized[k]) for k in plain)
-    assert not off.notes
+    assert not [n for n in off.notes if "quant" in n]  # (a note on measured shapes may be there)
     result = CliRunner().invoke(cli, ["merge", str(tiny_llama), str(adapter), "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "Note: base weights rounded through bitsandbytes' 4-bit nf4" in result.output

@@ -18,6 +18,7 @@ import torch
 
 from _merge_helpers import cast_base, make_adapter, peft_merged, read_folder
 from surgeon.ops import native_merge
+from surgeon.ops.blas_agreement import native_agrees
 from surgeon.ops.lora import lora_delta
 from surgeon.ops.merge_rounding import round_merged
 
@@ -73,6 +74,10 @@ def test_avx2_and_plain_c_paths_equal_torch(march, tmp_path):
 
 
 def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters: int, lib=None) -> None:
+    """Wherever the measurement (surgeon.ops.blas_agreement, on this machine) says the kernel gives torch's
+    bits for this shape and block partition, it does on this test's own data, for every dtype pair, with the
+    same statistics; where it says not, the float32 result does differ (and only by the order of additions)."""
+    lib = lib or native_merge.kernel()
     gen = torch.Generator().manual_seed(rows * cols + rank)
     for stored_dtype in DTYPES:
         for out_dtype in DTYPES:
@@ -89,10 +94,19 @@ def _check_case(rows: int, cols: int, rank: int, fan_in_fan_out: bool, adapters:
             for chunk, workers in ((1, 2), (cols * 7, 1), (10**6, 2)):
                 got, stats = _native(weight, out_dtype, factors, chunk=chunk, workers=workers, lib=lib)
                 case = (stored_dtype, out_dtype, chunk, workers)
-                assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), case
+                exact = native_agrees(lib, rows, cols, rank, fan_in_fan_out=fan_in_fan_out, chunk=chunk, workers=workers)
+                same = torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+                if not exact:  # the merge routes this shape to torch; the kernel is another order of additions
+                    if (stored_dtype, out_dtype) == ("F32", "F32"):
+                        assert not same, case
+                        bound = 4 * rank * adapters * torch.finfo(torch.float32).eps * float(ref.abs().max())
+                        assert float((got - ref).abs().max()) <= bound, case
+                    continue
+                assert same, case
                 assert (stats.changed, stats.nonfinite, stats.numel) == (ref_stats.changed, 0, rows * cols), case
-                assert stats.delta_norm == pytest.approx(ref_stats.delta_norm, rel=1e-5), case
-                assert stats.lost_norm == pytest.approx(ref_stats.lost_norm, rel=1e-5, abs=1e-30), case
+                # float32 sums of squares per block of up to 131072 elements (the BLAS's dot): ~sqrt(n)·eps apart
+                assert stats.delta_norm == pytest.approx(ref_stats.delta_norm, rel=1e-4), case
+                assert stats.lost_norm == pytest.approx(ref_stats.lost_norm, rel=1e-4, abs=1e-30), case
 
 
 def test_zero_b_keeps_signed_zeros_as_torch():
@@ -116,22 +130,29 @@ def test_kernel_counts_non_finite_outputs():
 
 
 def test_cpu_lora_merge_does_not_import_torch(tiny_llama, tmp_path):
-    """The whole `surgeon merge` of a LoRA on the CPU runs without torch (~2 s of start-up saved), and its
-    output equals peft's merge."""
+    """The whole `surgeon merge` of a LoRA on the CPU runs without torch (~2 s of start-up saved) once this
+    machine's BLAS has been measured for the adapter's shapes: the first merge measures (with torch) and
+    remembers, the second reads the answers. Both outputs equal peft's merge."""
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
-    out = tmp_path / "merged"
     code = ("import sys, json; from surgeon.cli.main import main; sys.argv = ['surgeon', 'merge', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    print(json.dumps({'rc': e.code, 'torch': 'torch' in sys.modules}))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(adapter), "-o", str(out), "--json"],
-                          capture_output=True, text=True, env=env, check=False)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"rc": 0, "torch": False}, done.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     reference = peft_merged(tiny_llama, [(adapter, 1.0)])
-    got = read_folder(out)
-    assert sorted(got) == sorted(reference)
-    for name, tensor in got.items():
-        assert torch.equal(tensor, reference[name]), name
+    for run in ("first", "second"):
+        out = tmp_path / f"merged-{run}"
+        done = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(adapter), "-o", str(out), "--json"],
+                              capture_output=True, text=True, env=env, check=False)
+        lines = done.stdout.strip().splitlines()
+        result, report = json.loads(lines[-1]), json.loads("\n".join(lines[:-1]))
+        measured = [n for n in report["notes"] if n.startswith("measured on this machine")]
+        if run == "first":
+            assert result["rc"] == 0 and measured, done.stderr[-2000:]
+        else:
+            assert result == {"rc": 0, "torch": False} and not measured, done.stderr[-2000:]
+        got = read_folder(out)
+        assert sorted(got) == sorted(reference)
+        for name, tensor in got.items():
+            assert torch.equal(tensor, reference[name]), name
 
 
 def test_kernel_switched_off_gives_the_same_files(tiny_llama, tmp_path):

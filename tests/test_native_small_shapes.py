@@ -1,8 +1,8 @@
-"""The native kernel's claim on every shape: wherever the merge routes a LoRA target to it
-(surgeon.ops.native_shapes.native_exact), it gives torch's bits; the shapes where torch's BLAS takes
-another kernel (one-row/one-column products, ranks above 384) take the torch path. Measured here
-against torch's own B·A over a grid of small shapes, and end to end against peft's merge_and_unload()
-on tiny Linear / Conv1D modules (10->20, 10->64, 20->2, 20->1, 1->8, rank 1 ... 512)."""
+"""The native kernel's claim on every shape: wherever the merge routes a LoRA target to it (the measurement
+of surgeon.ops.blas_agreement, made on this machine), it gives torch's bits, and wherever the measurement
+says it does not, it really does not. Measured here against torch's own B·A over a grid of small shapes on
+other random data than the measurement's, and end to end against peft's merge_and_unload() on tiny Linear /
+Conv1D modules (10->20, 10->64, 20->2, 20->1, 1->8, rank 1 ... 512), with the kernel on and off."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon.ops import native_merge
-from surgeon.ops.native_shapes import MAX_EXACT_RANK, native_exact
+from surgeon.ops.blas_agreement import trials, native_agrees
+from surgeon.ops.native_merge import CHUNK
 from surgeon.workflows.merge import merge
 
 pytestmark = pytest.mark.skipif(native_merge.kernel() is None,
@@ -39,7 +40,7 @@ def _kernel_merge(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     factors = native_merge.LoraFactors(numpy.ascontiguousarray(left.numpy()), numpy.ascontiguousarray(right.numpy()),
                                        scale)
     native_merge.stream_lora_merge(native_merge.kernel(), weight.shape, "F32", "F32", [factors], read=read,
-                                   write=write)
+                                   write=write, workers=2)
     return torch.frombuffer(out, dtype=torch.float32).view(weight.shape).clone()
 
 
@@ -50,36 +51,48 @@ def _torch_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     return weight + (delta.T if fan_in_fan_out else delta) * scale
 
 
+def _agrees_on_new_data(out_f: int, in_f: int, rank: int, fan_in_fan_out: bool, gen: torch.Generator) -> bool:
+    """Whether the kernel gives torch's bits on fresh draws (as many as the measurement takes: a product of
+    one element can round the same in another order by chance)."""
+    return all(_agrees_once(out_f, in_f, rank, fan_in_fan_out, gen) for _ in range(trials(out_f, in_f)))
+
+
+def _agrees_once(out_f: int, in_f: int, rank: int, fan_in_fan_out: bool, gen: torch.Generator) -> bool:
+    lora_A, lora_B = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen)
+    rows, cols = (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+    weight = torch.randn(rows, cols, generator=gen)
+    left, right = (lora_A.T, lora_B.T) if fan_in_fan_out else (lora_B, lora_A)
+    ref = _torch_merge(weight, lora_A, lora_B, 0.75, fan_in_fan_out)
+    got = _kernel_merge(weight, left, right, 0.75)
+    if not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
+        bound = 4 * rank * torch.finfo(torch.float32).eps * float(ref.abs().max() + 1)
+        assert float((got - ref).abs().max()) <= bound, (out_f, in_f, rank)  # another order of additions only
+        return False
+    return True
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_kernel_equals_torch_wherever_the_rule_sends_a_shape_to_it(fan_in_fan_out):
+def test_the_measurement_tells_where_the_kernel_gives_torchs_bits(fan_in_fan_out):
     gen = torch.Generator().manual_seed(14)
-    exact = measured = 0
+    agreed = 0
     for out_f in SIZES:
         for in_f in SIZES:
             for rank in RANKS:
-                lora_A, lora_B = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen)
                 rows, cols = (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
-                weight = torch.randn(rows, cols, generator=gen)
-                left, right = (lora_A.T, lora_B.T) if fan_in_fan_out else (lora_B, lora_A)
-                ref = _torch_merge(weight, lora_A, lora_B, 0.75, fan_in_fan_out)
-                got = _kernel_merge(weight, left, right, 0.75)
-                measured += 1
-                if native_exact(out_f, in_f, [rank]):
-                    exact += 1
-                    assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), (out_f, in_f, rank)
-    assert exact > measured * 0.7  # the rule keeps the kernel for nearly every shape
+                measured = native_agrees(native_merge.kernel(), rows, cols, rank, fan_in_fan_out=fan_in_fan_out,
+                                         chunk=CHUNK, workers=2)
+                assert _agrees_on_new_data(out_f, in_f, rank, fan_in_fan_out, gen) == measured, (out_f, in_f, rank)
+                agreed += measured
+    print(f"the kernel gives torch's bits for {agreed} of {len(SIZES) ** 2 * len(RANKS)} small shapes here")
 
 
-def test_ranks_above_the_blocked_inner_dimension_leave_the_kernel():
-    """Torch's product splits the rank into blocks above MAX_EXACT_RANK; the rule names that edge."""
+def test_the_measurement_follows_the_rank_across_blas_inner_blocks():
+    """MKL's AVX-512 sgemm adds the rank in blocks of 384 (other CPUs: other blocks): whatever this machine's
+    BLAS does, the measured answer holds on other data, below, at and above such an edge."""
     gen = torch.Generator().manual_seed(3)
-    for rank in (MAX_EXACT_RANK - 1, MAX_EXACT_RANK):
-        A, B, W = torch.randn(rank, 64, generator=gen), torch.randn(64, rank, generator=gen), torch.randn(64, 64,
-                                                                                                           generator=gen)
-        assert native_exact(64, 64, [rank])
-        assert torch.equal(_kernel_merge(W, B, A, 0.5), _torch_merge(W, A, B, 0.5, False)), rank
-    assert not native_exact(64, 64, [MAX_EXACT_RANK + 1])
-    assert not native_exact(1, 64, [8]) and not native_exact(64, 1, [8])
+    for rank in (255, 256, 257, 383, 384, 385, 386, 512):
+        measured = native_agrees(native_merge.kernel(), 64, 64, rank, fan_in_fan_out=False, chunk=CHUNK, workers=2)
+        assert _agrees_on_new_data(64, 64, rank, False, gen) == measured, rank
 
 
 class _Tiny(nn.Module):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy
 import torch
 
+from surgeon.ops.threads import torch_threads
 from surgeon.ops.native_merge import (  # noqa: F401 - MIN_ROWS re-exported
     CHUNK,
     MIN_ROWS,
@@ -96,7 +97,9 @@ class _Job:
         self.flat_m, self.out, self.write = flat_m, out, write
 
     def run_all(self, spans: list[tuple[int, int]], workers: int, pool: ThreadPoolExecutor | None = None) -> RoundingStats:
-        parts = run_interleaved(self.run, spans, workers, pool)
+        shared = workers > 1 and len(spans) > 1 and self.device.type == "cpu"
+        with torch_threads(1 if shared else None):  # the threads share the chunks: no per-chunk barrier
+            parts = run_interleaved(self.run, spans, workers, pool)
         dsq, esq, changed = ([x for part in parts for x in part[j]] for j in range(3))
         numel = sum(n for _, n in spans)
         rounds = self.out_dtype != torch.float32

@@ -137,13 +137,23 @@ class KernelLoad:
     error: str = ""
 
 
+def build_key(march: str = "native") -> str:
+    """The kernel build's identity: its source, flags and this CPU's flags (the name of the built file)."""
+    return hashlib.sha256(SOURCE.read_bytes() + repr(_flags(march)).encode() + _cpu_flags().encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    """Where the kernel is built (and measurements about this machine are memoised)."""
+    return _cache_dir()
+
+
 def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir: Path | None = None) -> KernelLoad:
     """Build (unless a trusted copy exists) and load the kernel for CPU ``march``, looking in ``cache_dir``
     (default: the user's cache) and then ``tmp_dir`` (default: the system's temporary folder). Not cached:
     :func:`kernel` is the process-wide default. Never raises; a failure comes back as ``error``."""
     if sys.platform == "win32":
         return KernelLoad(None, "the native kernel is built on Linux and macOS only")
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags(march)).encode() + _cpu_flags().encode()).hexdigest()[:20]
+    key = build_key(march)
     places = [cache_dir or _cache_dir(), (tmp_dir or Path(tempfile.gettempdir())) / f"surgeon-native-{os.getuid()}"]
     targets = [p / f"merge_rows-{key}.so" for p in places]
     target = next((t for t in targets if _loadable(t)), None)

@@ -5,8 +5,8 @@ in-memory ones are merged whole, with reading the next one and writing the previ
 overlapping the arithmetic (one reader and one writer thread) and memory reused rather than
 page-faulted anew for every tensor. torch is imported only if some tensor needs it. The block
 loops run on their own threads, with torch single-threaded meanwhile (no per-chunk barrier,
-which costs dearly on a busy machine); :func:`quiet_runtime` restores torch's thread count and
-the garbage collector afterwards.
+which costs dearly on a busy machine); whole-tensor products keep torch's default threads, as
+peft's. :func:`quiet_runtime` holds the garbage collector off and restores it afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from surgeon.io.checkpoint import Checkpoint
@@ -72,19 +71,16 @@ class _Buffers:
 
 
 @contextmanager
-def quiet_runtime(torch_module: ModuleType | None, single_threaded: bool) -> Iterator[None]:
-    """No garbage collections (the loop makes few objects) and, if asked, torch on one thread, for the
-    duration of the block only: both are restored on the way out, error or not."""
+def quiet_runtime() -> Iterator[None]:
+    """No garbage collections (the loop makes few objects) for the duration of the block only: restored on
+    the way out, error or not. torch keeps its thread count: whole-tensor products are computed as peft
+    computes them (on torch's default threads); the block loops go single-threaded only while they run
+    (:mod:`surgeon.ops.merge_rounding`)."""
     collecting = gc.isenabled()
-    threads = torch_module.get_num_threads() if torch_module is not None else 0
     gc.disable()
-    if torch_module is not None and single_threaded:
-        torch_module.set_num_threads(1)
     try:
         yield
     finally:
-        if torch_module is not None:
-            torch_module.set_num_threads(threads)
         if collecting:
             gc.enable()
 
@@ -192,14 +188,11 @@ class _Run:
 def execute(ckpt: Checkpoint, plan: MergePlan, routes: RoutePlan, writer: CheckpointWriter) -> list[TensorMerge]:
     """Write every tensor of ``ckpt`` in order through ``writer`` by its route in ``routes``; the entries of
     the tensors written other than by copying."""
-    torch_module = None
-    if routes.torch_needed:
-        import torch as torch_module
     for header in ckpt.headers:  # open every shard before threads share the checkpoint
         if header.tensors:
             ckpt.fd_and_span(next(iter(header.tensors)))
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as io, ThreadPoolExecutor(routes.workers) as pool, \
-            quiet_runtime(torch_module, routes.device == "cpu"):
+            quiet_runtime():
         run = _Run(ckpt, plan, routes, writer, (reader, io, pool))
         if run.targets:
             read_ahead(ckpt, plan, run.targets[0])

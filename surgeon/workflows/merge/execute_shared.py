@@ -65,9 +65,7 @@ def execute_shared(world: World, ckpt: Checkpoint, plan: MergePlan, routes: Rout
     mine = [routes.tensors[i] for i in part.mine]
 
     def fill(shards: RankShards) -> None:
-        import torch
-
-        with ThreadPoolExecutor(routes.workers) as pool, quiet_runtime(torch, routes.device == "cpu"):
+        with ThreadPoolExecutor(routes.workers) as pool, quiet_runtime():
             modules = ModuleMerges(ckpt, plan, routes)
             run_share(part, [t.name for t in mine],
                       (_one(ckpt, plan, routes, step, shards, pool, modules)

@@ -27,7 +27,7 @@ from surgeon.errors import OptionError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.writer import TensorSpec
 from surgeon.ops import native_merge
-from surgeon.ops.native_shapes import native_exact
+from surgeon.workflows.merge.exactness import Exactness
 from surgeon.workflows.merge.plan import MergePlan
 
 ENGINES = ("auto", "native", "torch", "memory")
@@ -67,6 +67,7 @@ class RoutePlan:
     workers: int
     chunk: int
     kernel: Any = field(default=None, compare=False, repr=False)
+    measured: int = 0  # shapes whose exact route was measured on this machine while planning (then remembered)
 
     @property
     def by_name(self) -> dict[str, TensorRoute]:
@@ -88,7 +89,15 @@ class RoutePlan:
         for t in self.tensors:
             counts[t.route] = counts.get(t.route, 0) + 1
         return {"device": self.device, "engine": self.engine, "workers": self.workers, "chunk": self.chunk,
-                "bytes_out": self.bytes_out, "routes": counts, "tensors": [asdict(t) for t in self.tensors]}
+                "bytes_out": self.bytes_out, "routes": counts, "measured_shapes": self.measured,
+                "tensors": [asdict(t) for t in self.tensors]}
+
+    @property
+    def notes(self) -> list[str]:
+        if not self.measured:
+            return []
+        return [f"measured on this machine which route gives peft's bits for {self.measured} LoRA shape(s) "
+                "(once: remembered for later merges)"]
 
 
 def cpu_workers() -> int:
@@ -98,20 +107,44 @@ def cpu_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _native_fits(ckpt: Checkpoint, plan: MergePlan, name: str, out_dtype: str) -> bool:
-    """Whether the native kernel merges this target: LoRA deltas only, on a 2-D bf16/fp16/fp32 weight."""
+def _lora_ranks(ckpt: Checkpoint, plan: MergePlan, name: str) -> list[int] | None:
+    """The ranks of the LoRA deltas on 2-D target ``name`` when the streamed routes may compute them (every
+    operation a LoRA whose factors the kernel reads); None otherwise."""
     info = ckpt.info(name)
-    if len(info.shape) != 2 or info.numel == 0 or not {info.dtype, out_dtype} <= set(native_merge.DTYPE_CODES):
-        return False
+    if len(info.shape) != 2 or info.numel == 0:
+        return None
     ranks = []
     for op in plan.targets[name]:
         weights = plan.adapters[op.adapter].weights
         if op.kind != "lora" or any(weights.info(op.tensors[role]).dtype not in _NATIVE_FACTOR_DTYPES
                                     for role in ("lora_A", "lora_B")):
-            return False
+            return None
         ranks.append(weights.info(op.tensors["lora_A"]).shape[0])
-    out_in = info.shape[::-1] if plan.targets[name][0].fan_in_fan_out else info.shape
-    return native_exact(out_in[0], out_in[1], ranks)  # shapes where torch's BLAS takes another kernel: torch
+    return ranks
+
+
+def _native_fits(ckpt: Checkpoint, plan: MergePlan, name: str, out_dtype: str, exact: Exactness) -> bool:
+    """Whether the native kernel merges this target: LoRA deltas only, on a 2-D bf16/fp16/fp32 weight, of a
+    shape where it gives peft's bits on this machine (measured)."""
+    info = ckpt.info(name)
+    ranks = _lora_ranks(ckpt, plan, name)
+    if ranks is None or not {info.dtype, out_dtype} <= set(native_merge.DTYPE_CODES):
+        return False
+    rows, cols = info.shape
+    return exact.native(rows, cols, ranks, fan_in_fan_out=plan.targets[name][0].fan_in_fan_out)
+
+
+def _blocks_exact(ckpt: Checkpoint, plan: MergePlan, name: str, exact: Exactness) -> bool:
+    """Whether the torch stream gives peft's bits here: its LoRA products, one block of rows at a time, equal
+    the whole product on this machine (measured); other additive deltas are computed whole, always exact."""
+    ops = plan.targets[name]
+    lora = [op for op in ops if op.kind == "lora"]
+    info = ckpt.info(name)
+    if not lora or len(info.shape) != 2:
+        return True
+    ranks = [plan.adapters[op.adapter].weights.info(op.tensors["lora_A"]).shape[0] for op in lora]
+    rows, cols = info.shape
+    return exact.blocks(rows, cols, ranks, fan_in_fan_out=lora[0].fan_in_fan_out)
 
 
 def _kernel_for(engine: str, wanted: bool) -> Any:
@@ -132,6 +165,8 @@ def plan_routes(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], *, de
     if engine == "native" and on_cpu and plan.targets and lib is None:
         raise OptionError(f"the native merge kernel cannot be used here ({native_merge.build_error()}); "
                           "use the torch engine (SURGEON_NATIVE=0).")
+    workers = cpu_workers() if on_cpu else 1
+    exact = Exactness(lib, chunk=chunk, workers=workers)
     routes = []
     for name in ckpt.keys():
         info, dtype = ckpt.info(name), dtypes[name]
@@ -144,9 +179,10 @@ def plan_routes(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], *, de
         action = "replace" if all(op.kind in ("replace", "base_layer") for op in ops) else "merge"
         if any(op.kind == "peft_module" for op in ops):
             route = "module"
-        elif lib is not None and _native_fits(ckpt, plan, name, dtype):
+        elif lib is not None and _native_fits(ckpt, plan, name, dtype, exact):
             route = "native"
-        elif on_cpu and resolved != "memory" and all(op.kind in ADDITIVE for op in ops):
+        elif on_cpu and resolved != "memory" and all(op.kind in ADDITIVE for op in ops) and \
+                _blocks_exact(ckpt, plan, name, exact):
             route = "stream"
         else:
             route = "memory"
@@ -154,4 +190,4 @@ def plan_routes(ckpt: Checkpoint, plan: MergePlan, dtypes: dict[str, str], *, de
     positional = all(t.route in ("native", "stream", "module", "copy") for t in routes) and \
         all(dtypes[n] == ckpt.info(n).dtype for n in ckpt.keys())
     used = lib if any(t.route == "native" for t in routes) else None
-    return RoutePlan(device, resolved, tuple(routes), positional, cpu_workers() if on_cpu else 1, chunk, used)
+    return RoutePlan(device, resolved, tuple(routes), positional, workers, chunk, used, exact.measured)

@@ -285,7 +285,7 @@ def _report(job: _Job, entries: list[TensorMerge], routes: RoutePlan, shards: li
         device=job.device, tensors=len(routes.tensors), merged=count("merged"), replaced=count("replaced"),
         cast_only=count("cast only"), copied=len(routes.tensors) - len(entries), bytes_written=routes.bytes_out,
         shards=shards, seconds=time.perf_counter() - started, warnings=[e.warning for e in entries if e.warning],
-        entries=entries, precision_report=job.options.precision_report, notes=list(job.notes),
+        entries=entries, precision_report=job.options.precision_report, notes=list(job.notes) + routes.notes,
     )
 
 
