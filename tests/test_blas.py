@@ -67,3 +67,33 @@ def test_other_products_are_torch_s(route):
     assert torch.equal(blas.mm(half.T, half), half.T @ half)  # not a float32/float64 product
     grad = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
     assert blas.mm(wide[:, :50], grad).requires_grad  # autograd keeps torch's product
+
+
+@pytest.mark.parametrize("shape", [(40, 700), (700, 40), (600, 600)])
+def test_gram_blocks_and_the_symmetric_eigendecomposition_on_both_routes(route, shape):
+    """The Gram matrix's blocks (gram_block, any column slices) and its eigendecomposition (symmetric_eigh)
+    through numpy's BLAS/LAPACK equal torch's product and float64 eigh to rounding: eigenvalues to 1e-12
+    of the largest, eigenvectors orthonormal and G·q = λq, also for a repeated eigenvalue."""
+    from surgeon.ops import svd_gram
+
+    gen = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    x = w.T if shape[0] <= shape[1] else w
+    c = x.shape[1]
+    for a, b in ((x, x), (x[:, 1 : c // 2], x[:, c // 3 :]), (x[:, ::3], x[:, 1::3])):
+        ref = a.T.contiguous() @ b.contiguous()
+        torch.testing.assert_close(blas.gram_block(a, b), ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    g = svd_gram.gram(w)
+    assert torch.equal(g, g.T)  # exactly symmetric on both routes
+    q_rand = torch.linalg.qr(torch.randn(g.shape[0], g.shape[0], generator=gen, dtype=torch.float64))[0]
+    lam = torch.linspace(1.0, 5.0, g.shape[0], dtype=torch.float64)
+    lam[-3:] = 5.0  # a repeated top eigenvalue
+    for matrix in (g, (q_rand * lam) @ q_rand.T):
+        matrix = (matrix + matrix.T) / 2
+        values, vectors = blas.symmetric_eigh(matrix)
+        ref = torch.linalg.eigvalsh(matrix)
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(values, ref, rtol=0, atol=1e-12 * scale)
+        eye = torch.eye(matrix.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(vectors.T @ vectors, eye, rtol=0, atol=1e-12)
+        torch.testing.assert_close(matrix @ vectors, vectors * values, rtol=0, atol=1e-11 * scale)

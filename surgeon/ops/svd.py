@@ -135,10 +135,12 @@ def top_k_low_rank(w0: torch.Tensor, base: BaseBasis, left: torch.Tensor, right:
 def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(L (m × l) orthonormal, R = Lᵀτ (l × n)), float64: τ's dominant range by a blocked randomised range finder.
 
-    Blocks of ``step`` Gaussian probes (one power step each) are added while the newest block still
-    holds more than 8x its share of the energy left outside the range (i.e. while the spectrum has not
-    reached a flat tail: the rounding noise of a merged LoRA, the bulk of a full fine-tune), at most
-    ``limit``. In float32: L and R only shape a preconditioner, the answer is checked in float64.
+    Blocks of Gaussian probes (one power step each; the first block two ``step`` wide, the next ones
+    ``step``) are added while the newest block's weakest ``step`` directions still hold more than 8x their
+    share of the energy left outside the range (i.e. while the spectrum has not reached a flat tail: the
+    rounding noise of a merged LoRA, the bulk of a full fine-tune), at most ``limit``. A merged LoRA of rank
+    ≤ ``step`` is done after the first block: four passes over τ. In float32: L and R only shape a
+    preconditioner, the answer is checked in float64.
     """
     a = tau.to(torch.float32)
     m, n = a.shape
@@ -150,20 +152,23 @@ def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[to
     top = min(limit, m, n)
     while sum(b.shape[1] for b in blocks) < top:
         q = torch.cat(blocks, 1) if blocks else a.new_zeros(m, 0)
-        width = min(step, top - q.shape[1])
+        width = min(step if blocks else 2 * step, top - q.shape[1])
         y = mm(a, torch.randn(n, width, generator=gen).to(a.device))
         y = mm(a, mm(a.T, torch.linalg.qr(y - q @ (q.T @ y))[0]))  # one power step: the flat tail drops out
         for _ in range(2):
             y = y - q @ (q.T @ y)
         new = torch.linalg.qr(y)[0]
         row = mm(new.T, a)
-        held = float(row.square().sum())
+        energies = torch.linalg.eigvalsh((row.double() @ row.double().T))  # the block's directions, ascending
+        held = float(energies.sum())
+        weakest = float(energies[: min(step, width)].sum())
         blocks.append(new)
         rows.append(row)
         rest = max(total - captured - held, 0.0)
         captured += held
-        share = rest * width / max(min(m, n) - q.shape[1] - width, 1)
-        if held <= 8.0 * share or rest <= 1e-12 * total:
+        tail = min(step, width)
+        share = rest * tail / max(min(m, n) - q.shape[1] - width, 1)
+        if weakest <= 8.0 * share or rest <= 1e-12 * total:
             break
     return torch.cat(blocks, 1).to(torch.float64), torch.cat(rows, 0).to(torch.float64)
 

@@ -55,9 +55,9 @@ class LowRankOperator:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """G·x with two skinny GEMMs."""
-        cx_px = self.down @ x
+        cx_px = mm(self.down, x)
         cx_px[self.rank:] += self.rr @ cx_px[:self.rank]
-        return torch.addmm(self.lam[:, None] * x, self.up, cx_px)
+        return mm(self.up, cx_px).addcmul_(self.lam[:, None], x)
 
     def solve(self, theta: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """(G − θ_j I)⁻¹·rhs_j for each shift θ_j (b,) and right-hand sides rhs (b × N × c), by Woodbury:

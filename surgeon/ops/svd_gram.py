@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from surgeon.ops.blas import gram_block, symmetric_eigh
 from surgeon.ops.svd_types import TINY, BaseBasis, Triplets, finish
 
 GRAM_FROM = 512  # W from this size on (smaller side): iterate with its Gram matrix, formed once, by blocks
@@ -29,13 +30,13 @@ def gram(w: torch.Tensor, *, parts: int = 4) -> torch.Tensor:
     x = (w.T if w.shape[0] <= w.shape[1] else w).contiguous()  # XᵀX with long contiguous columns is the fast case
     n = x.shape[1]
     if n < GRAM_FROM or parts <= 1 or x.device.type != "cpu":
-        return _mirrored(x.T @ x)
+        return _mirrored(gram_block(x, x))
     step = -(-n // parts)
     out = torch.empty(n, n, dtype=x.dtype, device=x.device)
     cols = [(i, x[:, i:i + step]) for i in range(0, n, step)]
     for a, (i, xa) in enumerate(cols):
         for j, xb in cols[a:]:
-            block = xa.T @ xb if j != i else _mirrored(xa.T @ xa)
+            block = gram_block(xa, xb) if j != i else _mirrored(gram_block(xa, xa))
             out[i:i + block.shape[0], j:j + block.shape[1]] = block
             if j != i:
                 out[j:j + block.shape[1], i:i + block.shape[0]] = block.T
@@ -51,7 +52,7 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 def _gram_eigh(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(s (N,), Q (N × N)) descending, from the Gram matrix of the smaller side of ``w`` (float64)."""
     gram_ = gram(w)
-    evals, evecs = torch.linalg.eigh(gram_)
+    evals, evecs = symmetric_eigh(gram_)
     return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1).contiguous()
 
 
