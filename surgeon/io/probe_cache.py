@@ -12,27 +12,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
 from surgeon.io.output import check_cache_folder
 
 
-def _private(path: Path) -> bool:
-    try:
-        info = path.stat()
-    except OSError:
-        return False
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
 class ProbeMemo:
-    """``answers``: name -> bool, loaded from ``folder/<kind>-<key>.json``; :meth:`record` adds one and saves."""
+    """``answers``: name -> bool, loaded from ``folder/<kind>-<key>.json``; :meth:`record` adds one and saves.
+    ``private(path)``: whether only this user owns and may write ``path`` (the kernel's own check)."""
 
-    def __init__(self, folder: Path, kind: str, key: str) -> None:
+    def __init__(self, folder: Path, kind: str, key: str, private: Callable[[Path], bool]) -> None:
         self.path = folder / f"{kind}-{key}.json"
+        self.private = private
         self.answers: dict[str, bool] = {}
-        if _private(self.path) and _private(folder):
+        if private(self.path) and private(folder):
             try:
                 loaded = json.loads(self.path.read_text(encoding="utf-8"))
                 self.answers = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, bool)}
@@ -46,10 +41,13 @@ class ProbeMemo:
         try:
             check_cache_folder(folder)  # never inside an input or the output being written
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not _private(folder):
+            if not self.private(folder):
                 return
             tmp.write_text(json.dumps(self.answers, sort_keys=True), encoding="utf-8")
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)  # atomic; a concurrent writer's answers may be lost, then measured again
         except (OSError, SurgeonError):
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # e.g. the folder is a file: nothing was written
+                pass

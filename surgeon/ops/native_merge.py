@@ -142,6 +142,11 @@ def build_key(march: str = "native") -> str:
     return hashlib.sha256(SOURCE.read_bytes() + repr(_flags(march)).encode() + _cpu_flags().encode()).hexdigest()[:20]
 
 
+def private_path(path: Path) -> bool:
+    """Whether this user alone owns and may write ``path`` (what the kernel and its memo are read from)."""
+    return _trusted(path)
+
+
 def cache_dir() -> Path:
     """Where the kernel is built (and measurements about this machine are memoised)."""
     return _cache_dir()

@@ -61,7 +61,7 @@ class Exactness:
 
     def __init__(self, lib: Any, *, chunk: int, workers: int) -> None:
         self.lib, self.chunk, self.workers = lib, chunk, workers
-        self.memo = ProbeMemo(native_merge.cache_dir(), MEMO_KIND, machine_key())
+        self.memo = ProbeMemo(native_merge.cache_dir(), MEMO_KIND, machine_key(), native_merge.private_path)
         self.measured = 0  # probes run by this merge (not read from the memo)
 
     def _answer(self, route: str, rows: int, cols: int, rank: int, fan_in_fan_out: bool) -> bool:
