@@ -36,7 +36,7 @@ def test_a_memo_others_could_write_or_a_broken_one_is_not_believed(tmp_path):
     assert ProbeMemo(folder, "kind", "key", native_merge.private_path).answers == {"b": True}
 
 
-def test_an_unwritable_memo_folder_still_answers(tmp_path, monkeypatch):
+def test_an_unwritable_memo_folder_still_answers(tmp_path):
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
     memo = ProbeMemo(blocked / "memo", "kind", "key", native_merge.private_path)
