@@ -160,13 +160,12 @@ def tau_range(tau: torch.Tensor, *, step: int = 16, limit: int = 64) -> tuple[to
         new = torch.linalg.qr(y)[0]
         row = mm(new.T, a)
         energies = torch.linalg.eigvalsh((row.double() @ row.double().T))  # the block's directions, ascending
-        held = float(energies.sum())
-        weakest = float(energies[: min(step, width)].sum())
+        tail = min(step, width)
+        held, weakest = float(energies.sum()), float(energies[:tail].sum())
         blocks.append(new)
         rows.append(row)
         rest = max(total - captured - held, 0.0)
         captured += held
-        tail = min(step, width)
         share = rest * tail / max(min(m, n) - q.shape[1] - width, 1)
         if weakest <= 8.0 * share or rest <= 1e-12 * total:
             break

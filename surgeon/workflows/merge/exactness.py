@@ -61,8 +61,14 @@ class Exactness:
 
     def __init__(self, lib: Any, *, chunk: int, workers: int) -> None:
         self.lib, self.chunk, self.workers = lib, chunk, workers
-        self.memo = ProbeMemo(native_merge.cache_dir(), MEMO_KIND, machine_key(), native_merge.private_path)
+        self._memo: ProbeMemo | None = None  # read at the first question: a GPU or LoRA-free merge never asks
         self.measured = 0  # probes run by this merge (not read from the memo)
+
+    @property
+    def memo(self) -> ProbeMemo:
+        if self._memo is None:
+            self._memo = ProbeMemo(native_merge.cache_dir(), MEMO_KIND, machine_key(), native_merge.private_path)
+        return self._memo
 
     def _answer(self, route: str, rows: int, cols: int, rank: int, fan_in_fan_out: bool) -> bool:
         name = f"{route}:{rows}x{cols}:r{rank}:{'T' if fan_in_fan_out else 'N'}:c{self.chunk}:w{self.workers}"
