@@ -4,9 +4,11 @@ The iterations of the spectral routes (Krylov, Davidson, the randomised range fi
 time in products of a big matrix with a block of 8-64 vectors. torch's CPU builds do those with
 MKL, which on AMD processors runs them 3-4x slower than OpenBLAS (measured on the 2-core AMD EPYC
 these benchmarks run on, float64 5632 x 2048 times 2048 x 16: MKL 87-112 ms, OpenBLAS 33 ms; the
-transposed product 117-150 ms against 36 ms). numpy's wheels carry OpenBLAS, so once
-:func:`use_numpy_blas` is on, :func:`mm` hands those products to numpy (zero-copy views both ways);
-otherwise, and for every other product, it is ``a @ b``. Whether it is on is decided once per
+transposed product 117-150 ms against 36 ms), and OpenBLAS at 40% of the processor's peak. So float64
+products of 3-64 columns go to surgeon's own kernel (:mod:`surgeon.ops.native_thin`, 2-2.5x OpenBLAS)
+where it could be built (float32 ones stay with OpenBLAS, whose SGEMM runs them near its peak); numpy's wheels carry OpenBLAS, so once :func:`use_numpy_blas` is on, :func:`mm`
+hands the other thin products to numpy (zero-copy views both ways); otherwise, and for every other
+product, it is ``a @ b``. Whether it is on is decided once per
 process from the installation and the processor (never from timings, so every process on a machine
 computes the same bits) by :func:`surgeon.workflows.device.configure_cpu_blas`.
 """
@@ -16,7 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgeon.ops.native_thin import thin_mm
+
 THIN = 64  # products whose narrow side is at most this many columns/rows
+NATIVE_FROM = 2  # products this narrow stay matrix-vector products of the BLAS (at the memory's speed)
 
 # numpy's BLAS thread setter (or True where it has none) while thin CPU products go to numpy; None: torch's
 _route: list[object | None] = [None]
@@ -47,6 +52,10 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             or a.dim() != 2 or b.dim() != 2 or min(a.shape[0], b.shape[1]) > THIN or a.requires_grad
             or b.requires_grad or 0 in a.shape or 0 in b.shape):
         return a @ b
+    if min(a.shape[0], b.shape[1]) > NATIVE_FROM and a.dtype == torch.float64:
+        out = thin_mm(a, b)
+        if out is not None:
+            return out
     if _route[0] is None:
         return a @ b
     _numpy_threads()  # as many threads as torch has

@@ -9,17 +9,13 @@ the same bits.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy
 
-from surgeon.ops.native_merge import DTYPE_CODES, _cache_dir, _cpu_flags, _flags, _trusted
-from surgeon.ops.native_merge import _build as _build_source
+from surgeon.ops.native_merge import DTYPE_CODES, load_library
 
 SOURCE = Path(__file__).with_name("native") / "gta_rows.c"
 MAX_INPUTS = 64  # the kernel's per-element scratch
@@ -28,24 +24,9 @@ _loaded: list[ctypes.CDLL | None] = []
 _P = ctypes.c_void_p
 
 
-def _build(target: Path) -> bool:
-    return _build_source(target, "native", SOURCE) == ""
-
-
 def _load() -> ctypes.CDLL | None:
-    if sys.platform == "win32":
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(_flags("native")).encode() + _cpu_flags().encode()).hexdigest()[:20]
-    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
-    targets = [p / f"gta_rows-{key}.so" for p in places]
-    target = next((t for t in targets if t.exists() and _trusted(t) and _trusted(t.parent)), None)
-    if target is None:
-        target = next((t for t in targets if _build(t)), None)
-    if target is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError:
+    lib = load_library(SOURCE)
+    if lib is None:
         return None
     lib.tau_abs.restype = ctypes.c_int
     lib.tau_abs.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, ctypes.c_size_t, _P, ctypes.POINTER(ctypes.c_double)]

@@ -100,9 +100,10 @@ def _loadable(target: Path) -> bool:
     return target.exists() and _trusted(target) and _trusted(target.parent)
 
 
-def _build(target: Path, march: str, source: Path = SOURCE) -> str:
-    """Compile ``source`` (this module's kernel unless told) into ``target`` for CPU ``march``; the reason
-    when it could not be ("" when built). Also builds the other native kernels (:mod:`surgeon.ops.native_gta`)."""
+def _build(target: Path, march: str, source: Path = SOURCE, extra: tuple[str, ...] = ()) -> str:
+    """Compile ``source`` (this module's kernel unless told) into ``target`` for CPU ``march`` with FLAGS and
+    ``extra`` (later flags win); the reason when it could not be ("" when built). Also builds the other native
+    kernels (:func:`load_library`)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return "no C compiler"
@@ -115,8 +116,8 @@ def _build(target: Path, march: str, source: Path = SOURCE) -> str:
     except OSError as exc:  # e.g. a read-only home
         return f"cannot write {target.parent}: {exc}"
     try:
-        done = subprocess.run([compiler, *_flags(march), "-o", tmp, str(source)], capture_output=True, timeout=120,
-                              check=False)
+        done = subprocess.run([compiler, *_flags(march), *extra, "-o", tmp, str(source)], capture_output=True,
+                              timeout=120, check=False)
         if done.returncode != 0:
             return done.stderr.decode(errors="replace")[-2000:] or f"{compiler} failed"
         os.chmod(tmp, 0o755)
@@ -182,6 +183,27 @@ def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
     ]
     return KernelLoad(lib)
+
+
+def load_library(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Another native kernel (``source``, compiled with FLAGS + ``extra`` for this CPU), from the same trusted
+    places as this module's (built there on first use); None where it cannot be built or loaded. The caller
+    declares the functions' argument types."""
+    if sys.platform == "win32":
+        return None
+    key = hashlib.sha256(source.read_bytes() + repr((*_flags("native"), *extra)).encode()
+                         + _cpu_flags().encode()).hexdigest()[:20]
+    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
+    targets = [p / f"{source.stem}-{key}.so" for p in places]
+    target = next((t for t in targets if _loadable(t)), None)
+    if target is None:
+        target = next((t for t in targets if _build(t, "native", source, extra) == ""), None)
+    if target is None:
+        return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError:
+        return None
 
 
 def _default_load() -> KernelLoad:
