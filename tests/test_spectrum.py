@@ -242,3 +242,38 @@ def test_regex_targets_on_a_single_file(tmp_path):
     report = spectrum(path, targets=r"block\.\d+\.w", top_k=3)
     assert [m.name for m in report.matrices] == ["encoder.block.0.w.weight"]
     assert report.matrices[0].singular_values == pytest.approx([0.7 ** i for i in range(3)], rel=1e-6)
+
+
+def test_read_ahead_deferred_waits_for_the_consumer():
+    """Deferred read-ahead starts the next load only on prefetch() (or when the next item is asked for);
+    the plain one keeps a load in flight while the consumer works. Same items, same order either way."""
+    import threading
+    import time
+
+    from surgeon.workflows.spectral.spectrum import ReadAhead, read_ahead
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def load(i: int) -> int:
+        with lock:
+            started.append(i)
+        return i * i
+
+    stream = ReadAhead(range(4), load, deferred=True)
+    seen = []
+    for i, value in stream:
+        with lock:
+            assert started == list(range(i + 1))  # nothing beyond the current item was started
+        seen.append((i, value))
+        if i == 1:
+            stream.prefetch()
+            stream.prefetch()  # idempotent: one item ahead at most
+            deadline = time.monotonic() + 10
+            while len(started) < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            with lock:
+                assert started == [0, 1, 2]
+    assert seen == [(i, i * i) for i in range(4)]
+    started.clear()
+    assert list(read_ahead(range(3), load)) == [(0, 0), (1, 1), (2, 4)]

@@ -42,7 +42,7 @@ from surgeon.progress import progress
 from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
 from surgeon.workflows.spectral.results import (SIDES, Decomposition, IntruderOptions, IntrudersReport, MatrixIntruders,
                                                 SideCosines, build_row, row_from_wire, row_to_wire)
-from surgeon.workflows.spectral.spectrum import linear_float64, open_cache, read_ahead, resolve_targets
+from surgeon.workflows.spectral.spectrum import ReadAhead, linear_float64, open_cache, resolve_targets
 
 # -- inputs -----------------------------------------------------------------------------------
 @dataclass
@@ -284,17 +284,20 @@ def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: Intru
 def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderOptions, cache: SvdCache,
                    device: torch.device, counts: dict[str, int], *, desc: str = "intruders") -> Iterator[Analysis]:
     """Analyse ``targets`` in order, reading ahead; yields one :class:`Analysis` per target."""
-    stream = read_ahead(targets, lambda t: read_target(inputs, t, cache))
+    stream = ReadAhead(targets, lambda t: read_target(inputs, t, cache), deferred=device.type == "cpu")
     for target, loaded in progress(stream, total=len(targets), desc=desc):
         begin = time.perf_counter()
         loaded = materialize(inputs, loaded)
         if loaded.unchanged:
+            stream.prefetch()
             yield Analysis(build_row(target, Decomposition.unchanged(time.perf_counter() - begin)), loaded, None)
             continue
         # the base's complete basis (one Gram eigendecomposition, compute-bound: 1.7x faster on 2 threads than
-        # on 1 for 2048 x 2048) on every thread; the iterations on one (the reader thread uses the other core:
-        # 2.5-4x less CPU on 2 cores)
+        # on 1 for 2048 x 2048) on every thread, with the reader idle (reading beside it slowed the Gram by 0.3 s
+        # of a 2048 x 5632 matrix's 0.44); then the next matrix is read while this one iterates on one thread
+        # (2.5-4x less CPU on 2 cores than two threads beside the reader)
         base, state = _base(loaded, cache, device, counts)
+        stream.prefetch()
         with one_cpu_thread(device):
             trip = _triplets(loaded, base, options, device)
             loaded.tau = None

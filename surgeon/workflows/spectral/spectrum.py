@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -64,24 +64,50 @@ def resolve_targets(ckpt: Checkpoint, spec: str, *, what: str) -> list[Target]:
     return targets
 
 
-def read_ahead(items: Iterable[T], load: Callable[[T], R], *, depth: int = 1) -> Iterator[tuple[T, R]]:
-    """Yield (item, load(item)) in order, loading up to ``depth`` items ahead on a thread.
+class ReadAhead(Generic[T, R]):
+    """(item, load(item)) in order, loading up to ``depth`` items ahead on a thread.
 
-    Reading and hashing release the GIL, so the next tensors come off the disk while the
-    current one is decomposed.
+    Reading and hashing release the GIL, so the next tensors come off the disk while the current one is
+    decomposed. ``deferred``: the next load starts only when the consumer calls :meth:`prefetch` (or asks
+    for the next item), so that it can keep the reader off the cores while it runs a phase that wants
+    them all (the base's two-thread Gram eigendecomposition) and let it run beside a one-thread phase.
     """
-    items = list(items)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-read") as pool:
-        pending: list[tuple[T, Future[R]]] = []
-        for item in items[:depth]:
-            pending.append((item, pool.submit(load, item)))
-        next_index = len(pending)
-        while pending:
-            item, future = pending.pop(0)
-            if next_index < len(items):
-                pending.append((items[next_index], pool.submit(load, items[next_index])))
-                next_index += 1
-            yield item, future.result()
+
+    def __init__(self, items: Iterable[T], load: Callable[[T], R], *, depth: int = 1, deferred: bool = False) -> None:
+        self._items = list(items)
+        self._load = load
+        self._depth = depth
+        self._deferred = deferred
+        self._pending: list[tuple[T, Future[R]]] = []
+        self._next = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self) -> None:
+        """Start loading the next items (up to ``depth`` ahead), if not started yet."""
+        while self._pool is not None and len(self._pending) < self._depth and self._next < len(self._items):
+            item = self._items[self._next]
+            self._pending.append((item, self._pool.submit(self._load, item)))
+            self._next += 1
+
+    def __iter__(self) -> Iterator[tuple[T, R]]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-read") as pool:
+            self._pool = pool
+            try:
+                self.prefetch()
+                while self._pending:
+                    item, future = self._pending.pop(0)
+                    if not self._deferred:
+                        self.prefetch()
+                    result = future.result()
+                    yield item, result
+                    self.prefetch()  # a consumer that did not ask: the next one now
+            finally:
+                self._pool = None
+
+
+def read_ahead(items: Iterable[T], load: Callable[[T], R], *, depth: int = 1) -> Iterator[tuple[T, R]]:
+    """Yield (item, load(item)) in order, loading up to ``depth`` items ahead on a thread (:class:`ReadAhead`)."""
+    return iter(ReadAhead(items, load, depth=depth))
 
 
 def linear_float64(raw: bytes | bytearray, ckpt: Checkpoint, target: Target) -> torch.Tensor:
