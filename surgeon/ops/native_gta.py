@@ -9,18 +9,14 @@ the same bits.
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from pathlib import Path
 
 import numpy
 
-from surgeon.ops.native_merge import DTYPE_CODES, load_library
+from surgeon.ops.native_merge import DTYPE_CODES, load_library, once_per_process
 
 SOURCE = Path(__file__).with_name("native") / "gta_rows.c"
 MAX_INPUTS = 64  # the kernel's per-element scratch
-_lock = threading.Lock()
-_loaded: list[ctypes.CDLL | None] = []
 _P = ctypes.c_void_p
 
 
@@ -44,15 +40,7 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The kernels, built on first use and loaded once per process; None where they cannot be, or with
-    ``SURGEON_NATIVE=0``."""
-    if os.environ.get("SURGEON_NATIVE", "1") == "0":
-        return None
-    with _lock:
-        if not _loaded:
-            _loaded.append(_load())
-        return _loaded[0]
+kernel = once_per_process(_load)  # the kernels, built on first use and loaded once; None where they cannot be
 
 
 def _ptr(array: numpy.ndarray | None) -> int | None:

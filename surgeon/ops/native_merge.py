@@ -206,6 +206,23 @@ def load_library(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL | Non
         return None
 
 
+def once_per_process(load: Callable[[], ctypes.CDLL | None]) -> Callable[[], ctypes.CDLL | None]:
+    """``load`` run at the first call only (under a lock), its library (or None) returned from then on; None
+    with ``SURGEON_NATIVE=0``, read at every call. What the other kernels' modules expose as ``kernel()``."""
+    lock = threading.Lock()
+    loaded: list[ctypes.CDLL | None] = []
+
+    def kernel() -> ctypes.CDLL | None:
+        if os.environ.get("SURGEON_NATIVE", "1") == "0":
+            return None
+        with lock:
+            if not loaded:
+                loaded.append(load())
+            return loaded[0]
+
+    return kernel
+
+
 def _default_load() -> KernelLoad:
     with _lock:
         if not _default:

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from surgeon.ops.native_merge import load_library
+from surgeon.ops.native_merge import load_library, once_per_process
 
 SOURCE = Path(__file__).with_name("native") / "thin_mm.c"
 THIN = 64  # the narrow side, in columns
 SPLIT_FROM = 1 << 22  # elements of the big matrix from which a call is shared between threads
 _CODES = {torch.float64: 3, torch.float32: 0, torch.bfloat16: 2}  # how the big matrix may be stored
-_lock = threading.Lock()
-_loaded: list[ctypes.CDLL | None] = []
 _pool: list[ThreadPoolExecutor] = []
+_pool_lock = threading.Lock()
 
 
 def _load() -> ctypes.CDLL | None:
@@ -46,15 +45,7 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The kernel, built on first use and loaded once per process; None where it cannot be, or with
-    ``SURGEON_NATIVE=0``."""
-    if os.environ.get("SURGEON_NATIVE", "1") == "0":
-        return None
-    with _lock:
-        if not _loaded:
-            _loaded.append(_load())
-        return _loaded[0]
+kernel = once_per_process(_load)  # the kernel, built on first use and loaded once; None where it cannot be
 
 
 def _row_major(x: torch.Tensor) -> bool:
@@ -135,7 +126,7 @@ def _check(status: int) -> None:
 
 
 def _executor() -> ThreadPoolExecutor:
-    with _lock:
+    with _pool_lock:
         if not _pool:
             _pool.append(ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="surgeon-thin"))
         return _pool[0]

@@ -112,6 +112,20 @@ INLINE void rows_one(const double *d0, size_t n, const double *x, size_t wp, dou
     }
 }
 
+/* A group of 4 rows against the block's columns: 12 at a time, then 8, then 4 (wp is a multiple of 4). The
+ * kernels are constants at every call, so the compiler inlines them here. */
+typedef void (*group_kernel)(const double *const *d, size_t n, const double *x, size_t wp, double *y);
+INLINE void by_chunks(group_kernel w12, group_kernel w8, group_kernel w4, const double *const *r, size_t n,
+                      const double *x, size_t wp, double *y) {
+    size_t c = 0;
+    for (; c + 12 <= wp; c += 12) w12(r, n, x + c, wp, y + c);
+    if (c + 8 <= wp) {
+        w8(r, n, x + c, wp, y + c);
+        c += 8;
+    }
+    if (c < wp) w4(r, n, x + c, wp, y + c);
+}
+
 /* Columns of D per pass: the block's rows for them (X's tile) stay in the second-level cache. */
 static size_t tile_of(size_t cols, size_t wp) {
     size_t tile = (512u * 1024u) / (wp * sizeof(double));
@@ -132,14 +146,7 @@ int thin_rows(const void *d, int code, size_t rows, size_t cols, size_t ld, cons
         for (; i + 4 <= rows; i += 4) {
             const double *r[4];
             for (int k = 0; k < 4; k++) r[k] = row_f64(d, code, ld, i + k, j0, n, buf ? buf + k * tile : NULL);
-            double *yi = y + i * wp;
-            size_t c = 0;
-            for (; c + 12 <= wp; c += 12) rows_w12(r, n, xt + c, wp, yi + c);
-            if (c + 8 <= wp) {
-                rows_w8(r, n, xt + c, wp, yi + c);
-                c += 8;
-            }
-            if (c < wp) rows_w4(r, n, xt + c, wp, yi + c);
+            by_chunks(rows_w12, rows_w8, rows_w4, r, n, xt, wp, y + i * wp);
         }
         for (; i < rows; i++) rows_one(row_f64(d, code, ld, i, j0, n, buf), n, xt, wp, y + i * wp);
     }
@@ -209,14 +216,7 @@ int thin_cols(const void *d, int code, size_t rows, size_t cols, size_t ld, cons
         for (; i + 4 <= rows; i += 4) {
             const double *r[4];
             for (int k = 0; k < 4; k++) r[k] = row_f64(d, code, ld, i + k, j0, n, buf ? buf + k * tile : NULL);
-            const double *xi = x + i * wp;
-            size_t c = 0;
-            for (; c + 12 <= wp; c += 12) cols_w12(r, n, xi + c, wp, yt + c);
-            if (c + 8 <= wp) {
-                cols_w8(r, n, xi + c, wp, yt + c);
-                c += 8;
-            }
-            if (c < wp) cols_w4(r, n, xi + c, wp, yt + c);
+            by_chunks(cols_w12, cols_w8, cols_w4, r, n, x + i * wp, wp, yt);
         }
         for (; i < rows; i++) cols_one(row_f64(d, code, ld, i, j0, n, buf), n, x + i * wp, wp, yt);
     }
