@@ -31,6 +31,8 @@ SPLIT_FROM = 1 << 22  # elements of the big matrix from which a call is shared b
 _CODES = {torch.float64: 3, torch.float32: 0, torch.bfloat16: 2}  # how the big matrix may be stored
 _pool: list[ThreadPoolExecutor] = []
 _pool_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: it starts its own
+    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def _load() -> ctypes.CDLL | None:

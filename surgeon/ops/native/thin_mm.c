@@ -29,7 +29,11 @@
 
 enum { F32 = 0, BF16 = 2, F64 = 3 };
 #define INLINE static inline __attribute__((always_inline))
+#if defined(__AVX__)
 #define KEEP(x) __asm__("" : "+x"(x)) /* a loaded vector stays in its register (no reload per use) */
+#else
+#define KEEP(x) (void)0 /* other processors: the compiler's choice */
+#endif
 
 typedef double v4 __attribute__((vector_size(32), aligned(8)));
 #define LD(p) (*(const v4 *)(p))
