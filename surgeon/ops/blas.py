@@ -6,11 +6,11 @@ MKL, which on AMD processors runs them 3-4x slower than OpenBLAS (measured on th
 these benchmarks run on, float64 5632 x 2048 times 2048 x 16: MKL 87-112 ms, OpenBLAS 33 ms; the
 transposed product 117-150 ms against 36 ms), and OpenBLAS at 40% of the processor's peak. So float64
 products of 3-64 columns go to surgeon's own kernel (:mod:`surgeon.ops.native_thin`, 2-2.5x OpenBLAS)
-where it could be built (float32 ones stay with OpenBLAS, whose SGEMM runs them near its peak); numpy's wheels carry OpenBLAS, so once :func:`use_numpy_blas` is on, :func:`mm`
-hands the other thin products to numpy (zero-copy views both ways); otherwise, and for every other
-product, it is ``a @ b``. Whether it is on is decided once per
-process from the installation and the processor (never from timings, so every process on a machine
-computes the same bits) by :func:`surgeon.workflows.device.configure_cpu_blas`.
+where it could be built (float32 ones stay with OpenBLAS, whose SGEMM runs them near its peak). numpy's
+wheels carry OpenBLAS, so once :func:`use_numpy_blas` is on, :func:`mm` hands the other thin products to
+numpy (zero-copy views both ways); otherwise, and for every other product, it is ``a @ b``. Whether it is
+on is decided once per process from the installation and the processor (never from timings, so every
+process on a machine computes the same bits) by :func:`surgeon.workflows.device.configure_cpu_blas`.
 """
 
 from __future__ import annotations

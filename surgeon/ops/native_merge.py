@@ -140,7 +140,12 @@ class KernelLoad:
 
 def build_key(march: str = "native") -> str:
     """The kernel build's identity: its source, flags and this CPU's flags (the name of the built file)."""
-    return hashlib.sha256(SOURCE.read_bytes() + repr(_flags(march)).encode() + _cpu_flags().encode()).hexdigest()[:20]
+    return _key(SOURCE, march, ())
+
+
+def _key(source: Path, march: str, extra: tuple[str, ...]) -> str:
+    return hashlib.sha256(source.read_bytes() + repr((*_flags(march), *extra)).encode()
+                          + _cpu_flags().encode()).hexdigest()[:20]
 
 
 def private_path(path: Path) -> bool:
@@ -153,19 +158,20 @@ def cache_dir() -> Path:
     return _cache_dir()
 
 
-def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir: Path | None = None) -> KernelLoad:
-    """Build (unless a trusted copy exists) and load the kernel for CPU ``march``, looking in ``cache_dir``
-    (default: the user's cache) and then ``tmp_dir`` (default: the system's temporary folder). Not cached:
-    :func:`kernel` is the process-wide default. Never raises; a failure comes back as ``error``."""
+def _open(source: Path, march: str, extra: tuple[str, ...], cache_dir: Path | None = None,
+          tmp_dir: Path | None = None) -> KernelLoad:
+    """``source`` built for CPU ``march`` (FLAGS + ``extra``) and loaded: a trusted copy from ``cache_dir`` (default:
+    the user's cache) or ``tmp_dir`` (default: the system's temporary folder), else built into the first of them
+    that takes it. Never raises; a failure comes back as ``error``."""
     if sys.platform == "win32":
         return KernelLoad(None, "the native kernel is built on Linux and macOS only")
-    key = build_key(march)
+    key = _key(source, march, extra)
     places = [cache_dir or _cache_dir(), (tmp_dir or Path(tempfile.gettempdir())) / f"surgeon-native-{os.getuid()}"]
-    targets = [p / f"merge_rows-{key}.so" for p in places]
+    targets = [p / f"{source.stem}-{key}.so" for p in places]
     target = next((t for t in targets if _loadable(t)), None)
     errors = []
     for candidate in targets if target is None else ():
-        error = _build(candidate, march)
+        error = _build(candidate, march, source, extra)
         if not error:
             target = candidate
             break
@@ -173,37 +179,33 @@ def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir
     if target is None:
         return KernelLoad(None, errors[0] if errors else "no place to build the kernel")
     try:
-        lib = ctypes.CDLL(str(target))
+        return KernelLoad(ctypes.CDLL(str(target)))
     except OSError as exc:
         return KernelLoad(None, str(exc))
+
+
+def load_kernel(*, march: str = "native", cache_dir: Path | None = None, tmp_dir: Path | None = None) -> KernelLoad:
+    """Build (unless a trusted copy exists) and load the kernel for CPU ``march``, looking in ``cache_dir``
+    (default: the user's cache) and then ``tmp_dir`` (default: the system's temporary folder). Not cached:
+    :func:`kernel` is the process-wide default. Never raises; a failure comes back as ``error``."""
+    loaded = _open(SOURCE, march, (), cache_dir, tmp_dir)
+    lib = loaded.lib
+    if lib is None:
+        return loaded
     lib.merge_rows.restype = None
     lib.merge_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
     ]
-    return KernelLoad(lib)
+    return loaded
 
 
 def load_library(source: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Another native kernel (``source``, compiled with FLAGS + ``extra`` for this CPU), from the same trusted
     places as this module's (built there on first use); None where it cannot be built or loaded. The caller
     declares the functions' argument types."""
-    if sys.platform == "win32":
-        return None
-    key = hashlib.sha256(source.read_bytes() + repr((*_flags("native"), *extra)).encode()
-                         + _cpu_flags().encode()).hexdigest()[:20]
-    places = [_cache_dir(), Path(tempfile.gettempdir()) / f"surgeon-native-{os.getuid()}"]
-    targets = [p / f"{source.stem}-{key}.so" for p in places]
-    target = next((t for t in targets if _loadable(t)), None)
-    if target is None:
-        target = next((t for t in targets if _build(t, "native", source, extra) == ""), None)
-    if target is None:
-        return None
-    try:
-        return ctypes.CDLL(str(target))
-    except OSError:
-        return None
+    return _open(source, "native", extra).lib
 
 
 def once_per_process(load: Callable[[], ctypes.CDLL | None]) -> Callable[[], ctypes.CDLL | None]:

@@ -1,9 +1,9 @@
 """Thin float64 products on the CPU through a small native kernel (``native/thin_mm.c``), loaded with ctypes.
 
 A big matrix times a block of at most :data:`THIN` vectors, the products the spectral iterations live on:
-a general GEMM (MKL or OpenBLAS) packs the big operand at every call and runs these at about a third of
-the memory's speed (measured on the 2-core AMD EPYC of the benchmarks, one thread, 2048 x 5632 times
-5632 x 10 in float64: OpenBLAS 27 ms); the kernel reads it once in cache-sized tiles. Built at first use
+a general GEMM (MKL or OpenBLAS) packs the big operand at every call and runs these at 40% of the
+processor's peak (one thread of the benchmarks' AMD EPYC, 5632 x 2048 times 10 vectors in float64:
+OpenBLAS 22 ms, this kernel 9.9 ms; see the C source for how). Built at first use
 with the system C compiler, as :mod:`surgeon.ops.native_merge` builds its kernel (same trusted places);
 with no compiler, a failed build or ``SURGEON_NATIVE=0`` :func:`thin_mm` answers None and the caller
 multiplies as before.
