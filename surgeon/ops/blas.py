@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgeon.ops import lapack
 from surgeon.ops.native_thin import thin_mm
 
 THIN = 64  # products whose narrow side is at most this many columns/rows
@@ -86,15 +87,33 @@ def gram_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def self_gram(w: torch.Tensor) -> torch.Tensor | None:
+    """The Gram matrix of the smaller side of a float64 CPU ``w`` (WWᵀ or WᵀW) by OpenBLAS's symmetric rank-k
+    update (numpy's matmul takes that route for a matrix times its own transpose, and mirrors the computed
+    triangle, so the result is exactly symmetric), while thin products go to numpy; else None. No transposed
+    copy of ``w`` is made: 2048 x 5632 in 0.43 s against 0.77 s by blocks of GEMMs."""
+    if _route[0] is None or w.device.type != "cpu" or w.dtype != torch.float64 or w.requires_grad or w.dim() != 2:
+        return None
+    _numpy_threads()
+    a = w.numpy()
+    n = min(w.shape)
+    out = torch.empty(n, n, dtype=w.dtype)
+    np.matmul(a, a.T, out=out.numpy()) if w.shape[0] <= w.shape[1] else np.matmul(a.T, a, out=out.numpy())
+    return out
+
+
 def symmetric_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues ascending, eigenvectors) of a symmetric float64 CPU matrix: numpy's LAPACK (OpenBLAS's
-    dsyevd) while thin products go to numpy, else ``torch.linalg.eigh``. One choice per process, so every
+    """(eigenvalues ascending, eigenvectors) of a symmetric float64 CPU matrix: numpy's OpenBLAS LAPACK
+    while thin products go to numpy (:func:`surgeon.ops.lapack.eigh`, dsyevd's steps with surgeon's
+    back-transformation, 1.2x dsyevd at N = 2048; dsyevd itself where LAPACKE is missing), else
+    ``torch.linalg.eigh``. One choice per process, so every
     process on a machine gets the same bits."""
     if _route[0] is None or g.device.type != "cpu" or g.dtype != torch.float64 or g.requires_grad:
         return torch.linalg.eigh(g)
     _numpy_threads()
-    values, vectors = np.linalg.eigh(g.numpy())
+    split = lapack.eigh(g.numpy())  # dsyevd's three steps with a faster last one, where LAPACKE is at hand
+    values, vectors = split if split is not None else np.linalg.eigh(g.numpy())
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
-__all__ = ["THIN", "gram_block", "mm", "numpy_blas_in_use", "symmetric_eigh", "use_numpy_blas"]
+__all__ = ["THIN", "gram_block", "mm", "numpy_blas_in_use", "self_gram", "symmetric_eigh", "use_numpy_blas"]
