@@ -97,3 +97,23 @@ def test_gram_blocks_and_the_symmetric_eigendecomposition_on_both_routes(route, 
         eye = torch.eye(matrix.shape[0], dtype=torch.float64)
         torch.testing.assert_close(vectors.T @ vectors, eye, rtol=0, atol=1e-12)
         torch.testing.assert_close(matrix @ vectors, vectors * values, rtol=0, atol=1e-11 * scale)
+
+
+@pytest.mark.parametrize("shape", [(40, 700), (700, 40), (600, 600), (513, 530)])
+def test_gram_of_any_layout_is_the_symmetric_product(route, shape):
+    """svd_gram.gram (SYRK on W itself on numpy's route, blocks of GEMMs on torch's) of a contiguous matrix,
+    a transposed view and a column slice: the float64 product to rounding, exactly symmetric."""
+    from surgeon.ops import svd_gram
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    m, n = shape
+    for w in (torch.randn(m, n, generator=gen, dtype=torch.float64),
+              torch.randn(n, m, generator=gen, dtype=torch.float64).T,
+              torch.randn(m, n + 9, generator=gen, dtype=torch.float64)[:, 4:4 + n]):
+        g = svd_gram.gram(w)
+        ref = w @ w.T if m <= n else w.T @ w
+        assert g.shape == ref.shape and torch.equal(g, g.T)
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    if route == "1":
+        w = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        assert torch.equal(svd_gram.gram(w), blas.self_gram(w))  # the SYRK route is the one taken

@@ -91,3 +91,23 @@ def test_mm_routes_through_the_kernel_and_can_be_turned_off(monkeypatch: pytest.
     assert native_thin.kernel() is None and thin_mm(a, b) is None
     off = blas.mm(a, b)  # the BLAS's product: the same numbers to rounding
     assert bool(((off - a @ b).abs() <= _bound(a, b)).all())
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 7, 13, 19, 30])
+@pytest.mark.parametrize("stored", [torch.float64, torch.bfloat16])
+def test_partial_vectors_give_the_padded_bits(monkeypatch, width: int, stored: torch.dtype) -> None:
+    """The last 1-3 columns in partial vectors (small D) and a zero-padded block (big D) are the same chains:
+    the same bits either way, for D·X, Dᵀ·X and a thin left side."""
+    gen = torch.Generator().manual_seed(width)
+    d = torch.randn(37, 301, generator=gen, dtype=torch.float64).to(stored)
+    cases = [(d, torch.randn(301, width, generator=gen, dtype=torch.float64)),
+             (d.T, torch.randn(37, width, generator=gen, dtype=torch.float64)),
+             (torch.randn(width, 37, generator=gen, dtype=torch.float64), d)]
+    for a, b in cases:
+        monkeypatch.setattr(native_thin, "PAD_FROM", 1 << 40)  # never pad
+        tail = thin_mm(a, b)
+        monkeypatch.setattr(native_thin, "PAD_FROM", 0)  # always pad
+        padded = thin_mm(a, b)
+        assert tail is not None and padded is not None and tail.is_contiguous()
+        assert torch.equal(tail, padded)
+        torch.testing.assert_close(tail, a.double() @ b.double(), rtol=1e-12, atol=1e-12)

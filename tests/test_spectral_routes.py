@@ -185,3 +185,34 @@ def test_planned_cost_per_matrix(tmp_path):
         costs = {t.name: planned_cost(inputs, t, IntruderOptions()) for t in chosen}
     assert set(costs) == set(names) and all(c > 0 for c in costs.values())
     assert costs[names[0]] == svd.estimate_cost((420, 300), K, route="merged")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_reader_s_tau_is_the_difference_rounded_once(tmp_path, dtype):
+    """The reader thread's τ (float32, for the range finder) equals W_t − W₀ in float64 rounded to float32,
+    W₀ and W_t are the stored values in float64, and a non-finite W_t leaves τ and the check to the main
+    thread (which refuses it, naming the tensor)."""
+    from surgeon.errors import SurgeonError
+    from surgeon.io.svd_cache import SvdCache
+    from surgeon.workflows.spectral.intruders import materialize, open_inputs, read_target
+    from surgeon.workflows.spectral.spectrum import resolve_targets
+
+    w0, wt = _merged_lora(96, 80, seed=3, bf16=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = _checkpoint(tmp_path / "base", {name: w0.to(dtype)})
+    tuned = _checkpoint(tmp_path / "tuned", {name: wt.to(dtype)})
+    with open_inputs(tuned, base, None) as inputs:
+        (target,) = resolve_targets(inputs.base, "proj", what=str(base))
+        loaded = read_target(inputs, target, SvdCache(None))
+    want0, want_t = w0.to(dtype).double(), wt.to(dtype).double()
+    assert torch.equal(loaded.w0, want0) and torch.equal(loaded.tuned, want_t) and loaded.finite
+    assert loaded.tau is not None and torch.equal(loaded.tau, (want_t - want0).float())
+    broken = wt.to(dtype).clone()
+    broken[5, 7] = float("inf")
+    bad = _checkpoint(tmp_path / "bad", {name: broken})
+    with open_inputs(bad, base, None) as inputs:
+        (target,) = resolve_targets(inputs.base, "proj", what=str(base))
+        loaded = read_target(inputs, target, SvdCache(None))
+        assert not loaded.finite and loaded.tau is None
+        with pytest.raises(SurgeonError, match="up_proj"):
+            materialize(inputs, loaded)

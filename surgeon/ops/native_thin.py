@@ -27,6 +27,7 @@ from surgeon.ops.native_merge import load_library, once_per_process
 
 SOURCE = Path(__file__).with_name("native") / "thin_mm.c"
 THIN = 64  # the narrow side, in columns
+PAD_FROM = 1 << 17  # D elements from which a block whose width is not a multiple of 4 is padded
 SPLIT_FROM = 1 << 22  # elements of the big matrix from which a call is shared between threads
 _CODES = {torch.float64: 3, torch.float32: 0, torch.bfloat16: 2}  # how the big matrix may be stored
 _pool: list[ThreadPoolExecutor] = []
@@ -82,12 +83,16 @@ def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
     d, transposed = found  # big = d (thin_rows) or dᵀ (thin_cols)
     w = small.shape[1]
-    wp = -(-w // 4) * 4
-    if wp == w and small.is_contiguous():
-        x = small
+    # the kernel takes any width (the last 1-3 columns in partial vectors, lane for lane what zero padding
+    # gives), but over a big D those run ~1.5x slower than a padded whole vector: pad there, where the copy is
+    # cheap beside the product; small products (the preconditioner's) skip the copies
+    wp = -(-w // 4) * 4 if d.numel() >= PAD_FROM else w
+    if wp == w:
+        x = small.contiguous()
     else:
-        x = torch.zeros(small.shape[0], wp, dtype=torch.float64)
+        x = torch.empty(small.shape[0], wp, dtype=torch.float64)
         x[:, :w] = small
+        x[:, w:] = 0.0
     y = torch.empty(big.shape[0], wp, dtype=torch.float64)
     _run(lib, d, transposed, x, y)
     y = y if wp == w else y[:, :w]

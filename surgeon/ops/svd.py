@@ -208,7 +208,7 @@ def top_k_merged(w0: torch.Tensor, base: BaseBasis, wt: torch.Tensor, k: int, *,
     q = base.basis
     pre = LowRankOperator.build(w0, q, base.s, left, right)
     wide = min(k + max(4, k // 2), m)
-    first = chebyshev_eigs(pre, m, wide, tol=1e-6, block=min(wide + 4, m), max_steps=_START_STEPS,
+    first = chebyshev_eigs(pre, m, wide, tol=1e-6, block=min(-(-(wide + 4) // 4) * 4, m), max_steps=_START_STEPS,
                            start=torch.eye(m, wide, dtype=wt.dtype, device=wt.device), device=wt.device)
     y0 = first[1] if first is not None else _start(pre, m, wide)
     found = davidson_eigs(lambda x: mm(q.T, mm(wt, mm(wt.T, mm(q, x)))), pre, y0, k, tol=tol)

@@ -16,7 +16,8 @@
  * thin_cols  Y (C x wp) = Dᵀ · X, X (R x wp)
  *
  * D is row-major with a row stride of ld elements (ld >= C): float64, float32 or bfloat16. X and Y are
- * contiguous, row-major float64, wp columns, wp a multiple of 4 (the caller pads). Each output element is
+ * contiguous, row-major float64, wp columns (any number: the last 1-3 columns go through partial vectors,
+ * lane for lane the chains a zero-padded block would give, so no caller pads). Each output element is
  * one chain of multiply-adds in the order of D's columns (thin_rows) or rows (thin_cols), so the result
  * does not depend on how the caller splits the output rows between threads, as long as it splits D's rows
  * (thin_rows) at multiples of 4: a group of four and a lone row may round differently. Both return 0, or -1 when the
@@ -39,6 +40,16 @@ typedef double v4 __attribute__((vector_size(32), aligned(8)));
 #define LD(p) (*(const v4 *)(p))
 #define ST(p, x) (*(v4 *)(p) = (x))
 #define B(s) ((v4){(s), (s), (s), (s)})
+
+/* The first t (1-3) elements at p as a vector (the rest 0), and back. */
+INLINE v4 LDT(const double *p, size_t t) {
+    return (v4){p[0], t > 1 ? p[1] : 0.0, t > 2 ? p[2] : 0.0, 0.0};
+}
+INLINE void STT(double *p, v4 x, size_t t) {
+    p[0] = x[0];
+    if (t > 1) p[1] = x[1];
+    if (t > 2) p[2] = x[2];
+}
 
 /* Row `row` of D from column `col` on, n elements, as float64: a pointer into D when it is float64, else
  * widened into buf. */
@@ -107,27 +118,51 @@ INLINE void rows_w4(const double *const *d, size_t n, const double *x, size_t wp
     ST(y0, a0); ST(y1, a1); ST(y2, a2); ST(y3, a3);
 }
 
+INLINE void rows_wt(const double *const *d, size_t n, const double *x, size_t wp, double *y, size_t t) {
+    double *y0 = y, *y1 = y + wp, *y2 = y + 2 * wp, *y3 = y + 3 * wp;
+    v4 a0 = LDT(y0, t), a1 = LDT(y1, t), a2 = LDT(y2, t), a3 = LDT(y3, t);
+    const double *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3];
+    for (size_t j = 0; j < n; j++, x += wp) {
+        v4 xa = LDT(x, t);
+        a0 += B(d0[j]) * xa; a1 += B(d1[j]) * xa; a2 += B(d2[j]) * xa; a3 += B(d3[j]) * xa;
+    }
+    STT(y0, a0, t); STT(y1, a1, t); STT(y2, a2, t); STT(y3, a3, t);
+}
+
 INLINE void rows_one(const double *d0, size_t n, const double *x, size_t wp, double *y) {
-    for (size_t c = 0; c < wp; c += 4) {
+    size_t c = 0;
+    for (; c + 4 <= wp; c += 4) {
         v4 a = LD(y + c);
         const double *xc = x + c;
         for (size_t j = 0; j < n; j++, xc += wp) a += B(d0[j]) * LD(xc);
         ST(y + c, a);
     }
+    if (c < wp) {
+        size_t t = wp - c;
+        v4 a = LDT(y + c, t);
+        const double *xc = x + c;
+        for (size_t j = 0; j < n; j++, xc += wp) a += B(d0[j]) * LDT(xc, t);
+        STT(y + c, a, t);
+    }
 }
 
-/* A group of 4 rows against the block's columns: 12 at a time, then 8, then 4 (wp is a multiple of 4). The
+/* A group of 4 rows against the block's columns: 12 at a time, then 8, then 4, then the last 1-3. The
  * kernels are constants at every call, so the compiler inlines them here. */
 typedef void (*group_kernel)(const double *const *d, size_t n, const double *x, size_t wp, double *y);
-INLINE void by_chunks(group_kernel w12, group_kernel w8, group_kernel w4, const double *const *r, size_t n,
-                      const double *x, size_t wp, double *y) {
+typedef void (*tail_kernel)(const double *const *d, size_t n, const double *x, size_t wp, double *y, size_t t);
+INLINE void by_chunks(group_kernel w12, group_kernel w8, group_kernel w4, tail_kernel wt, const double *const *r,
+                      size_t n, const double *x, size_t wp, double *y) {
     size_t c = 0;
     for (; c + 12 <= wp; c += 12) w12(r, n, x + c, wp, y + c);
     if (c + 8 <= wp) {
         w8(r, n, x + c, wp, y + c);
         c += 8;
     }
-    if (c < wp) w4(r, n, x + c, wp, y + c);
+    if (c + 4 <= wp) {
+        w4(r, n, x + c, wp, y + c);
+        c += 4;
+    }
+    if (c < wp) wt(r, n, x + c, wp, y + c, wp - c);
 }
 
 /* Columns of D per pass: the block's rows for them (X's tile) stay in the second-level cache. */
@@ -150,7 +185,7 @@ int thin_rows(const void *d, int code, size_t rows, size_t cols, size_t ld, cons
         for (; i + 4 <= rows; i += 4) {
             const double *r[4];
             for (int k = 0; k < 4; k++) r[k] = row_f64(d, code, ld, i + k, j0, n, buf ? buf + k * tile : NULL);
-            by_chunks(rows_w12, rows_w8, rows_w4, r, n, xt, wp, y + i * wp);
+            by_chunks(rows_w12, rows_w8, rows_w4, rows_wt, r, n, xt, wp, y + i * wp);
         }
         for (; i < rows; i++) rows_one(row_f64(d, code, ld, i, j0, n, buf), n, xt, wp, y + i * wp);
     }
@@ -199,11 +234,28 @@ INLINE void cols_w4(const double *const *d, size_t n, const double *x, size_t wp
     }
 }
 
+INLINE void cols_wt(const double *const *d, size_t n, const double *x, size_t wp, double *y, size_t t) {
+    v4 p0 = LDT(x, t), p1 = LDT(x + wp, t), p2 = LDT(x + 2 * wp, t), p3 = LDT(x + 3 * wp, t);
+    const double *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3];
+    for (size_t j = 0; j < n; j++, y += wp) {
+        v4 a = LDT(y, t);
+        a += B(d0[j]) * p0; a += B(d1[j]) * p1; a += B(d2[j]) * p2; a += B(d3[j]) * p3;
+        STT(y, a, t);
+    }
+}
+
 INLINE void cols_one(const double *d0, size_t n, const double *x0, size_t wp, double *y) {
-    for (size_t c = 0; c < wp; c += 4) {
+    size_t c = 0;
+    for (; c + 4 <= wp; c += 4) {
         v4 p = LD(x0 + c);
         double *yc = y + c;
         for (size_t j = 0; j < n; j++, yc += wp) ST(yc, LD(yc) + B(d0[j]) * p);
+    }
+    if (c < wp) {
+        size_t t = wp - c;
+        v4 p = LDT(x0 + c, t);
+        double *yc = y + c;
+        for (size_t j = 0; j < n; j++, yc += wp) STT(yc, LDT(yc, t) + B(d0[j]) * p, t);
     }
 }
 
@@ -220,7 +272,7 @@ int thin_cols(const void *d, int code, size_t rows, size_t cols, size_t ld, cons
         for (; i + 4 <= rows; i += 4) {
             const double *r[4];
             for (int k = 0; k < 4; k++) r[k] = row_f64(d, code, ld, i + k, j0, n, buf ? buf + k * tile : NULL);
-            by_chunks(cols_w12, cols_w8, cols_w4, r, n, x + i * wp, wp, yt);
+            by_chunks(cols_w12, cols_w8, cols_w4, cols_wt, r, n, x + i * wp, wp, yt);
         }
         for (; i < rows; i++) cols_one(row_f64(d, code, ld, i, j0, n, buf), n, x + i * wp, wp, yt);
     }

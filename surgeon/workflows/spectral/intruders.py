@@ -168,14 +168,27 @@ def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
         loaded.tuned_raw = _tuned_bytes(inputs, target, raw0)
     loaded.unchanged = not loaded.merge and loaded.tuned_raw is None
     if not loaded.unchanged:
-        loaded.w0 = _float64(raw0, info.dtype, info.shape, target.transposed)
-        if loaded.tuned_raw is not None:
-            name, raw = loaded.tuned_raw
-            tinfo = inputs.tuned.info(name)  # type: ignore[union-attr]
-            loaded.tuned = _float64(raw, tinfo.dtype, tinfo.shape, target.transposed)
+        if loaded.tuned_raw is None:
+            loaded.w0 = _float64(raw0, info.dtype, info.shape, target.transposed)
+            return loaded
+        name, raw = loaded.tuned_raw
+        tinfo = inputs.tuned.info(name)  # type: ignore[union-attr]
+        w0, tuned = _widened(raw0, info.dtype), _widened(raw, tinfo.dtype)
+        loaded.w0 = _float64(raw0, info.dtype, info.shape, target.transposed, widened=w0)
+        loaded.tuned = _float64(raw, tinfo.dtype, tinfo.shape, target.transposed, widened=tuned)
+        if w0 is not None and tuned is not None and w0.dtype == tuned.dtype == np.float32 and loaded.tuned.numel():
+            # τ in float32 for the merged route's range finder, off the main thread: the difference of the two
+            # float32 matrices (exact widenings of bf16/fp16), rounded once. τ finite means both matrices are
+            # (inf − inf and NaN are not); a τ that overflowed is left to the main thread's checks
+            tau = np.subtract(tuned, w0).reshape(tuple(info.shape))
+            loaded.tau = torch.from_numpy(np.ascontiguousarray(tau.T) if target.transposed else tau)
+            loaded.finite = bool(np.isfinite(tau).all())
+        else:
             loaded.finite = _all_finite(loaded.w0) and _all_finite(loaded.tuned)
-            if loaded.finite:  # τ in float32 for the merged route's range finder, off the main thread
+            if loaded.finite:
                 loaded.tau = torch.from_numpy(np.subtract(loaded.tuned.numpy(), loaded.w0.numpy(), dtype=np.float32))
+        if not loaded.finite:
+            loaded.tau = None
     return loaded
 
 
@@ -187,16 +200,26 @@ def _all_finite(matrix: torch.Tensor) -> bool:
 _NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
-def _float64(raw: bytearray, dtype: str, shape: Sequence[int], transposed: bool) -> torch.Tensor:
-    """Stored bytes as a float64 matrix in nn.Linear orientation, by numpy (empty: leave it to the main thread)."""
+def _widened(raw: bytearray, dtype: str) -> np.ndarray | None:
+    """Stored bytes as a flat float32 (BF16, F16: exact) or their own float32/float64 numpy array; None for
+    other dtypes (left to the main thread)."""
     if dtype == "BF16":
-        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
-        array = bits.view(np.float32).astype(np.float64)
-    elif dtype in _NUMPY_FLOATS:
-        array = np.frombuffer(raw, dtype=_NUMPY_FLOATS[dtype]).astype(np.float64)
-    else:
+        return np.left_shift(np.frombuffer(raw, dtype=np.uint16), 16, dtype=np.uint32).view(np.float32)
+    if dtype == "F16":
+        return np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+    if dtype in _NUMPY_FLOATS:
+        return np.frombuffer(raw, dtype=_NUMPY_FLOATS[dtype])
+    return None
+
+
+def _float64(raw: bytearray, dtype: str, shape: Sequence[int], transposed: bool, *,
+             widened: np.ndarray | None = None) -> torch.Tensor:
+    """Stored bytes as a float64 matrix in nn.Linear orientation, by numpy (empty: leave it to the main thread).
+    ``widened``: :func:`_widened` of the same bytes, if already made."""
+    flat = widened if widened is not None else _widened(raw, dtype)
+    if flat is None:
         return torch.empty(0)
-    array = array.reshape(tuple(shape))
+    array = flat.astype(np.float64).reshape(tuple(shape))
     return torch.from_numpy(np.ascontiguousarray(array.T) if transposed else array)
 
 
