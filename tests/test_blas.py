@@ -117,3 +117,31 @@ def test_gram_of_any_layout_is_the_symmetric_product(route, shape):
     if route == "1":
         w = torch.randn(m, n, generator=gen, dtype=torch.float64)
         assert torch.equal(svd_gram.gram(w), blas.self_gram(w))  # the SYRK route is the one taken
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (50, 20), (20, 50)])
+def test_task_vector_gram_keeps_its_side(route, shape):
+    """task_vector.gram is τᵀτ for m ≥ n (a square τ included) and ττᵀ otherwise, on both routes (numpy's SYRK
+    route picks ττᵀ for a square matrix when left to itself)."""
+    from surgeon.ops.task_vector import gram
+
+    gen = torch.Generator().manual_seed(shape[0] + 7 * shape[1])
+    tau = torch.randn(*shape, generator=gen)
+    t = tau.double()
+    ref = t.T @ t if shape[0] >= shape[1] else t @ t.T
+    torch.testing.assert_close(gram(tau), ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_symmetric_top_on_both_routes(route):
+    """Every eigenvalue and the eigenvectors of the k largest (k chosen from the spectrum), largest first."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 60, generator=gen, dtype=torch.float64)
+    g = x @ x.T
+    ref_values, ref_vectors = torch.linalg.eigh(g)
+    for pick in (0, 1, 7, 60):
+        values, vectors = blas.symmetric_top(g, lambda v, pick=pick: pick)
+        torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-12 * float(ref_values.max()))
+        assert vectors.shape == (60, pick)
+        top = ref_vectors.flip(1)[:, :pick]
+        torch.testing.assert_close((vectors * top).sum(0).abs(), torch.ones(pick, dtype=torch.float64), rtol=0,
+                                   atol=1e-10)

@@ -118,3 +118,16 @@ def test_symmetric_eigh_takes_the_split_route(monkeypatch):
     finally:
         configure_cpu_blas.cache_clear()
         blas.use_numpy_blas(None)
+
+
+def test_eigh_top_chooses_k_from_the_spectrum():
+    g = _symmetric(120, 21, np.linspace(0.0, 3.0, 120))
+    seen = []
+    values, vectors = lapack.eigh_top(g, lambda v: seen.append(v.copy()) or 5)  # type: ignore[misc]
+    np.testing.assert_allclose(seen[0], np.linalg.eigvalsh(g), rtol=0, atol=1e-12 * 3.0)
+    assert vectors.shape == (120, 5)
+    np.testing.assert_allclose(g @ vectors, vectors * values[-5:], rtol=0, atol=1e-12 * 3.0)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(5), rtol=0, atol=1e-12)
+    assert lapack.eigh_top(g, 0)[1].shape == (120, 0)  # type: ignore[index]
+    with pytest.raises(ValueError, match="k = 121"):
+        lapack.eigh_top(g, 121)

@@ -15,6 +15,8 @@ process on a machine computes the same bits) by :func:`surgeon.workflows.device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -116,4 +118,18 @@ def symmetric_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
-__all__ = ["THIN", "gram_block", "mm", "numpy_blas_in_use", "self_gram", "symmetric_eigh", "use_numpy_blas"]
+def symmetric_top(g: torch.Tensor, choose: Callable[[torch.Tensor], int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every eigenvalue ascending, the eigenvectors of the k largest, largest first) of a symmetric float64
+    matrix, k = ``choose(eigenvalues)``: on numpy's route the tridiagonal eigenvalues and only k vectors
+    (:func:`surgeon.ops.lapack.eigh_top`), else a full ``torch.linalg.eigh``."""
+    if _route[0] is not None and g.device.type == "cpu" and g.dtype == torch.float64 and not g.requires_grad:
+        _numpy_threads()
+        found = lapack.eigh_top(g.numpy(), lambda values: choose(torch.from_numpy(values)))
+        if found is not None:
+            values, vectors = found
+            return torch.from_numpy(values), torch.from_numpy(vectors).flip(1)
+    values, vectors = torch.linalg.eigh(g)
+    return values, vectors.flip(1)[:, :choose(values)]
+
+
+__all__ = ["THIN", "gram_block", "mm", "numpy_blas_in_use", "self_gram", "symmetric_eigh", "symmetric_top", "use_numpy_blas"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.ops import rsvd
+from surgeon.ops.blas import symmetric_top
 from surgeon.ops.task_vector import energy_rank, gram
 
 RANDOMIZED_FROM = 512  # min(m, n) up to this: the Gram eigendecomposition is as cheap as the passes, and exact
@@ -146,10 +147,11 @@ def factorize(
             return found
     m, n = delta.shape
     tall = m >= n
-    eigenvalues, vectors = torch.linalg.eigh(gram(delta, device=device))  # ascending
+    chosen = lambda values: choose_rank(values.flip(0).clamp_min(0.0).sqrt().cpu(), rank=rank,  # noqa: E731
+                                        energy=energy, max_rank=max_rank)
+    eigenvalues, vectors = symmetric_top(gram(delta, device=device), chosen)  # every eigenvalue, k vectors
     sigma = eigenvalues.flip(0).clamp_min(0.0).sqrt()
-    vectors = vectors.flip(1)
-    k = choose_rank(sigma.cpu(), rank=rank, energy=energy, max_rank=max_rank)
+    k = vectors.shape[1]
     root = sigma[:k].sqrt()
     inv_root = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))  # σ = 0: that direction adds nothing
     basis = vectors[:, :k]

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from surgeon.ops.blas import self_gram
+
 IDENTICAL = "identical"
 ROUNDING_ONLY = "rounding_only"
 CHANGED = "changed"
@@ -239,6 +241,11 @@ def gram(delta: torch.Tensor, *, device: str | torch.device | None = None, block
     only one block is ever held in float64."""
     m, n = delta.shape
     tall = m >= n
+    if (m if tall else n) <= block:  # one block: OpenBLAS's SYRK on it where numpy's BLAS is in use
+        whole = delta.to(device=device, dtype=torch.float64)
+        fast = self_gram(whole.T if tall else whole)  # τᵀτ for a square τ too (self_gram's own choice: ττᵀ)
+        if fast is not None:
+            return fast
     out = torch.zeros(n if tall else m, n if tall else m, dtype=torch.float64, device=device)
     for start in range(0, m if tall else n, block):
         part = delta[start : start + block] if tall else delta[:, start : start + block]
