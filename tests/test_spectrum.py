@@ -277,3 +277,23 @@ def test_read_ahead_deferred_waits_for_the_consumer():
     assert seen == [(i, i * i) for i in range(4)]
     started.clear()
     assert list(read_ahead(range(3), load)) == [(0, 0), (1, 1), (2, 4)]
+
+
+def test_keep_freed_memory_is_a_process_setting(monkeypatch):
+    """glibc's malloc keeps freed buffers (no mapping per buffer) once the spectral stream asks; SURGEON_MALLOC=0
+    leaves it alone; a big buffer allocated and freed twice still reads back what was written."""
+    import ctypes.util
+
+    from surgeon.workflows.device import keep_freed_memory
+
+    keep_freed_memory.cache_clear()
+    monkeypatch.setenv("SURGEON_MALLOC", "0")
+    assert keep_freed_memory() is False
+    keep_freed_memory.cache_clear()
+    monkeypatch.delenv("SURGEON_MALLOC")
+    glibc = ctypes.util.find_library("c") is not None and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert keep_freed_memory() is glibc
+    for value in (1.0, 2.0):
+        big = torch.full((3000, 3000), value, dtype=torch.float64)  # 72 MB: from the heap now
+        assert float(big.sum()) == value * 9e6
+        del big

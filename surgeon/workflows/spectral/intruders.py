@@ -39,6 +39,7 @@ from surgeon.parallel.exchange import collect, device_for, plan_share, run_share
 from surgeon.parallel.share import svd_cost
 from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
+from surgeon.workflows.device import keep_freed_memory
 from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
 from surgeon.workflows.spectral.results import (SIDES, Decomposition, IntruderOptions, IntrudersReport, MatrixIntruders,
                                                 SideCosines, build_row, row_from_wire, row_to_wire)
@@ -307,6 +308,8 @@ def _row(loaded: Loaded, base: svd.BaseBasis, trip: svd.Triplets, options: Intru
 def analyse_stream(inputs: Inputs, targets: Sequence[Target], options: IntruderOptions, cache: SvdCache,
                    device: torch.device, counts: dict[str, int], *, desc: str = "intruders") -> Iterator[Analysis]:
     """Analyse ``targets`` in order, reading ahead; yields one :class:`Analysis` per target."""
+    if device.type == "cpu":
+        keep_freed_memory()  # big matrices come and go: reuse the memory rather than fault in fresh pages
     stream = ReadAhead(targets, lambda t: read_target(inputs, t, cache), deferred=device.type == "cpu")
     for target, loaded in progress(stream, total=len(targets), desc=desc):
         begin = time.perf_counter()
