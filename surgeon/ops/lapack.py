@@ -106,10 +106,10 @@ def eigh(g: np.ndarray, *, block: int | None = None) -> tuple[np.ndarray, np.nda
         return None
     if n < 2:
         return g.diagonal().copy(), np.ones((n, n))
-    a = np.array(g, order="F", copy=True)  # overwritten by the reflectors
-    d, e, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
-    if lapacke.sytrd(_COL_MAJOR, b"L", n, _ptr(a), n, _ptr(d), _ptr(e), _ptr(tau)) != 0:  # type: ignore[call-arg]
+    reduced = _tridiagonal(lapacke, g)
+    if reduced is None:
         return None
+    a, d, e, tau = reduced
     z = np.empty((n, n), order="F")
     if lapacke.stedc(_COL_MAJOR, b"I", n, _ptr(d), _ptr(e), _ptr(z), n) != 0:  # type: ignore[call-arg]
         return None  # a divide and conquer that did not converge: numpy's eigh reports it its own way
@@ -128,10 +128,10 @@ def eigh_top(g: np.ndarray, k: int | Callable[[np.ndarray], int]) -> tuple[np.nd
     n = int(g.shape[0])
     if lapacke is None or g.ndim != 2 or g.shape[1] != n or g.dtype != np.float64 or n < 2:
         return None
-    a = np.array(g, order="F", copy=True)
-    d, e, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
-    if lapacke.sytrd(_COL_MAJOR, b"L", n, _ptr(a), n, _ptr(d), _ptr(e), _ptr(tau)) != 0:  # type: ignore[call-arg]
+    reduced = _tridiagonal(lapacke, g)
+    if reduced is None:
         return None
+    a, d, e, tau = reduced
     values, off = d.copy(), e.copy()
     if lapacke.sterf(n, _ptr(values), _ptr(off)) != 0:  # type: ignore[call-arg]
         return None
@@ -151,6 +151,17 @@ def eigh_top(g: np.ndarray, k: int | Callable[[np.ndarray], int]) -> tuple[np.nd
         return None
     apply_reflectors(a, tau, z)  # z is Zᵀ row-major (k × n): H·Z in place
     return values, z.T
+
+
+def _tridiagonal(lapacke: _Lapacke, g: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """dsytrd (lower) on a column-major copy of ``g``: (reflectors in its strict lower triangle, the diagonal,
+    the off-diagonal, τ), or None where LAPACK reports an error."""
+    n = int(g.shape[0])
+    a = np.array(g, order="F", copy=True)  # overwritten by the reflectors
+    d, e, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
+    if lapacke.sytrd(_COL_MAJOR, b"L", n, _ptr(a), n, _ptr(d), _ptr(e), _ptr(tau)) != 0:  # type: ignore[call-arg]
+        return None
+    return a, d, e, tau
 
 
 def apply_reflectors(a: np.ndarray, tau: np.ndarray, ct: np.ndarray, *, block: int | None = None) -> None:

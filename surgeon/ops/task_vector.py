@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from surgeon.ops.blas import self_gram
+from surgeon.ops.blas import numpy_blas_in_use, self_gram
 
 IDENTICAL = "identical"
 ROUNDING_ONLY = "rounding_only"
@@ -241,8 +241,9 @@ def gram(delta: torch.Tensor, *, device: str | torch.device | None = None, block
     only one block is ever held in float64."""
     m, n = delta.shape
     tall = m >= n
-    if (m if tall else n) <= block:  # one block: OpenBLAS's SYRK on it where numpy's BLAS is in use
-        whole = delta.to(device=device, dtype=torch.float64)
+    on_cpu = torch.device(device).type == "cpu" if device is not None else delta.device.type == "cpu"
+    if (m if tall else n) <= block and on_cpu and numpy_blas_in_use():  # one block: OpenBLAS's SYRK on it
+        whole = delta.to(device="cpu", dtype=torch.float64)
         fast = self_gram(whole.T if tall else whole)  # τᵀτ for a square τ too (self_gram's own choice: ττᵀ)
         if fast is not None:
             return fast

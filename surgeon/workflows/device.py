@@ -66,7 +66,7 @@ def configure_cpu_blas() -> bool:
     if choice != "1" and ("openblas" not in numpy_blas or not torch.backends.mkl.is_available() or _intel_cpu()):
         blas.use_numpy_blas(None)
         return False
-    blas.use_numpy_blas(_openblas_thread_setter(os.path.dirname(np.__file__)) or True)
+    blas.use_numpy_blas(_openblas_thread_setter() or True)
     return True
 
 
@@ -106,22 +106,17 @@ def _intel_cpu() -> bool:
     return True  # unknown: leave torch's BLAS alone
 
 
-def _openblas_thread_setter(numpy_dir: str) -> object | None:
+def _openblas_thread_setter() -> object | None:
     """OpenBLAS's set-num-threads in the library numpy's wheel carries (its symbol names vary by build)."""
-    libs = os.path.join(numpy_dir, os.pardir, "numpy.libs")
-    try:
-        names = [n for n in os.listdir(libs) if "openblas" in n and ".so" in n]
-    except OSError:
+    from surgeon.ops.lapack import numpy_openblas
+
+    lib = numpy_openblas()
+    if lib is None:
         return None
-    for name in names:
-        try:
-            lib = ctypes.CDLL(os.path.join(libs, name))
-        except OSError:
-            continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                return setter
+    for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                   "openblas_set_num_threads64_", "openblas_set_num_threads"):
+        setter = getattr(lib, symbol, None)
+        if setter is not None:
+            setter.argtypes = [ctypes.c_int]
+            return setter
     return None

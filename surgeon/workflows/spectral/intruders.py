@@ -33,6 +33,7 @@ from surgeon.io.resolve import resolve_path
 from surgeon.io.svd_cache import CachedBasis, SvdCache, content_key
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
+from surgeon.ops.finite import non_finite_count
 from surgeon.ops.targets import DEFAULT_PRESET, Target
 from surgeon.ops.threads import one_cpu_thread
 from surgeon.parallel.exchange import collect, device_for, plan_share, run_share, sum_counts
@@ -195,7 +196,7 @@ def read_target(inputs: Inputs, target: Target, cache: SvdCache) -> Loaded:
 
 def _all_finite(matrix: torch.Tensor) -> bool:
     """No NaN/Inf in a converted matrix (numpy, GIL released); False when it is left to the main thread."""
-    return matrix.numel() > 0 and bool(np.isfinite(matrix.numpy()).all())
+    return matrix.numel() > 0 and non_finite_count(matrix) == 0
 
 
 _NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
