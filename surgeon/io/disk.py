@@ -3,6 +3,7 @@ forbidden disks turned into :class:`~surgeon.errors.OutputError` with the remedy
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -65,7 +66,10 @@ def check_writable(folder: Path, out: Path) -> None:
             raise disk_error(exc, out) from None
     probe = folder / staging_name(out.name, "probe")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        finally:  # also when a signal lands between the two calls
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
     except OSError as exc:
         raise disk_error(exc, out) from None

@@ -48,11 +48,13 @@ def write_shared(
             writer = open_writer()
             writer.__enter__()
             opened = describe(writer.layout, writer.share())
-        except SurgeonError as exc:
-            failure, opened = exc, {"error": str(exc)}
+        except BaseException as exc:  # Ctrl-C or SIGTERM during share() too: its staging folder goes with it
             if writer is not None:
                 writer.__exit__(type(exc), exc, exc.__traceback__)
                 writer = None
+            if not isinstance(exc, SurgeonError):
+                raise
+            failure, opened = exc, {"error": str(exc)}
     try:  # from here on, any exit of rank 0 (an error, Ctrl-C, SIGTERM from the launcher) closes the writer
         shared = _from_main(world, opened)
         if "error" in shared:

@@ -180,8 +180,8 @@ def finetune(options: FinetuneOptions) -> FinetuneReport:
     tokenizer = load_tokenizer(*([prev.folder] if prev else []), base)
     clean_stale_staging(out.resolve().parent)
     scratch = out.resolve().parent / f".{out.name}{_STAGING_MARK}{os.getpid()}-scratch{secrets.token_hex(3)}"
-    scratch.mkdir()
-    try:
+    try:  # made inside the try: a signal right after the mkdir still removes it
+        scratch.mkdir()
         return _run(o, base, prev, train, evald, tokenizer, device, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
