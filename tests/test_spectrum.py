@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -168,6 +169,38 @@ def test_cache_roundtrip_and_corruption(tmp_path):
     cache.path(key).write_bytes(b"garbage")  # a broken entry is a miss, not a crash
     assert cache.load(key, size=20) is None
     assert not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_an_interrupted_cache_write_leaves_no_temporary_and_a_killed_writers_is_swept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import surgeon.io.svd_cache as svd_cache
+
+    cache = SvdCache(tmp_path / "c")
+    w = _random(20, 30)
+    base = svd.base_basis(w)
+    key = content_key(w.float().numpy().tobytes(), "F32", (20, 30), transposed=False)
+    real_save = svd_cache.save_file
+
+    def save_then_interrupt(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        raise KeyboardInterrupt  # Ctrl-C after the temporary file was written, before the rename
+
+    monkeypatch.setattr(svd_cache, "save_file", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store(key, base.side, base.basis, base.s)
+    assert list((tmp_path / "c").rglob("*")) == [cache.path(key).parent]  # its folder, empty
+    monkeypatch.setattr(svd_cache, "save_file", real_save)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = cache.path(key).parent
+    dead = folder / f".{'0' * 64}.safetensors.{int(gone.stdout)}-0123abcd.tmp"  # a SIGKILLed writer's
+    live = folder / f".{'1' * 64}.safetensors.{os.getpid()}-0123abcd.tmp"  # a writer still at work
+    other = folder / "notes.tmp"
+    for f in (dead, live, other):
+        f.write_bytes(b"x")
+    cache.store(key, base.side, base.basis, base.s)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([cache.path(key).name, live.name, other.name])
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ class ProbeMemo:
             tmp.write_text(json.dumps(self.answers, sort_keys=True), encoding="utf-8")
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)  # atomic; a concurrent writer's answers may be lost, then measured again
-        except (OSError, SurgeonError):
+        except BaseException as exc:  # a signal mid-write too: no temporary file stays behind
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:  # e.g. the folder is a file: nothing was written
                 pass
+            if not isinstance(exc, (OSError, SurgeonError)):
+                raise

@@ -16,7 +16,9 @@ Default location: ``$SURGEON_CACHE_DIR``, else ``$XDG_CACHE_HOME/surgeon/svd``, 
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from safetensors.torch import save_file
 from surgeon.errors import OutputError, SurgeonError
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.output import check_cache_folder
+from surgeon.io.staging import pid_alive
 
 FORMAT_VERSION = "1"
 _KEY_PREFIX = b"surgeon-svd-cache-v" + FORMAT_VERSION.encode()
@@ -107,14 +110,33 @@ class SvdCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _clean_stale_temporaries(path.parent)
             save_file({"basis": basis.detach().to("cpu", torch.float64).contiguous(),
                        "s": s.detach().to("cpu", torch.float64).contiguous()},
                       tmp, metadata={"format": "pt", "surgeon_svd_cache": FORMAT_VERSION, "side": side})
             os.replace(tmp, path)
-        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:  # Ctrl-C or SIGTERM mid-write too: no temporary file stays in the cache
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+                raise
             raise OutputError(
                 f"{path}: cannot write to the SVD cache ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}); free disk space, choose another "
                 "folder with --cache DIR, or pass --no-cache."
             ) from None
 
+
+_TEMPORARY = re.compile(r"^\..+\.safetensors\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _clean_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary entries of writers that are gone (a run killed with SIGKILL mid-write)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMPORARY.match(name)
+        if m is not None and not pid_alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
