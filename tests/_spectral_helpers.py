@@ -39,13 +39,17 @@ def train_lora(model_folder: Path, out: Path, *, kind: str, targets: list[str], 
     return out
 
 
-def merged_state(model_folder: Path, adapter: Path, *, kind: str) -> dict[str, torch.Tensor]:
-    """peft's own merge_and_unload(), float32, as a state dict (the reference tuned weights)."""
+def merged_state(model_folder: Path, adapter: Path, *, kind: str,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """peft's own merge_and_unload() as a state dict (the reference tuned weights). float32: what a merged
+    checkpoint holds; float64: W₀ + s·BA exactly as surgeon forms it from BASE + adapter (a float32 merge's
+    rounding moves the cosines of a nearly repeated singular pair by ~1e-5, and the trained adapter differs
+    with the CPU's BLAS kernels, so only a float64 reference is a tight one on every machine)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    model = PeftModel.from_pretrained(cls.from_pretrained(model_folder, dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(cls.from_pretrained(model_folder, dtype=dtype), adapter)
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
