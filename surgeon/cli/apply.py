@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import (
@@ -16,10 +18,13 @@ from surgeon.cli.common import (
     table,
 )
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
-from surgeon.workflows.taskvec.apply import ApplyReport, apply_task_vectors, describe_tasks
-from surgeon.workflows.taskvec.methods import METHODS, ApplyOptions
+from surgeon.workflows.taskvec.method_specs import METHODS
+
+if TYPE_CHECKING:
+    from surgeon.workflows.taskvec.apply import ApplyReport
 
 
 @click.command("apply")
@@ -81,6 +86,10 @@ def command(base: str, tasks: tuple[str, ...], out: str, method: str, density: f
       surgeon apply ./base ./math-tuned --method slerp --t 0.3 -o ./slerp --dry-run
       surgeon apply ./base ./math-tuned ./code-tuned --method ties -o ./ties --nproc 2
     """
+    with gc_paused():
+        from surgeon.workflows.taskvec.apply import apply_task_vectors, describe_tasks
+        from surgeon.workflows.taskvec.methods import ApplyOptions
+
     options = ApplyOptions(method=method, density=density, epsilon=epsilon, gamma=gamma, lambda_scale=lambda_scale,
                            normalize=normalize, rescale=rescale, majority_sign=majority_sign, seed=seed, t=t)
     report = apply_task_vectors(base, list(tasks), out, options=options, dtype=dtype, max_shard_size=max_shard_size,

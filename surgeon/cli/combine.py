@@ -6,11 +6,11 @@ import click
 
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, overwrite_option
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
 from surgeon.errors import OptionError
-from surgeon.workflows.combine import COMBINATIONS, CombineOptions, combine_adapters
-from surgeon.workflows.combine.run import describe
+from surgeon.workflows.combine import COMBINATIONS, CombineOptions
 from surgeon.workflows.convert import parse_dtype
 
 
@@ -68,6 +68,9 @@ def command(adapters: tuple[str, ...], out: str, method: str, density: float | N
       surgeon combine ./lora-a ./lora-b ./lora-c --method ties_svd --svd-rank 32 -o ./mix --nproc 4
       surgeon combine ./loha-adapter --method svd --svd-rank 0.9 --base ./base -o ./as-lora
     """
+    with gc_paused():
+        from surgeon.workflows.combine.run import combine_adapters, describe
+
     options = CombineOptions(method=method, density=density, svd_rank=_rank(svd_rank), svd_clamp=svd_clamp,
                              majority_sign=majority_sign, seed=seed, dtype=parse_dtype(dtype))
     report = combine_adapters(list(adapters), out, options=options, base=base, overwrite=overwrite, world=world)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, overwrite_option, table
-from surgeon.workflows.demo.run import run_continual_demo, run_demo
+from surgeon.cli.lazy import gc_paused
 
 
 def _announce(i: int, n: int, title: str, seconds: float | None) -> None:
@@ -50,6 +50,9 @@ def command(out: str | None, continual: bool, overwrite: bool, as_json: bool) ->
       xdg-open surgeon-demo/report.html
       surgeon demo --continual -o surgeon-demo-continual
     """
+    with gc_paused():
+        from surgeon.workflows.demo.run import run_continual_demo, run_demo
+
     if continual:
         report = run_continual_demo(out or "surgeon-demo-continual", overwrite=overwrite,
                                     on_stage=None if as_json else _announce)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
-from surgeon.workflows.taskvec.diff import DiffReport, TensorDiff, diff_checkpoints
-from surgeon.workflows.taskvec.adapter_check import AdapterCheck
+
+if TYPE_CHECKING:
+    from surgeon.workflows.taskvec.adapter_check import AdapterCheck
+    from surgeon.workflows.taskvec.diff import DiffReport, TensorDiff
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -104,6 +109,9 @@ def command(ctx: click.Context, tuned: str, base: str, out: str | None, all_tens
       surgeon diff ./llama-merged ./llama-base --adapter ./my-lora
       surgeon diff ./llama-tuned ./llama-base --json --nproc 2     # rank statistics on two processes
     """
+    with gc_paused():
+        from surgeon.workflows.taskvec.diff import diff_checkpoints
+
     report = diff_checkpoints(
         tuned, base, out, all_tensors=all_tensors, strict=strict, ranks=not no_rank, exact_ranks=exact_ranks,
         rounding_dtype=rounding_dtype, adapter=adapter, tolerance=tolerance, device=device,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import emit_json, global_options, json_option
-from surgeon.workflows.train.evaluate import EvalManyReport, EvalReport, evaluate, evaluate_many
+from surgeon.cli.lazy import gc_paused
+
+if TYPE_CHECKING:
+    from surgeon.workflows.train.evaluate import EvalManyReport, EvalReport
 
 
 @click.command("eval")
@@ -42,6 +47,9 @@ def command(model: str, data: tuple[str, ...], as_json: bool, **kwargs: object) 
       surgeon eval ./all-MiniLM-L6-v2 --adapter ./lora-no-head --data eval.jsonl --task classification --head-from ./minilm-full
       surgeon eval ./minilm-lora --data sentiment_eval.jsonl --data topic_eval.jsonl --drift-from ./all-MiniLM-L6-v2
     """
+    with gc_paused():
+        from surgeon.workflows.train.evaluate import evaluate, evaluate_many
+
     if len(data) > 1:
         many = evaluate_many(model, data=list(data), **kwargs)  # type: ignore[arg-type]
         if as_json:

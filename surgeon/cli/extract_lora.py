@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_count, info, json_option, overwrite_option, table
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
-from surgeon.workflows.taskvec.extract_lora import ExtractReport, extract_lora
+
+if TYPE_CHECKING:
+    from surgeon.workflows.taskvec.extract_lora import ExtractReport
 
 
 def _render(report: ExtractReport, show_all: bool) -> None:
@@ -68,6 +73,9 @@ def command(tuned: str, base: str, out: str, rank: int | None, energy: float | N
           --targets 'proj$' -o ./extracted-lora
       surgeon extract-lora ./llama-tuned ./llama-base -r 16 -o ./extracted-lora --nproc 2
     """
+    with gc_paused():
+        from surgeon.workflows.taskvec.extract_lora import extract_lora
+
     report = extract_lora(tuned, base, out, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
                           modules_to_save=keep_modules, dtype=dtype, device=device, overwrite=overwrite,
                           exact=exact, world=world)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import emit_json, global_options, human_bytes, human_count, info, json_option, overwrite_option, table
-from surgeon.workflows.train.finetune import FinetuneOptions, FinetuneReport, finetune
-from surgeon.workflows.train.methods import METHODS
+from surgeon.cli.lazy import gc_paused
+from surgeon.workflows.train.options import METHODS
+
+if TYPE_CHECKING:
+    from surgeon.workflows.train.finetune import FinetuneReport
 
 
 @click.command("finetune")
@@ -47,6 +52,9 @@ def command(base: str, out: str, as_json: bool, **kwargs: object) -> None:
       surgeon finetune ./all-MiniLM-L6-v2 --data topics.jsonl --method lora \\
           --continue-from ./minilm-lora-r16 -o ./minilm-lora-r16-stage2
     """
+    with gc_paused():
+        from surgeon.workflows.train.finetune import FinetuneOptions, finetune
+
     report = finetune(FinetuneOptions(base=base, out=out, **kwargs))  # type: ignore[arg-type]
     if as_json:
         emit_json("finetune", report.to_dict())

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
+from surgeon.cli.lazy import gc_paused
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
-from surgeon.workflows.spectral.entry import run_intruders
-from surgeon.workflows.spectral.intruders import SIDES, IntruderOptions, IntrudersReport
-from surgeon.workflows.spectral.multi import ManyReport, model_label
-from surgeon.workflows.spectral.sequence import SequenceReport
+from surgeon.workflows.spectral.choices import SIDES
+
+if TYPE_CHECKING:
+    from surgeon.workflows.spectral.intruders import IntrudersReport
+    from surgeon.workflows.spectral.multi import ManyReport
+    from surgeon.workflows.spectral.sequence import SequenceReport
 
 _SHOW_ROWS = 30
 
@@ -90,6 +95,11 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
       surgeon intruders ./stage1 ./stage2 ./stage3 --base ./bert --sequence --json
       torchrun --nproc-per-node 8 -m surgeon intruders ./ft-* --base ./Llama-3.1-70B --json
     """
+    with gc_paused():
+        from surgeon.workflows.spectral.entry import run_intruders
+        from surgeon.workflows.spectral.intruders import IntruderOptions
+        from surgeon.workflows.spectral.multi import ManyReport
+
     report = run_intruders(list(tuned), base, adapter=adapter, targets=targets, device=device, cache=cache,
                            use_cache=not no_cache, plot=plot, plot_matrices=plot_matrices, sequence=sequence,
                            match=match, html=html, overwrite=overwrite, world=world,
@@ -107,6 +117,8 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
 
 def render_many(report: ManyReport) -> None:
     """Several models side by side: totals, per module, per layer, the ε sweep; then the sequence view."""
+    from surgeon.workflows.spectral.multi import model_label
+
     models = report.models
     labels = [model_label(m.tuned or m.adapter or "?", i) for i, m in enumerate(models)]
     click.echo("models: " + "; ".join(f"{label} = {m.tuned or m.adapter}" for label, m in zip(labels, models)))

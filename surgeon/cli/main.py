@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import gc
 import importlib
 import os
 import sys
-from collections.abc import Iterator
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +13,7 @@ import click
 
 from surgeon import __version__
 from surgeon.cli.common import State, global_options
+from surgeon.cli.lazy import OWN_PROCESS, gc_paused
 from surgeon.errors import SurgeonError
 from surgeon.io.output import Interrupted, disk_error, output_guard
 from surgeon.progress import set_progress
@@ -40,32 +37,14 @@ COMMANDS: dict[str, str] = {
 }
 
 
-# True only inside main(), the entry point of a `surgeon` process: then freezing the import-time objects
-# out of later collections is ours to do. Called in-process (CliRunner, a script), no gc state changes.
-_OWN_PROCESS: ContextVar[bool] = ContextVar("surgeon_own_process", default=False)
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No collections for the block (importing torch makes ~10^5 long-lived objects and no garbage:
-    collecting costs ~0.3 s); gc's previous state comes back afterwards."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            if _OWN_PROCESS.get():
-                gc.freeze()  # what the imports made lives as long as the process
-            gc.enable()
 
 
 def _load(name: str) -> click.Command | None:
     module_name = COMMANDS[name]
     if module_name in sys.modules:
         return sys.modules[module_name].command
-    with _gc_paused():
+    with gc_paused():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -139,11 +118,11 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The `surgeon` process: like ``cli.main`` plus the process-wide gc freeze after imports."""
-    token = _OWN_PROCESS.set(True)
+    token = OWN_PROCESS.set(True)
     try:
         cli.main(args=argv, prog_name="surgeon")
     finally:
-        _OWN_PROCESS.reset(token)
+        OWN_PROCESS.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,10 +7,9 @@ import click
 from surgeon.cli.hub_options import hub_options, push_after, push_to_option
 from surgeon.cli.common import emit_json, global_options, human_bytes, info, json_option, max_shard_size_option, overwrite_option, table
 from surgeon.cli.intruders import spectral_options
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
-from surgeon.workflows.spectral.intruders import IntruderOptions
-from surgeon.workflows.spectral.entry import run_scale_intruders
 
 _SHOW_ROWS = 30
 
@@ -65,6 +64,10 @@ def command(tuned: tuple[str, ...], base: str, adapter: str | None, epsilon: flo
       surgeon scale-intruders ./s1 ./s2 ./s3 --base ./bert --sequence-from 2 --lambda 0 -o ./s3-fixed --html r.html
       surgeon scale-intruders ./full-ft --base ./Llama-3.2-1B --lambda 0.5 -o ./repaired --nproc 2
     """
+    with gc_paused():
+        from surgeon.workflows.spectral.entry import run_scale_intruders
+        from surgeon.workflows.spectral.intruders import IntruderOptions
+
     run = run_scale_intruders(list(tuned), base, out, lam=lam, adapter=adapter, targets=targets, only_top=only_top,
                               as_adapter=as_adapter, device=device, cache=cache, use_cache=not no_cache,
                               max_shard_size=max_shard_size, overwrite=overwrite, sequence_from=sequence_from,

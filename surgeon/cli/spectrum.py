@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 
 from surgeon.cli.common import emit_json, global_options, info, json_option, table
+from surgeon.cli.lazy import gc_paused
 from surgeon.cli.parallel import distributed_command
 from surgeon.parallel.world import World
 from surgeon.ops.targets import DEFAULT_PRESET, PRESETS
-from surgeon.workflows.spectral.spectrum import spectrum
 
 _SHOWN_VALUES = 4
 
@@ -52,6 +52,9 @@ def command(model: str, targets: str, top_k: int, full: bool, device: str, cache
       surgeon spectrum ./model --full --nproc 2        # two local processes
       torchrun --nproc-per-node 8 -m surgeon spectrum ./model --full --json
     """
+    with gc_paused():
+        from surgeon.workflows.spectral.spectrum import spectrum
+
     if html is not None:
         from surgeon.workflows.spectral.page import check_page_path
 

@@ -10,11 +10,10 @@ from surgeon.errors import OptionError
 from surgeon.ops import intruders as ops
 from surgeon.ops import svd
 from surgeon.ops.targets import Target
+from surgeon.workflows.spectral.choices import SIDES
 
 if TYPE_CHECKING:
     import numpy as np
-
-SIDES = ("left", "right", "both")
 
 
 @dataclass(frozen=True)

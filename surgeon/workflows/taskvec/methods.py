@@ -32,38 +32,12 @@ from surgeon.ops import native_gta
 from surgeon.ops.counter_rng import stream_key
 from surgeon.ops.task_vector import abs_max
 from surgeon.ops.threads import torch_threads
+from surgeon.workflows.taskvec.method_specs import METHODS, RANDOM_METHODS, MethodSpec
 from surgeon.workflows.taskvec.raw_blocks import RAW as _RAW
 from surgeon.workflows.taskvec.raw_blocks import ScratchPool, read_raw
 
 BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block and input
 TERMS_AT_ONCE_BYTES = 1 << 28  # magnitude selections of several inputs run at once below this much scratch
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One mergekit method: its sparsification, sign consensus and defaults (mergekit 0.1.5's registry)."""
-
-    sparsify: str | None = None  # magnitude | random | magnitude_outliers | della
-    consensus: bool = False
-    normalize: bool = False
-    rescale: bool = False
-    kind: str = "gta"  # gta (generalized task arithmetic) | model_stock | slerp
-
-
-METHODS: dict[str, MethodSpec] = {
-    "task_arithmetic": MethodSpec(),
-    "ties": MethodSpec("magnitude", consensus=True, normalize=True),
-    "dare_linear": MethodSpec("random", rescale=True),
-    "dare_ties": MethodSpec("random", consensus=True, rescale=True),
-    "breadcrumbs": MethodSpec("magnitude_outliers"),
-    "breadcrumbs_ties": MethodSpec("magnitude_outliers", consensus=True),
-    "della": MethodSpec("della", consensus=True, normalize=True, rescale=True),
-    "della_linear": MethodSpec("della", rescale=True),
-    "magnitude_prune": MethodSpec("magnitude"),  # TIES without the sign election (peft's magnitude_prune)
-    "model_stock": MethodSpec(kind="model_stock"),
-    "slerp": MethodSpec(kind="slerp"),
-}
-RANDOM_METHODS = {name for name, spec in METHODS.items() if spec.sparsify in ("random", "della")}
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from surgeon.progress import progress
 from surgeon.provenance import PROVENANCE_FILE, provenance, provenance_file_text, safetensors_metadata
 from surgeon.workflows.train.evaluate import TaskMetrics, causal_metrics, classification_metrics
 from surgeon.workflows.train.methods import (
-    DEFAULT_RANK, METHODS, SparseLoRA, check_method_available, default_alpha, default_lr,
+    DEFAULT_RANK, SparseLoRA, check_method_available, default_alpha, default_lr,
 )
 from surgeon.workflows.train.model import Built, build_model
-from surgeon.workflows.train.options import FinetuneOptions, Previous
+from surgeon.workflows.train.options import METHODS, FinetuneOptions, Previous
 from surgeon.workflows.train.textmodel import (
     PeakMemory, Stopwatch, accepts_token_types, batches, encode_causal, encode_texts, head_modules, is_decoder_config,
     load_tokenizer, pick_device, quiet_transformers, read_model_config, read_provenance, seed_everything,

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from surgeon.errors import AdapterError, DependencyError
+from surgeon.workflows.train.options import METHODS
 
-METHODS = ("full", "lora", "dora", "rslora", "pissa", "sparse-lora", "hira", "qlora")
 ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
 TARGET_PRESETS = ("all-linear", "attention", "mlp", "qv")
 DEFAULT_RANK = 8

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# `surgeon finetune --method` (what each one is: surgeon.workflows.train.methods)
+METHODS = ("full", "lora", "dora", "rslora", "pissa", "sparse-lora", "hira", "qlora")
+
 
 @dataclass(frozen=True)
 class FinetuneOptions:
