@@ -120,6 +120,26 @@ def test_an_error_on_every_rank_is_said_once(tmp_path):
     assert lines == [f"Error: {tmp_path / 'missing'}: no such file or folder; check the path."]
 
 
+def test_the_launcher_gives_the_signal_handlers_back(tmp_path, monkeypatch):
+    """torch's agent installs SignalException handlers and keeps them; after --nproc's launch a SIGTERM must
+    reach surgeon's own handler again (the guard's one line), not raise torch's exception."""
+    import signal
+
+    from surgeon.cli.parallel import launch_local
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mine = {sig: (lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    before = {sig: signal.signal(sig, handler) for sig, handler in mine.items()}
+    try:
+        code = launch_local(2, ["spectrum", str(tmp_path / "missing"), "-q"])
+        after = {sig: signal.getsignal(sig) for sig in mine}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert code == 1
+    assert after == mine
+
+
 # -- intruders and scale-intruders ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_pair(tiny_llama, tmp_path_factory):

@@ -30,6 +30,7 @@ from surgeon.progress import set_progress
 F = TypeVar("F", bound=Callable[..., Any])
 CHILD_ENV = "SURGEON_NPROC_CHILD"
 LOST_PEER_EXIT = 75  # a rank that lost its peers exits with this; the --nproc parent reports it
+_AGENT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -66,6 +67,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     levels = [log.level for log in quiet]
     for log in quiet:  # the ranks say what went wrong in one line; the agent's own log would repeat it
         log.setLevel(logging.CRITICAL)
+    # torch's agent installs its own handlers (SignalException) and leaves them: ours come back afterwards
+    handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}
     try:
         elastic_launch(config, sys.executable)("-m", "surgeon", *argv)
     except ChildFailedError as exc:
@@ -73,6 +76,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     except SignalException as exc:  # SIGTERM/SIGHUP to this parent: torch's agent has stopped the ranks (each
         raise Interrupted(int(exc.sigval)) from None  # cleaned up as for Ctrl-C); one line, exit 128+n
     finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         os.environ.pop(CHILD_ENV, None)
         for log, level in zip(quiet, levels):
             log.setLevel(level)
