@@ -77,3 +77,25 @@ def test_bad_input_on_a_process_group_is_one_line(world, tmp_path, args, fragmen
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], done.stderr
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.1, 0.3])
+def test_a_signal_later_in_an_nproc_merge_leaves_nothing_partial(world, tmp_path, delay):  # noqa: F811
+    """The signal at other moments than the lock's (the staging folder, the shards, the publish, the exit):
+    no staging, scratch or lock stays, and a target that exists is complete."""
+    out = tmp_path / "new" / "out"
+    proc = subprocess.Popen(surgeon_argv("merge", world["base"], world["adapter"], "-o", out, "--nproc", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_signals)
+    _wait_for(tmp_path / "new" / ".out.surgeon-lock", proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    # 143 with the one line; 0 if it had finished; -15 if it came after the command published (the guard gone)
+    assert proc.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), err
+    assert "Traceback" not in err and "SignalException" not in err, err
+    time.sleep(0.5)
+    assert _ranks_alive(str(out)) == []
+    assert not (tmp_path / "new").exists() or leftovers(tmp_path / "new") == [], leftovers(tmp_path / "new")
+    if out.exists():
+        assert invoke("inspect", out).exit_code == 0
