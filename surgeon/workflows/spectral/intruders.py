@@ -42,7 +42,7 @@ from surgeon.parallel.world import SOLO, World
 from surgeon.progress import progress
 from surgeon.workflows.device import keep_freed_memory
 from surgeon.workflows.merge.run import MergePlan, merged_float32, pick_device, plan_adapter_merge
-from surgeon.workflows.spectral.results import (SIDES, Decomposition, IntruderOptions, IntrudersReport, MatrixIntruders,
+from surgeon.workflows.spectral.results import (Decomposition, IntruderOptions, IntrudersReport, MatrixIntruders,
                                                 SideCosines, build_row, row_from_wire, row_to_wire)
 from surgeon.workflows.spectral.spectrum import ReadAhead, linear_float64, open_cache, resolve_targets
 
